@@ -1,0 +1,64 @@
+"""Argument checks shared by the public API.
+
+Every check raises ValueError/TypeError naming the argument, what was expected and what came.
+Value checks (ranges, NaN) need a device sync, so they are skipped while torch.compile traces.
+"""
+from __future__ import annotations
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def tracing() -> bool:
+    """True while torch.compile / torch.export trace: data-dependent checks are skipped then."""
+    return torch.compiler.is_compiling()
+
+
+def check_tensor(name: str, x, *, ndim_min: int = 1, floating: bool = True) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {x.dtype}")
+    if x.dim() < ndim_min:
+        raise ValueError(f"{name}: expected at least {ndim_min} dimension(s), got shape {tuple(x.shape)}")
+
+
+def check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    """x must match ref in shape, dtype and device."""
+    if x.shape != ref.shape:
+        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(x.shape)}")
+    if x.device != ref.device:
+        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {x.device}")
+    if x.dtype != ref.dtype:
+        raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
+
+
+def check_finite(name: str, x: torch.Tensor) -> None:
+    if tracing():
+        return
+    if not bool(torch.isfinite(x).all()):
+        bad = int((~torch.isfinite(x)).sum())
+        raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf element(s)")
+
+
+def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: torch.device) -> None:
+    """Integer timesteps of shape (batch,) in [0, num_train_timesteps)."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected an integer torch.Tensor of shape ({batch},), got {type(t).__name__}")
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{name}: expected an integer dtype (e.g. torch.long), got {t.dtype}")
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if tracing() or batch == 0:
+        return
+    lo, hi = int(t.min()), int(t.max())
+    if lo < 0 or hi >= num_train_timesteps:
+        raise ValueError(f"{name}: expected values in [0, {num_train_timesteps - 1}], got min {lo}, max {hi}")
+
+
+def check_choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")

@@ -1,0 +1,1 @@
+"""Triton kernels (CUDA tensors; CPU tensors only under TRITON_INTERPRET=1)."""

@@ -1,0 +1,188 @@
+"""feature_mse: the multi-layer feature MSE of the self-perceptual objective.
+
+    per_sample[b] = sum_l w_l * mean_i (p_l[b, i] - t_l[b, i])^2,   grad p_l = 2 w_l (p_l - t_l) / N_l
+
+The fused backends compute the per-sample loss and the gradient in one pass over all layers, so the
+backward only scales the stored gradient by grad_output. Three pieces:
+
+- `fastperc::feature_mse` (custom_op, functional, register_autograd): fresh gradient buffers; what
+  torch.compile traces (inductor plans buffer reuse itself).
+- `fastperc::feature_mse_` (custom_op, mutates targets): writes the gradient over the target
+  buffers, saving one feature-sized buffer per layer at the peak; used eagerly by
+  `consume_targets=True` through `_ConsumeTargets` (the targets are garbage afterwards).
+- `feature_mse(...)`: the validated public entry point.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from .._validation import check_choice
+from . import _backend, _ext, reference
+from ._layout import as_same_layout, empty_like_layout, same_layout
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+# ---- kernels per backend ---------------------------------------------------------------------------
+def _run(preds: list[Tensor], targets: list[Tensor], grads: list[Tensor], weights: list[float],
+         backend: str) -> Tensor:
+    """Per-sample loss into a fresh (B,) tensor; gradients into `grads` (which may be `targets`)."""
+    p0 = preds[0]
+    per_sample = torch.empty(p0.shape[0], dtype=reference.acc_dtype(p0.dtype), device=p0.device)
+    if backend == "cpu":
+        _ext.ext.feature_mse_cpu(preds, targets, grads, weights, per_sample)
+    elif backend == "cuda":
+        _ext.ext.feature_mse_cuda(preds, targets, grads, weights, per_sample)
+    elif backend == "triton":
+        from ._triton import feature_mse as tri
+        tri.forward(preds, targets, grads, weights, per_sample)
+    else:  # reference, with the same outputs as the fused kernels
+        per_sample.copy_(reference.feature_mse_per_sample(preds, targets, weights))
+        for p, t, g, w in zip(preds, targets, grads, weights):
+            n = p[0].numel() if p.shape[0] else 1
+            acc = reference.acc_dtype(p.dtype)
+            g.copy_((p.to(acc) - t.to(acc)) * (2.0 * w / n))
+    return per_sample
+
+
+def _scale_grads(grads: Sequence[Tensor], grad_per_sample: Tensor) -> list[Tensor]:
+    out = []
+    for g in grads:
+        s = grad_per_sample.reshape((-1,) + (1,) * (g.dim() - 1))
+        out.append((g * s).to(g.dtype))
+    return out
+
+
+# ---- functional op (differentiable, compile-friendly) -----------------------------------------------
+@torch.library.custom_op("fastperc::feature_mse", mutates_args=())
+def _feature_mse_op(preds: list[Tensor], targets: list[Tensor], weights: list[float],
+                    backend: str) -> tuple[Tensor, list[Tensor]]:
+    pairs = [as_same_layout(p, t) for p, t in zip(preds, targets)]
+    ps, ts = [p for p, _ in pairs], [t for _, t in pairs]
+    grads = [empty_like_layout(p, True) for p in ps]
+    return _run(ps, ts, grads, weights, backend), grads
+
+
+@_feature_mse_op.register_fake
+def _(preds, targets, weights, backend):
+    p0 = preds[0]
+    per_sample = p0.new_empty((p0.shape[0],), dtype=reference.acc_dtype(p0.dtype))
+    return per_sample, [empty_like_layout(p, same_layout(p, t)) for p, t in zip(preds, targets)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.grads = output[1]
+
+
+def _backward(ctx, grad_per_sample, _grad_grads):
+    return _scale_grads(ctx.grads, grad_per_sample), [None] * len(ctx.grads), None, None
+
+
+_feature_mse_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- in-place op (eager memory saver) ---------------------------------------------------------------
+@torch.library.custom_op("fastperc::feature_mse_", mutates_args=("targets",))
+def _feature_mse_inplace_op(preds: list[Tensor], targets: list[Tensor], weights: list[float], backend: str) -> Tensor:
+    return _run(list(preds), list(targets), list(targets), weights, backend)
+
+
+@_feature_mse_inplace_op.register_fake
+def _(preds, targets, weights, backend):
+    p0 = preds[0]
+    return p0.new_empty((p0.shape[0],), dtype=reference.acc_dtype(p0.dtype))
+
+
+class _ConsumeTargets(torch.autograd.Function):
+    """Gradient written over the targets in forward; backward scales it by grad_output."""
+
+    @staticmethod
+    def forward(ctx, weights, backend, targets, *preds):
+        ctx.grads = targets  # now holding the gradient, not the targets
+        return _feature_mse_inplace_op(list(preds), list(targets), weights, backend)
+
+    @staticmethod
+    def backward(ctx, grad_per_sample):
+        return (None, None, None, *_scale_grads(ctx.grads, grad_per_sample))
+
+
+# ---- public entry point -----------------------------------------------------------------------------
+def _check(pred_feats, target_feats, weights, reduction) -> tuple[list, list, list[float]]:
+    for name, seq in (("pred_feats", pred_feats), ("target_feats", target_feats)):
+        if isinstance(seq, Tensor) or not isinstance(seq, Sequence) or not seq:
+            raise TypeError(f"{name}: expected a non-empty list or tuple of tensors (one per layer), "
+                            f"got {type(seq).__name__}")
+    preds, targets = list(pred_feats), list(target_feats)
+    if len(preds) != len(targets):
+        raise ValueError(f"target_feats: expected {len(preds)} tensors (one per predicted layer), got {len(targets)}")
+    for i, (p, t) in enumerate(zip(preds, targets)):
+        for name, x in ((f"pred_feats[{i}]", p), (f"target_feats[{i}]", t)):
+            if not isinstance(x, Tensor):
+                raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+            if not x.is_floating_point():
+                raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
+            if x.dim() < 1:
+                raise ValueError(f"{name}: expected shape (B, ...), got a 0-d tensor")
+        if p.shape != t.shape:
+            raise ValueError(f"target_feats[{i}]: expected shape {tuple(p.shape)} (pred_feats[{i}]), got {tuple(t.shape)}")
+        if p.dtype != preds[0].dtype or t.dtype != preds[0].dtype:
+            raise TypeError(f"pred_feats[{i}]/target_feats[{i}]: expected dtype {preds[0].dtype} (as layer 0), "
+                            f"got {p.dtype}/{t.dtype}")
+        if p.device != preds[0].device or t.device != preds[0].device:
+            raise ValueError(f"pred_feats[{i}]/target_feats[{i}]: expected device {preds[0].device}, "
+                             f"got {p.device}/{t.device}")
+        if p.shape[0] != preds[0].shape[0]:
+            raise ValueError(f"pred_feats[{i}]: expected batch size {preds[0].shape[0]} (as layer 0), got {p.shape[0]}")
+    if weights is None:
+        w = [1.0] * len(preds)
+    else:
+        if isinstance(weights, Tensor):
+            weights = weights.tolist()
+        w = [float(x) for x in weights]
+        if len(w) != len(preds):
+            raise ValueError(f"weights: expected {len(preds)} values (one per layer), got {len(w)}")
+        if not all(abs(x) < float("inf") for x in w):
+            raise ValueError(f"weights: expected finite values, got {w}")
+    check_choice("reduction", reduction, REDUCTIONS)
+    return preds, targets, w
+
+
+def feature_mse(pred_feats: Sequence[Tensor], target_feats: Sequence[Tensor],
+                weights: Sequence[float] | None = None, reduction: str = "mean", backend: str = "auto",
+                consume_targets: bool = False) -> Tensor:
+    """Weighted sum over layers of the per-sample feature MSE, with the gradient fused into the forward.
+
+    Args:
+        pred_feats: one tensor per layer, each (B, ...); gradients flow into these.
+        target_feats: tensors of the same shapes and dtype (never differentiated).
+        weights: one float per layer (default 1.0 each).
+        reduction: "mean" over the batch, "sum", or "none" for the (B,) per-sample loss.
+        backend: "auto", "reference", "cpu", "triton" or "cuda" (see `python -m fastperc.info`).
+        consume_targets: let the kernels write the gradient over `target_feats` (saves one
+            feature-sized buffer per layer); the targets are garbage afterwards. Ignored while
+            torch.compile traces. With False the caller's tensors are never modified.
+
+    Returns:
+        A float32 loss (float64 for float64 inputs): a scalar, or (B,) for reduction="none".
+        A NaN/Inf in one sample's features makes only that sample's loss non-finite.
+
+    Example:
+        >>> import torch
+        >>> from fastperc.ops import feature_mse
+        >>> p = [torch.randn(2, 8, 4, 4, requires_grad=True), torch.randn(2, 16, requires_grad=True)]
+        >>> t = [torch.randn(2, 8, 4, 4), torch.randn(2, 16)]
+        >>> loss = feature_mse(p, t, weights=[1.0, 0.5])
+        >>> loss.backward()
+    """
+    preds, targets, w = _check(pred_feats, target_feats, weights, reduction)
+    name = _backend.resolve(backend, preds[0].device)
+    targets = [t.detach() for t in targets]
+    if consume_targets and not torch.compiler.is_compiling():
+        pairs = [as_same_layout(p, t) for p, t in zip(preds, targets)]  # a copied target is ours to overwrite
+        per_sample = _ConsumeTargets.apply(w, name, [t for _, t in pairs], *[p for p, _ in pairs])
+    else:
+        per_sample = _feature_mse_op(preds, targets, w, name)[0]
+    return reference.reduce(per_sample, reduction)

@@ -1,0 +1,221 @@
+"""Variance-preserving noise schedules: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
+
+The table is kept in float64 so coefficients are exact to float32 output precision; lookups are
+cached per device. Names follow diffusers (`num_train_timesteps`, `prediction_type`).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ._validation import check_choice, check_like, check_tensor, check_timesteps, tracing
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Lin et al. 2023 ("Common Diffusion Noise Schedules and Sample Steps are Flawed"), Alg. 1."""
+    abar_sqrt = torch.cumprod(1.0 - betas, 0).sqrt()
+    first, last = abar_sqrt[0].clone(), abar_sqrt[-1].clone()
+    abar_sqrt = (abar_sqrt - last) * (first / (first - last))
+    abar = abar_sqrt**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
+
+
+class NoiseSchedule:
+    """A discrete variance-preserving diffusion schedule.
+
+    Args:
+        alphas_cumprod: 1-D tensor of length T with values in [0, 1], non-increasing.
+        prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample".
+
+    Example:
+        >>> import torch, fastperc
+        >>> s = fastperc.NoiseSchedule.scaled_linear()   # the paper's schedule
+        >>> x0, eps = torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8)
+        >>> x_t = s.add_noise(x0, eps, torch.tensor([10, 999]))
+        >>> float(s.alphas_cumprod[-1])   # zero terminal SNR
+        0.0
+    """
+
+    def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "v_prediction"):
+        check_tensor("alphas_cumprod", alphas_cumprod)
+        if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() < 2:
+            raise ValueError(f"alphas_cumprod: expected a 1-D tensor of length >= 2, got shape {tuple(alphas_cumprod.shape)}")
+        ac = alphas_cumprod.detach().to("cpu", torch.float64)
+        if not bool(torch.isfinite(ac).all()) or float(ac.min()) < 0 or float(ac.max()) > 1:
+            raise ValueError("alphas_cumprod: expected finite values in [0, 1]")
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        self.alphas_cumprod = ac
+        self.prediction_type = prediction_type
+        self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    # ---- constructors -------------------------------------------------------------------------
+    @classmethod
+    def from_betas(cls, betas: torch.Tensor, *, rescale_zero_terminal_snr: bool = False,
+                   prediction_type: str = "v_prediction") -> "NoiseSchedule":
+        betas = betas.to(torch.float64)
+        if rescale_zero_terminal_snr:
+            betas = _rescale_zero_terminal_snr(betas)
+        return cls(torch.cumprod(1.0 - betas, 0), prediction_type)
+
+    @classmethod
+    def scaled_linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.00085, beta_end: float = 0.012,
+                      rescale_zero_terminal_snr: bool = True, prediction_type: str = "v_prediction") -> "NoiseSchedule":
+        """Stable Diffusion's betas (linear in sqrt(beta)); the paper's default with zero terminal SNR."""
+        _check_T(num_train_timesteps)
+        betas = torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float64) ** 2
+        return cls.from_betas(betas, rescale_zero_terminal_snr=rescale_zero_terminal_snr, prediction_type=prediction_type)
+
+    @classmethod
+    def linear(cls, num_train_timesteps: int = 1000, beta_start: float = 0.0001, beta_end: float = 0.02,
+               rescale_zero_terminal_snr: bool = False, prediction_type: str = "epsilon") -> "NoiseSchedule":
+        """DDPM's linear betas (Ho et al. 2020)."""
+        _check_T(num_train_timesteps)
+        betas = torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64)
+        return cls.from_betas(betas, rescale_zero_terminal_snr=rescale_zero_terminal_snr, prediction_type=prediction_type)
+
+    @classmethod
+    def cosine(cls, num_train_timesteps: int = 1000, max_beta: float = 0.999, rescale_zero_terminal_snr: bool = False,
+               prediction_type: str = "v_prediction") -> "NoiseSchedule":
+        """Nichol & Dhariwal's cosine schedule (diffusers' "squaredcos_cap_v2")."""
+        _check_T(num_train_timesteps)
+
+        def abar(t: float) -> float:
+            return math.cos((t + 0.008) / 1.008 * math.pi / 2) ** 2
+
+        T = num_train_timesteps
+        betas = torch.tensor([min(1 - abar((i + 1) / T) / abar(i / T), max_beta) for i in range(T)], dtype=torch.float64)
+        return cls.from_betas(betas, rescale_zero_terminal_snr=rescale_zero_terminal_snr, prediction_type=prediction_type)
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> "NoiseSchedule":
+        """Read `alphas_cumprod` and `config.prediction_type` from a diffusers scheduler."""
+        ac = getattr(scheduler, "alphas_cumprod", None)
+        if not isinstance(ac, torch.Tensor):
+            raise TypeError(f"scheduler: expected a diffusers scheduler with an `alphas_cumprod` tensor, "
+                            f"got {type(scheduler).__name__}")
+        config = getattr(scheduler, "config", None)
+        prediction_type = getattr(config, "prediction_type", None) or "epsilon"
+        return cls(ac, prediction_type)
+
+    # ---- lookups --------------------------------------------------------------------------------
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.alphas_cumprod.numel()
+
+    def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._tables.get(device)
+        if table is None:
+            ac = self.alphas_cumprod
+            table = (ac.sqrt().to(device), (1.0 - ac).sqrt().to(device))
+            self._tables[device] = table
+        return table
+
+    def alpha_sigma(self, timesteps: torch.Tensor, dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (alpha_t, sigma_t), each of shape timesteps.shape, in `dtype`."""
+        alpha, sigma = self._table(timesteps.device)
+        t = timesteps.long()
+        return alpha[t].to(dtype), sigma[t].to(dtype)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """x_t = alpha_t * x0 + sigma_t * noise, with one timestep per sample (dim 0)."""
+        check_tensor("x0", x0)
+        check_like("noise", noise, "x0", x0)
+        check_timesteps("timesteps", timesteps, x0.shape[0], self.num_train_timesteps, x0.device)
+        a, s = self.alpha_sigma(timesteps, _coef_dtype(x0))
+        return (_bcast(a, x0) * x0 + _bcast(s, x0) * noise).to(x0.dtype)
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The v-prediction target v = alpha_t * noise - sigma_t * x0."""
+        a, s = self.alpha_sigma(timesteps, _coef_dtype(x0))
+        return (_bcast(a, x0) * noise - _bcast(s, x0) * x0).to(x0.dtype)
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               prediction_type: str | None = None) -> torch.Tensor:
+        """What a model with `prediction_type` should output at x_t (the plain MSE target)."""
+        kind = prediction_type or self.prediction_type
+        check_choice("prediction_type", kind, PREDICTION_TYPES)
+        if kind == "epsilon":
+            return noise
+        if kind == "sample":
+            return x0
+        return self.velocity(x0, noise, timesteps)
+
+    # ---- prediction conversions -----------------------------------------------------------------
+    def convert_coefficients(self, timesteps: torch.Tensor, prediction_type: str | None = None,
+                             dtype: torch.dtype = torch.float32):
+        """Per-sample (c_x0, d_x0, c_eps, d_eps) with x0_hat = c_x0*x_t + d_x0*p and eps_hat = c_eps*x_t + d_eps*p.
+
+        Raises ValueError where the conversion divides by zero: "epsilon" at a timestep with
+        alpha_t = 0 (the last step of a zero-terminal-SNR schedule), "sample" where sigma_t = 0.
+        """
+        kind = prediction_type or self.prediction_type
+        check_choice("prediction_type", kind, PREDICTION_TYPES)
+        a, s = self.alpha_sigma(timesteps, torch.float64)
+        if kind == "v_prediction":
+            c = (a, -s, s, a)
+        elif kind == "epsilon":
+            _refuse_zero(a, timesteps, "alpha", "epsilon", "x0 = (x_t - sigma*eps)/alpha")
+            c = (1.0 / a, -s / a, torch.zeros_like(a), torch.ones_like(a))
+        else:
+            _refuse_zero(s, timesteps, "sigma", "sample", "eps = (x_t - alpha*x0)/sigma")
+            c = (torch.zeros_like(a), torch.ones_like(a), 1.0 / s, -a / s)
+        return tuple(ci.to(dtype) for ci in c)
+
+    def convert(self, x_t: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor,
+                prediction_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x0_hat, eps_hat) implied by a model prediction at x_t."""
+        c_x0, d_x0, c_eps, d_eps = (_bcast(c, x_t) for c in
+                                    self.convert_coefficients(timesteps, prediction_type, _coef_dtype(x_t)))
+        return (c_x0 * x_t + d_x0 * model_output).to(x_t.dtype), (c_eps * x_t + d_eps * model_output).to(x_t.dtype)
+
+    def renoise_coefficients(self, timesteps: torch.Tensor, timesteps_prime: torch.Tensor,
+                             prediction_type: str | None = None, dtype: torch.dtype = torch.float32):
+        """Per-sample (a, b, alpha', sigma') such that, re-noised to t',
+
+            fake = alpha' * x0_hat + sigma' * eps_hat = a * x_t + b * model_output
+            real = alpha' * x0     + sigma' * noise
+
+        Computed in float64 so that t' = t gives exactly a = 1, b = 0 for v-prediction up to rounding.
+        """
+        c_x0, d_x0, c_eps, d_eps = self.convert_coefficients(timesteps, prediction_type, torch.float64)
+        ap, sp = self.alpha_sigma(timesteps_prime, torch.float64)
+        a = ap * c_x0 + sp * c_eps
+        b = ap * d_x0 + sp * d_eps
+        return a.to(dtype), b.to(dtype), ap.to(dtype), sp.to(dtype)
+
+    def to_diffusers_config(self) -> dict:
+        return {"num_train_timesteps": self.num_train_timesteps, "prediction_type": self.prediction_type}
+
+    def __repr__(self) -> str:
+        ac = self.alphas_cumprod
+        return (f"NoiseSchedule(T={self.num_train_timesteps}, prediction_type={self.prediction_type!r}, "
+                f"abar[0]={float(ac[0]):.6g}, abar[-1]={float(ac[-1]):.6g})")
+
+
+def _check_T(num_train_timesteps) -> None:
+    if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
+        raise ValueError(f"num_train_timesteps: expected an int >= 2, got {num_train_timesteps!r}")
+
+
+def _coef_dtype(x: torch.Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return c.reshape(c.shape + (1,) * (like.dim() - c.dim()))
+
+
+def _refuse_zero(c: torch.Tensor, timesteps: torch.Tensor, what: str, kind: str, formula: str) -> None:
+    if tracing():
+        return
+    zero = c == 0
+    if bool(zero.any()):
+        bad = sorted(set(timesteps[zero].tolist()))
+        raise ValueError(
+            f"prediction_type: {kind!r} cannot be converted where {what}_t = 0 ({formula} divides by zero), "
+            f"got timesteps {bad[:8]}; use 'v_prediction' with a zero-terminal-SNR schedule, or draw "
+            f"timesteps below {min(bad)}")

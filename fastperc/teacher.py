@@ -1,0 +1,158 @@
+"""FrozenTeacher: a frozen copy of a diffusion model that returns the features of named layers."""
+from __future__ import annotations
+
+import copy as _copy
+import difflib
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .models.adapters import find_adapter
+
+
+class _StopForward(Exception):
+    """Raised by the generic path's hook once every tapped layer has fired (skips the rest)."""
+
+
+def first_tensor(output) -> torch.Tensor:
+    """A module's output as one tensor: tuples, lists and diffusers outputs give their first element."""
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output:
+        return first_tensor(output[0])
+    if hasattr(output, "to_tuple"):
+        return first_tensor(output.to_tuple())
+    raise TypeError(f"layers: a tapped layer returned {type(output).__name__}, expected a tensor or a tuple "
+                    "whose first element is a tensor")
+
+
+def nearest_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
+    close = difflib.get_close_matches(name, names, n=n, cutoff=0.4)
+    return close or [x for x in names if x and "." not in x][:n]
+
+
+class FrozenTeacher(nn.Module):
+    """A frozen diffusion model used as the perceptual network (eval mode, no parameter gradients).
+
+    Calling `teacher(sample, timestep, **kwargs)` returns the outputs of `layers` (names from
+    `model.named_modules()`, a tuple output gives its first element), in `layers` order. Nothing after
+    the deepest tapped layer runs: for fastperc's UNet and diffusers' UNet2DModel / UNet2DConditionModel
+    a truncated forward without hooks or exceptions (torch.compile friendly); for any other module,
+    forward hooks that stop the forward once every tap has fired.
+
+    Args:
+        model: the MSE-pretrained diffusion model (use the raw model, not its EMA, as the paper does).
+        layers: submodule names to tap; default the midblock output, the paper's best choice.
+        copy: deep-copy `model` so the caller's model stays trainable (default). With False the model
+            itself is put in eval mode and frozen.
+        dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16); inputs are cast to it.
+
+    Example:
+        >>> import torch, fastperc
+        >>> from fastperc.models import UNet
+        >>> teacher = fastperc.FrozenTeacher(UNet(), layers=("down_blocks.1", "mid_block"))
+        >>> feats = teacher(torch.randn(2, 1, 32, 32), torch.tensor([10, 500]))
+        >>> [tuple(f.shape) for f in feats]
+        [(2, 64, 8, 8), (2, 128, 8, 8)]
+
+    Reference: Lin & Yang, "Diffusion Model with Perceptual Loss", arXiv 2401.00110.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str] = ("mid_block",), copy: bool = True,
+                 dtype: torch.dtype | None = None):
+        super().__init__()
+        if isinstance(model, FrozenTeacher):
+            model = model.model
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(layers, str):
+            layers = (layers,)
+        layers = tuple(layers)
+        if not layers or not all(isinstance(x, str) for x in layers):
+            raise ValueError(f"layers: expected a non-empty sequence of submodule names, got {layers!r}")
+        if len(set(layers)) != len(layers):
+            raise ValueError(f"layers: expected distinct names, got {layers!r}")
+        modules = dict(model.named_modules())
+        for name in layers:
+            if name not in modules:
+                raise ValueError(f"layers: unknown layer {name!r} in {type(model).__name__}; nearest valid names: "
+                                 f"{nearest_names(name, list(modules))}")
+        if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+            raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
+
+        if copy:
+            model = _copy.deepcopy(model)
+        if dtype is not None:
+            model = model.to(dtype)
+        model.eval().requires_grad_(False)
+        self.model = model
+        self.layers = layers
+        self.dtype = dtype
+
+        # Truncation plan: which stage each layer lives in, and the last stage to run.
+        self._adapter = find_adapter(model)
+        self._stop: str | None = None
+        self._nested: tuple[str, ...] = ()
+        if self._adapter is not None:
+            stages = self._adapter.stages(model)
+            idx = [self._adapter.stage_of(model, name) for name in layers]
+            if any(i is None for i in idx):
+                self._adapter = None  # a tap outside the covered stages (e.g. the decoder of a diffusers UNet)
+            else:
+                self._stop = stages[max(idx)]
+                self._nested = tuple(n for n in layers if n not in stages)
+
+    def train(self, mode: bool = True) -> "FrozenTeacher":
+        # The teacher stays in eval mode whatever its parent module does.
+        return super().train(False)
+
+    @property
+    def truncated(self) -> bool:
+        """True when a hook-free truncated forward is used (compile friendly)."""
+        return self._adapter is not None
+
+    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+        if self.dtype is not None:
+            sample = sample.to(self.dtype)
+        if self._adapter is not None and self._adapter.supports(kwargs):
+            if not self._nested:
+                out = self._adapter.run(self.model, sample, timestep, frozenset(self.layers), self._stop, **kwargs)
+                return [first_tensor(out[name]) for name in self.layers]
+            return self._run_with_hooks(sample, timestep, kwargs, stop_early=False)
+        return self._run_with_hooks(sample, timestep, kwargs, stop_early=True)
+
+    def _run_with_hooks(self, sample, timestep, kwargs, stop_early: bool) -> list[torch.Tensor]:
+        captured: dict[str, torch.Tensor] = {}
+        stages_out: dict[str, torch.Tensor] = {}
+        modules = dict(self.model.named_modules())
+        hooked = self.layers if stop_early else self._nested
+
+        def make_hook(name):
+            def hook(module, args, output):
+                captured.setdefault(name, first_tensor(output))
+                if stop_early and len(captured) == len(hooked):
+                    raise _StopForward
+            return hook
+
+        handles = [modules[name].register_forward_hook(make_hook(name)) for name in hooked]
+        try:
+            if stop_early:
+                self.model(sample, timestep, **kwargs)
+            else:
+                keep = frozenset(self.layers) - set(self._nested)
+                stages_out = self._adapter.run(self.model, sample, timestep, keep, self._stop, **kwargs)
+        except _StopForward:
+            pass
+        finally:
+            for h in handles:
+                h.remove()
+        captured.update({k: first_tensor(v) for k, v in stages_out.items()})
+        missing = [name for name in self.layers if name not in captured]
+        if missing:
+            raise RuntimeError(f"layers: {missing} never ran in {type(self.model).__name__}.forward; tap modules "
+                               "that are called (a ModuleList container is not)")
+        return [captured[name] for name in self.layers]
+
+    def extra_repr(self) -> str:
+        return f"layers={self.layers}, truncated={self.truncated}, stop={self._stop!r}"
