@@ -94,19 +94,14 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
                          f"{frozen.layers}), got {len(layer_weights)}")
     kwargs = teacher_kwargs or {}
 
-    a, b, ap, sp = schedule.renoise_coefficients(timesteps, timesteps_prime, kind)
-    alpha, sigma = schedule.alpha_sigma(timesteps)
-    fake, real = renoise(_x_t(x0, noise, alpha, sigma), model_output, x0, noise, a, b, ap, sp, backend=backend)
+    coef_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    a, b, ap, sp = schedule.renoise_coefficients(timesteps, timesteps_prime, kind, coef_dtype)
+    x_t = schedule.add_noise(x0, noise, timesteps)
+    fake, real = renoise(x_t, model_output, x0, noise, a, b, ap, sp, backend=backend)
     with torch.no_grad():  # the real branch keeps no graph
         real_feats = frozen(real, timesteps_prime, **kwargs)
     fake_feats = frozen(fake, timesteps_prime, **kwargs)
     return feature_mse(fake_feats, real_feats, layer_weights, reduction, backend=backend, consume_targets=True)
-
-
-def _x_t(x0: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-    shape = (-1,) + (1,) * (x0.dim() - 1)
-    acc = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    return (alpha.to(acc).view(shape) * x0 + sigma.to(acc).view(shape) * noise).to(x0.dtype)
 
 
 class SelfPerceptualLoss(nn.Module):

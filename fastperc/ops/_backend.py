@@ -14,8 +14,14 @@ BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference")}
 
 
+# Read once at import: torch.compile traces `resolve`, and must not trace file-system or env lookups.
+# (Triton itself reads TRITON_INTERPRET when kernels are defined, so it must be set before import.)
+_HAS_TRITON = importlib.util.find_spec("triton") is not None
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
 def triton_interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+    return _INTERPRET
 
 
 def why_unavailable(backend: str, device_type: str) -> str | None:
@@ -31,9 +37,9 @@ def why_unavailable(backend: str, device_type: str) -> str | None:
             return f"the 'cuda' backend runs on CUDA tensors, got {device_type} tensors"
         return None if _ext.has("feature_mse_cuda") else "fastperc._C was built without CUDA kernels"
     if backend == "triton":
-        if importlib.util.find_spec("triton") is None:
+        if not _HAS_TRITON:
             return "triton is not installed"
-        if device_type == "cuda" or (device_type == "cpu" and triton_interpreting()):
+        if device_type == "cuda" or (device_type == "cpu" and _INTERPRET):
             return None
         return f"triton runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device_type} tensors"
     return f"unknown backend {backend!r}"

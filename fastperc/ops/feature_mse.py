@@ -28,10 +28,12 @@ REDUCTIONS = ("mean", "sum", "none")
 
 # ---- kernels per backend ---------------------------------------------------------------------------
 def _run(preds: list[Tensor], targets: list[Tensor], grads: list[Tensor], weights: list[float],
-         backend: str) -> Tensor:
-    """Per-sample loss into a fresh (B,) tensor; gradients into `grads` (which may be `targets`)."""
+         backend: str, per_sample: Tensor | None = None) -> Tensor:
+    """Per-sample loss into `per_sample` (default a fresh (B,) tensor); gradients into `grads`
+    (which may be `targets`). Inputs must already share a kernel-readable layout (see _layout)."""
     p0 = preds[0]
-    per_sample = torch.empty(p0.shape[0], dtype=reference.acc_dtype(p0.dtype), device=p0.device)
+    if per_sample is None:
+        per_sample = torch.empty(p0.shape[0], dtype=reference.acc_dtype(p0.dtype), device=p0.device)
     if backend == "cpu":
         _ext.ext.feature_mse_cpu(preds, targets, grads, weights, per_sample)
     elif backend == "cuda":

@@ -23,22 +23,28 @@ def _col(c: Tensor, like: Tensor) -> Tensor:
     return c.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
+def _run(x_t: Tensor, p: Tensor, x0: Tensor, noise: Tensor, coefs: Tensor, fake: Tensor, real: Tensor,
+         backend: str) -> None:
+    """Write both teacher inputs into `fake` and `real`; all six tensors share one layout (see _layout)."""
+    if backend == "cpu":
+        _ext.ext.renoise_cpu(x_t, p, x0, noise, coefs, fake, real)
+    elif backend == "cuda":
+        _ext.ext.renoise_cuda(x_t, p, x0, noise, coefs, fake, real)
+    elif backend == "triton":
+        from ._triton import renoise as tri
+        tri.forward(x_t, p, x0, noise, coefs, fake, real)
+    else:
+        f, r = reference.renoise(x_t, p, x0, noise, *coefs.unbind(0))
+        fake.copy_(f)
+        real.copy_(r)
+
+
 @torch.library.custom_op("fastperc::renoise", mutates_args=())
 def _renoise_op(x_t: Tensor, model_output: Tensor, x0: Tensor, noise: Tensor, coefs: Tensor,
                 backend: str) -> tuple[Tensor, Tensor]:
     xt, p, x0c, e = as_same_layout(x_t, model_output, x0, noise)
     fake, real = torch.empty_like(p), torch.empty_like(p)
-    if backend == "cpu":
-        _ext.ext.renoise_cpu(xt, p, x0c, e, coefs, fake, real)
-    elif backend == "cuda":
-        _ext.ext.renoise_cuda(xt, p, x0c, e, coefs, fake, real)
-    elif backend == "triton":
-        from ._triton import renoise as tri
-        tri.forward(xt, p, x0c, e, coefs, fake, real)
-    else:
-        f, r = reference.renoise(xt, p, x0c, e, *coefs.unbind(0))
-        fake.copy_(f)
-        real.copy_(r)
+    _run(xt, p, x0c, e, coefs, fake, real, backend)
     return fake, real
 
 

@@ -1,0 +1,83 @@
+"""Test helpers: tiny models and a verbose closeness check."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from fastperc.models import UNet
+
+
+def tiny_unet(num_classes=None, dtype=torch.float32, **kw) -> UNet:
+    """A 2-level UNet on 8x8 images: fast enough for gradcheck."""
+    kw = {"block_channels": (8, 16), "norm_groups": 4, "num_classes": num_classes, **kw}
+    return UNet(**kw).to(dtype)
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = "") -> None:
+    """allclose that never passes NaN and names the first mismatching indices."""
+    actual = actual.detach().to("cpu", torch.float64)
+    expected = expected.detach().to("cpu", torch.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(expected).all(), f"{what}: the expected values hold NaN/Inf (bad test data)"
+    bad = ~torch.isclose(actual, expected, rtol=rtol, atol=atol, equal_nan=False)
+    if bad.any():
+        idx = bad.nonzero()[:5].tolist()
+        vals = [(i, actual[tuple(i)].item(), expected[tuple(i)].item()) for i in idx]
+        raise AssertionError(f"{what}: {int(bad.sum())}/{bad.numel()} elements differ (rtol={rtol}, atol={atol}); "
+                             f"first (index, actual, expected): {vals}")
+
+
+def features_by_hooks(model, layers, sample, timestep, **kwargs) -> list[torch.Tensor]:
+    """Ground truth: the full forward of `model` with hooks on `layers` (no truncation)."""
+    modules = dict(model.named_modules())
+    got = {}
+
+    def hook(name):
+        def fn(module, args, out):  # returns None: the module's output is left as it is
+            got.setdefault(name, out[0] if isinstance(out, tuple) else out)
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    try:
+        with torch.no_grad():
+            model(sample, timestep, **kwargs)
+    finally:
+        for h in handles:
+            h.remove()
+    return [got[n] for n in layers]
+
+
+def hand_loss(model, layers, weights, model_output, x0, noise, t, t2, schedule, kind):
+    """The objective written out from DESIGN section 1, with the untruncated model."""
+    ac = schedule.alphas_cumprod.to(x0.dtype)
+    shape = (-1,) + (1,) * (x0.dim() - 1)
+    a, s = ac[t].sqrt().view(shape), (1 - ac[t]).sqrt().view(shape)
+    a2, s2 = ac[t2].sqrt().view(shape), (1 - ac[t2]).sqrt().view(shape)
+    x_t = a * x0 + s * noise
+    if kind == "v_prediction":
+        x0_hat, eps_hat = a * x_t - s * model_output, s * x_t + a * model_output
+    elif kind == "epsilon":
+        eps_hat, x0_hat = model_output, (x_t - s * model_output) / a
+    else:
+        x0_hat, eps_hat = model_output, (x_t - a * model_output) / s
+    real = a2 * x0 + s2 * noise
+    fake = a2 * x0_hat + s2 * eps_hat
+    modules = dict(model.named_modules())
+    feats = {}
+
+    def hook(name):
+        def fn(module, args, out):
+            feats.setdefault(name, out[0] if isinstance(out, tuple) else out)
+        return fn
+
+    handles = [modules[n].register_forward_hook(hook(n)) for n in layers]
+    try:
+        with torch.no_grad():
+            model(real, t2)
+        f_real = [feats.pop(n) for n in layers]
+        model(fake, t2)
+        f_fake = [feats.pop(n) for n in layers]
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(w * F.mse_loss(f, r) for w, f, r in zip(weights, f_fake, f_real))

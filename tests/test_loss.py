@@ -1,0 +1,173 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastperc
+from fastperc import FrozenTeacher, NoiseSchedule, SelfPerceptualLoss, self_perceptual_loss
+
+from .helpers import assert_close, hand_loss, tiny_unet
+
+KINDS = ["epsilon", "v_prediction", "sample"]
+
+
+def _batch(b=4, dtype=torch.float64):
+    x0 = torch.rand(b, 1, 8, 8, dtype=dtype) * 2 - 1
+    return x0, torch.randn_like(x0), torch.randn_like(x0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("layers, weights", [(("mid_block",), None), (("down_blocks.0", "mid_block"), [0.3, 1.7])])
+def test_loss_equals_hand_computation(kind, layers, weights):
+    model = tiny_unet(dtype=torch.float64).eval()
+    schedule = NoiseSchedule.scaled_linear()
+    x0, noise, p = _batch()
+    t, t2 = torch.randint(0, 999, (4,)), torch.randint(0, 1000, (4,))
+    got = self_perceptual_loss(FrozenTeacher(model, layers), p, x0, noise, t, schedule, prediction_type=kind,
+                               layer_weights=weights, timesteps_prime=t2, backend="reference")
+    want = hand_loss(model, layers, weights or [1.0] * len(layers), p, x0, noise, t, t2, schedule, kind)
+    assert_close(got, want, rtol=1e-10, atol=1e-12, what=f"loss ({kind})")
+
+
+def test_one_layer_loss_equals_mse_of_the_teacher_features():
+    model = tiny_unet(dtype=torch.float64).eval()
+    schedule = NoiseSchedule.scaled_linear()
+    x0, noise, p = _batch()
+    t, t2 = torch.randint(0, 1000, (4,)), torch.randint(0, 1000, (4,))
+    teacher = FrozenTeacher(model)
+    a, b, ap, sp = schedule.renoise_coefficients(t, t2, dtype=torch.float64)
+    x_t = schedule.add_noise(x0, noise, t)
+    col = lambda c: c.view(-1, 1, 1, 1)  # noqa: E731
+    fake, real = col(a) * x_t + col(b) * p, col(ap) * x0 + col(sp) * noise
+    want = F.mse_loss(teacher(fake, t2)[0], teacher(real, t2)[0])
+    got = self_perceptual_loss(teacher, p, x0, noise, t, schedule, timesteps_prime=t2)
+    assert_close(got, want, rtol=1e-10, atol=1e-12, what="loss")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_t_prime_equal_to_t_gives_zero_loss(kind):
+    x0, noise, p = _batch()
+    t = torch.randint(0, 999, (4,))
+    loss = self_perceptual_loss(tiny_unet(dtype=torch.float64), p, x0, noise, t, NoiseSchedule.scaled_linear(),
+                                prediction_type=kind, timesteps_prime=t, reduction="none")
+    assert loss.shape == (4,) and torch.all(loss.abs() < 1e-20)
+
+
+def test_prediction_types_agree_for_consistent_predictions():
+    schedule = NoiseSchedule.scaled_linear()
+    teacher = FrozenTeacher(tiny_unet(dtype=torch.float64))
+    x0, noise, v = _batch()
+    t, t2 = torch.randint(0, 999, (4,)), torch.randint(0, 1000, (4,))
+    x0_hat, eps_hat = schedule.convert(schedule.add_noise(x0, noise, t), v, t, "v_prediction")
+    losses = [self_perceptual_loss(teacher, pred, x0, noise, t, schedule, prediction_type=kind, timesteps_prime=t2,
+                                   reduction="none") for pred, kind in
+              [(v, "v_prediction"), (eps_hat, "epsilon"), (x0_hat, "sample")]]
+    assert losses[0].abs().min() > 0
+    assert_close(losses[1], losses[0], rtol=1e-8, atol=1e-14, what="epsilon vs v")
+    assert_close(losses[2], losses[0], rtol=1e-8, atol=1e-14, what="sample vs v")
+
+
+@pytest.mark.parametrize("backend", ["reference", "auto"])
+def test_reference_path_passes_float64_gradcheck(backend):
+    schedule = NoiseSchedule.scaled_linear()
+    teacher = FrozenTeacher(tiny_unet(dtype=torch.float64), layers=("down_blocks.0", "mid_block"))
+    x0, noise, p = _batch(2)
+    p.requires_grad_(True)
+    t, t2 = torch.randint(0, 1000, (2,)), torch.randint(0, 1000, (2,))
+
+    def f(pred):
+        return self_perceptual_loss(teacher, pred, x0, noise, t, schedule, timesteps_prime=t2,
+                                    layer_weights=[0.5, 2.0], reduction="none", backend=backend)
+
+    assert torch.autograd.gradcheck(f, (p,), eps=1e-6, atol=1e-7, rtol=1e-5)
+
+
+def test_gradient_reaches_the_student_and_never_the_teacher():
+    schedule = NoiseSchedule.scaled_linear()
+    student = tiny_unet()
+    teacher = FrozenTeacher(student)
+    x0, noise = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8)
+    t = torch.randint(0, 1000, (4,))
+    loss = self_perceptual_loss(teacher, student(schedule.add_noise(x0, noise, t), t), x0, noise, t, schedule)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    grads = [p.grad for p in student.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.requires_grad for p in student.parameters())
+
+
+def test_real_branch_records_no_graph():
+    schedule = NoiseSchedule.scaled_linear()
+    seen = []
+    teacher = FrozenTeacher(tiny_unet())
+    teacher.model.mid_block.register_forward_hook(lambda m, a, out: seen.append(out.requires_grad))
+    p = torch.randn(2, 1, 8, 8, requires_grad=True)
+    self_perceptual_loss(teacher, p, torch.randn(2, 1, 8, 8), torch.randn(2, 1, 8, 8), torch.tensor([1, 2]), schedule)
+    assert seen == [False, True]  # real branch first, then the predicted branch
+
+
+def test_fused_default_matches_reference_to_fp32_tolerance():
+    schedule = NoiseSchedule.scaled_linear()
+    student = tiny_unet(num_classes=5)
+    teacher = FrozenTeacher(student, layers=("down_blocks.0", "mid_block"))
+    x0, noise = torch.randn(6, 1, 8, 8), torch.randn(6, 1, 8, 8)
+    t, t2 = torch.randint(0, 1000, (6,)), torch.randint(0, 1000, (6,))
+    labels = torch.randint(0, 5, (6,))
+    out = {}
+    for backend in ("reference", "auto"):
+        student.zero_grad()
+        v = student(schedule.add_noise(x0, noise, t), t, class_labels=labels)
+        loss = self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=t2, backend=backend,
+                                    layer_weights=[0.5, 1.0], teacher_kwargs={"class_labels": labels})
+        loss.backward()
+        out[backend] = (loss.detach(), [p.grad.clone() for p in student.parameters()])
+    assert_close(out["auto"][0], out["reference"][0], rtol=1e-5, atol=1e-8, what="loss")
+    for g, r in zip(out["auto"][1], out["reference"][1]):
+        assert_close(g, r, rtol=1e-5, atol=1e-7 * float(r.abs().max()), what="student grad")
+
+
+def test_reductions_relate_as_mean_sum_none():
+    schedule = NoiseSchedule.scaled_linear()
+    teacher = FrozenTeacher(tiny_unet())
+    x0, noise, p = _batch(5, torch.float32)
+    t, t2 = torch.randint(0, 1000, (5,)), torch.randint(0, 1000, (5,))
+    per = self_perceptual_loss(teacher, p, x0, noise, t, schedule, timesteps_prime=t2, reduction="none")
+    total = self_perceptual_loss(teacher, p, x0, noise, t, schedule, timesteps_prime=t2, reduction="sum")
+    mean = self_perceptual_loss(teacher, p, x0, noise, t, schedule, timesteps_prime=t2)
+    assert per.shape == (5,) and per.dtype == torch.float32
+    assert torch.allclose(per.sum(), total) and torch.allclose(per.mean(), mean)
+
+
+def test_t_prime_is_drawn_from_the_generator():
+    schedule = NoiseSchedule.scaled_linear()
+    teacher = FrozenTeacher(tiny_unet())
+    x0, noise, p = _batch(4, torch.float32)
+    t = torch.randint(0, 1000, (4,))
+    run = lambda seed: self_perceptual_loss(teacher, p, x0, noise, t, schedule,  # noqa: E731
+                                            generator=torch.Generator().manual_seed(seed), reduction="none")
+    assert torch.equal(run(1), run(1)) and not torch.equal(run(1), run(2))
+
+
+def test_plain_module_teacher_is_wrapped_with_midblock_default():
+    schedule = NoiseSchedule.scaled_linear()
+    model = tiny_unet()
+    x0, noise, p = _batch(3, torch.float32)
+    t, t2 = torch.randint(0, 1000, (3,)), torch.randint(0, 1000, (3,))
+    a = self_perceptual_loss(model, p, x0, noise, t, schedule, timesteps_prime=t2)
+    b = self_perceptual_loss(FrozenTeacher(model, ("mid_block",)), p, x0, noise, t, schedule, timesteps_prime=t2)
+    assert torch.equal(a, b)
+
+
+def test_module_form_matches_function():
+    model = tiny_unet()
+    crit = SelfPerceptualLoss(model, layers=("down_blocks.1", "mid_block"), layer_weights=[1.0, 0.25])
+    x0, noise, p = _batch(3, torch.float32)
+    t, t2 = torch.randint(0, 1000, (3,)), torch.randint(0, 1000, (3,))
+    want = self_perceptual_loss(crit.teacher, p, x0, noise, t, crit.schedule, timesteps_prime=t2,
+                                layer_weights=[1.0, 0.25])
+    assert torch.equal(crit(p, x0, noise, t, timesteps_prime=t2), want)
+    assert all(q.requires_grad for q in model.parameters())
+    assert not any(q.requires_grad for q in crit.parameters())
+
+
+def test_public_api_is_exported():
+    assert {"self_perceptual_loss", "SelfPerceptualLoss", "NoiseSchedule", "FrozenTeacher", "ops"} <= set(fastperc.__all__)

@@ -1,0 +1,116 @@
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from fastperc import NoiseSchedule
+
+
+@pytest.mark.parametrize("rescale", [True, False])
+def test_scaled_linear_matches_diffusers_ddpm(rescale):
+    ours = NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=rescale)
+    theirs = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                           rescale_betas_zero_snr=rescale)
+    assert torch.allclose(ours.alphas_cumprod, theirs.alphas_cumprod.double(), rtol=0, atol=1e-6)
+
+
+def test_cosine_matches_diffusers_squaredcos():
+    ours = NoiseSchedule.cosine()
+    theirs = DDPMScheduler(beta_schedule="squaredcos_cap_v2")
+    assert torch.allclose(ours.alphas_cumprod, theirs.alphas_cumprod.double(), rtol=0, atol=1e-6)
+
+
+def test_linear_matches_diffusers_linear():
+    assert torch.allclose(NoiseSchedule.linear().alphas_cumprod,
+                          DDPMScheduler(beta_schedule="linear").alphas_cumprod.double(), rtol=0, atol=1e-6)
+
+
+def test_zero_terminal_snr_ends_at_zero_and_decreases():
+    ac = NoiseSchedule.scaled_linear().alphas_cumprod
+    assert ac.shape == (1000,) and ac[-1] == 0 and ac[0] > 0.99
+    assert (ac[1:] <= ac[:-1]).all()
+
+
+def test_from_diffusers_reads_alphas_and_prediction_type():
+    sched = DDPMScheduler(beta_schedule="scaled_linear", prediction_type="v_prediction", num_train_timesteps=500)
+    ours = NoiseSchedule.from_diffusers(sched)
+    assert ours.prediction_type == "v_prediction" and ours.num_train_timesteps == 500
+    assert torch.equal(ours.alphas_cumprod, sched.alphas_cumprod.double())
+
+
+def test_from_diffusers_rejects_objects_without_alphas_cumprod():
+    with pytest.raises(TypeError, match="scheduler"):
+        NoiseSchedule.from_diffusers(object())
+
+
+def test_alpha_sigma_are_sqrt_abar_and_sqrt_one_minus():
+    s = NoiseSchedule.scaled_linear()
+    t = torch.randint(0, 1000, (16,))
+    a, sig = s.alpha_sigma(t, torch.float64)
+    assert torch.allclose(a**2 + sig**2, torch.ones(16, dtype=torch.float64))
+    assert torch.allclose(a, s.alphas_cumprod[t].sqrt())
+
+
+def test_add_noise_matches_diffusers_add_noise():
+    sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    s = NoiseSchedule.from_diffusers(sched)
+    x0, eps = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    t = torch.randint(0, 1000, (6,))
+    assert torch.allclose(s.add_noise(x0, eps, t), sched.add_noise(x0, eps, t), atol=1e-6)
+
+
+def test_velocity_matches_diffusers_get_velocity():
+    sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    s = NoiseSchedule.from_diffusers(sched)
+    x0, eps = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
+    t = torch.randint(0, 1000, (5,))
+    assert torch.allclose(s.velocity(x0, eps, t), sched.get_velocity(x0, eps, t), atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
+def test_convert_recovers_x0_and_noise_from_exact_prediction(kind):
+    s = NoiseSchedule.scaled_linear()
+    x0, eps = torch.randn(8, 1, 4, 4, dtype=torch.float64), torch.randn(8, 1, 4, 4, dtype=torch.float64)
+    t = torch.randint(0, 999, (8,))  # below the terminal step, where epsilon is defined
+    x_t = s.add_noise(x0, eps, t)
+    x0_hat, eps_hat = s.convert(x_t, s.target(x0, eps, t, kind), t, kind)
+    assert torch.allclose(x0_hat, x0, atol=1e-8) and torch.allclose(eps_hat, eps, atol=1e-8)
+
+
+def test_renoise_coefficients_are_identity_when_t_prime_equals_t():
+    s = NoiseSchedule.scaled_linear()
+    t = torch.randint(0, 1000, (32,))
+    a, b, _, _ = s.renoise_coefficients(t, t, "v_prediction", torch.float64)
+    assert torch.allclose(a, torch.ones_like(a), atol=1e-12) and torch.allclose(b, torch.zeros_like(b), atol=1e-12)
+
+
+def test_epsilon_at_zero_alpha_is_refused_with_clear_error():
+    s = NoiseSchedule.scaled_linear()  # zero terminal SNR: alpha_999 = 0
+    with pytest.raises(ValueError, match="prediction_type.*'epsilon'.*alpha_t = 0.*999"):
+        s.renoise_coefficients(torch.tensor([5, 999]), torch.tensor([3, 4]), "epsilon")
+
+
+def test_epsilon_below_terminal_step_is_accepted():
+    s = NoiseSchedule.scaled_linear()
+    a, b, _, _ = s.renoise_coefficients(torch.tensor([5, 998]), torch.tensor([3, 4]), "epsilon")
+    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+
+
+@pytest.mark.parametrize("bad, exc, match", [
+    (torch.tensor([[0.9, 0.5]]), ValueError, "alphas_cumprod"),
+    (torch.tensor([0.9, 1.5]), ValueError, "alphas_cumprod"),
+    (torch.tensor([1, 0]), TypeError, "alphas_cumprod"),
+])
+def test_bad_alphas_cumprod_raise(bad, exc, match):
+    with pytest.raises(exc, match=match):
+        NoiseSchedule(bad)
+
+
+def test_unknown_prediction_type_raises():
+    with pytest.raises(ValueError, match="prediction_type.*'x_start'"):
+        NoiseSchedule.scaled_linear(prediction_type="x_start")
+
+
+def test_add_noise_rejects_out_of_range_timesteps():
+    s = NoiseSchedule.scaled_linear()
+    with pytest.raises(ValueError, match=r"timesteps: expected values in \[0, 999\]"):
+        s.add_noise(torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([0, 1000]))
