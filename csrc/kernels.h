@@ -1,7 +1,8 @@
 // Kernel entry points shared by the binding file (fastperc.cpp) and the per-device sources.
 // Callers (the binding) have already checked shapes, dtypes, devices and layouts.
 #pragma once
-#include <torch/extension.h>
+// Light ATen headers only: the .cu files include this, and nvcc is slow on torch/extension.h.
+#include <ATen/core/Tensor.h>
 #include <vector>
 
 namespace fastperc {
