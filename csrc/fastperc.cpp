@@ -104,6 +104,30 @@ void renoise(const at::Tensor& x_t, const at::Tensor& p, const at::Tensor& x0, c
   }
 }
 
+// outs[l][b] = grads[l][b] * scale[b] (outs may be grads): the backward of feature_mse (CPU; GPUs use torch).
+void scale_rows(const std::vector<at::Tensor>& grads, const at::Tensor& scale, const std::vector<at::Tensor>& outs) {
+  TORCH_CHECK(scale.dim() == 1 && scale.is_contiguous() && scale.device().is_cpu(),
+              "scale: expected a contiguous 1-D CPU tensor, got sizes ", scale.sizes(), " on ", scale.device());
+  TORCH_CHECK(outs.size() == grads.size(), "outs: expected ", grads.size(), " tensors, got ", outs.size());
+  if (grads.empty()) return;
+  const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(scale.scalar_type() == acc, "scale: expected dtype ", acc, ", got ", scale.scalar_type());
+  for (size_t l = 0; l < grads.size(); ++l) {
+    const at::Tensor& g = grads[l];
+    TORCH_CHECK(g.device().is_cpu(), "grads[", l, "]: expected a CPU tensor, got ", g.device());
+    CHECK_SAME(g, grads[0], scalar_type);
+    TORCH_CHECK(g.dim() >= 1 && g.size(0) == scale.size(0), "grads[", l, "]: expected batch size ", scale.size(0),
+                ", got sizes ", g.sizes());
+    CHECK_DENSE_BATCH_MAJOR(g);
+    const at::Tensor& o = outs[l];
+    CHECK_SAME(o, g, sizes);
+    CHECK_SAME(o, g, strides);
+    CHECK_SAME(o, g, scalar_type);
+    CHECK_SAME(o, g, device);
+  }
+  scale_rows_cpu(grads, scale, outs);
+}
+
 std::string build_info() {
   std::string s = "cpu(openmp threads=" + std::to_string(at::get_num_threads()) + ")";
 #ifdef FASTPERC_WITH_CUDA
@@ -119,6 +143,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastperc fused kernels (CPU/OpenMP, and CUDA when built with it)";
   m.def("feature_mse_cpu", &fastperc::feature_mse, "multi-layer feature MSE + gradient (CPU tensors)");
   m.def("renoise_cpu", &fastperc::renoise, "both teacher inputs in one pass (CPU tensors)");
+  m.def("scale_rows_cpu", &fastperc::scale_rows, "outs[l][b] = grads[l][b] * scale[b] (CPU tensors)");
 #ifdef FASTPERC_WITH_CUDA
   m.def("feature_mse_cuda", &fastperc::feature_mse, "multi-layer feature MSE + gradient (CUDA tensors)");
   m.def("renoise_cuda", &fastperc::renoise, "both teacher inputs in one pass (CUDA tensors)");

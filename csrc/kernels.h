@@ -20,6 +20,8 @@ struct Layer {
 
 // per_sample[b] = sum_l w_l/N_l * sum_i (p-t)^2 ; grad_l = 2 w_l/N_l (p - t). Deterministic.
 void feature_mse_cpu(const std::vector<Layer>& layers, int64_t batch, at::ScalarType dtype, at::Tensor per_sample);
+// outs[l][b, ...] = grads[l][b, ...] * scale[b] (the backward of feature_mse); outs may be grads.
+void scale_rows_cpu(const std::vector<at::Tensor>& grads, const at::Tensor& scale, const std::vector<at::Tensor>& outs);
 // fake = a[b]*x_t + b[b]*p ; real = ap[b]*x0 + sp[b]*noise over dense (B, N) buffers.
 void renoise_cpu(const at::Tensor& x_t, const at::Tensor& p, const at::Tensor& x0, const at::Tensor& noise,
                  const at::Tensor& coefs, at::Tensor& fake, at::Tensor& real);

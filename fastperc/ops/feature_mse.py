@@ -3,13 +3,14 @@
     per_sample[b] = sum_l w_l * mean_i (p_l[b, i] - t_l[b, i])^2,   grad p_l = 2 w_l (p_l - t_l) / N_l
 
 The fused backends compute the per-sample loss and the gradient in one pass over all layers, so the
-backward only scales the stored gradient by grad_output. Three pieces:
+backward only scales the stored gradient by grad_output. The pieces:
 
-- `fastperc::feature_mse` (custom_op, functional, register_autograd): fresh gradient buffers; what
-  torch.compile traces (inductor plans buffer reuse itself).
+- `fastperc::feature_mse` (custom_op, functional, register_autograd with the functional
+  `fastperc::scale_rows` as backward): what torch.compile traces; inductor plans buffer reuse.
 - `fastperc::feature_mse_` (custom_op, mutates targets): writes the gradient over the target
-  buffers, saving one feature-sized buffer per layer at the peak; used eagerly by
-  `consume_targets=True` through `_ConsumeTargets` (the targets are garbage afterwards).
+  buffers, saving one feature-sized buffer per layer at the peak (`consume_targets=True`).
+- `_ConsumeTargets`: the eager autograd glue of the in-place op.
+- backend "reference": plain PyTorch autograd over `reference.py`, no custom op.
 - `feature_mse(...)`: the validated public entry point.
 """
 from __future__ import annotations
@@ -21,7 +22,7 @@ from torch import Tensor
 
 from .._validation import check_choice
 from . import _backend, _ext, reference
-from ._layout import as_same_layout, empty_like_layout, same_layout
+from ._layout import as_same_layout, batch_major_dense, empty_like_layout, same_layout
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -50,12 +51,28 @@ def _run(preds: list[Tensor], targets: list[Tensor], grads: list[Tensor], weight
     return per_sample
 
 
-def _scale_grads(grads: Sequence[Tensor], grad_per_sample: Tensor) -> list[Tensor]:
-    out = []
-    for g in grads:
-        s = grad_per_sample.reshape((-1,) + (1,) * (g.dim() - 1))
-        out.append((g * s).to(g.dtype))
-    return out
+def _scale_rows(grads: list[Tensor], scale: Tensor, outs: list[Tensor]) -> None:
+    """outs[l][b, ...] = grads[l][b, ...] * scale[b]; `outs` may be `grads` (in place)."""
+    scale = scale.to(reference.acc_dtype(grads[0].dtype)).contiguous()
+    if (scale.device.type == "cpu" and _ext.has("scale_rows_cpu")
+            and all(batch_major_dense(g) and o.stride() == g.stride() for g, o in zip(grads, outs))):
+        _ext.ext.scale_rows_cpu(list(grads), scale, list(outs))  # torch's mixed-dtype mul is slow for bf16 on CPU
+    else:
+        for g, o in zip(grads, outs):
+            torch.mul(g, scale.reshape((-1,) + (1,) * (g.dim() - 1)), out=o)
+
+
+@torch.library.custom_op("fastperc::scale_rows", mutates_args=())
+def _scale_rows_op(grads: list[Tensor], scale: Tensor) -> list[Tensor]:
+    """The backward of feature_mse, functional (what torch.compile traces)."""
+    outs = [torch.empty_like(g) for g in grads]
+    _scale_rows(grads, scale, outs)
+    return outs
+
+
+@_scale_rows_op.register_fake
+def _(grads, scale):
+    return [torch.empty_like(g) for g in grads]
 
 
 # ---- functional op (differentiable, compile-friendly) -----------------------------------------------
@@ -77,10 +94,11 @@ def _(preds, targets, weights, backend):
 
 def _setup_context(ctx, inputs, output):
     ctx.grads = output[1]
+    ctx.set_materialize_grads(False)  # the gradient outputs get no grad: skip feature-sized zero fills
 
 
 def _backward(ctx, grad_per_sample, _grad_grads):
-    return _scale_grads(ctx.grads, grad_per_sample), [None] * len(ctx.grads), None, None
+    return _scale_rows_op(ctx.grads, grad_per_sample), [None] * len(ctx.grads), None, None
 
 
 _feature_mse_op.register_autograd(_backward, setup_context=_setup_context)
@@ -99,16 +117,17 @@ def _(preds, targets, weights, backend):
 
 
 class _ConsumeTargets(torch.autograd.Function):
-    """Gradient written over the targets in forward; backward scales it by grad_output."""
+    """Eager consume_targets path: the forward writes the gradient over the targets; the backward
+    scales it into a fresh buffer (so retain_graph and gradcheck work)."""
 
     @staticmethod
     def forward(ctx, weights, backend, targets, *preds):
-        ctx.grads = targets  # now holding the gradient, not the targets
+        ctx.grads = targets  # after the call they hold the gradient, not the targets
         return _feature_mse_inplace_op(list(preds), list(targets), weights, backend)
 
     @staticmethod
     def backward(ctx, grad_per_sample):
-        return (None, None, None, *_scale_grads(ctx.grads, grad_per_sample))
+        return (None, None, None, *_scale_rows_op(ctx.grads, grad_per_sample))
 
 
 # ---- public entry point -----------------------------------------------------------------------------
@@ -182,9 +201,11 @@ def feature_mse(pred_feats: Sequence[Tensor], target_feats: Sequence[Tensor],
     preds, targets, w = _check(pred_feats, target_feats, weights, reduction)
     name = _backend.resolve(backend, preds[0].device)
     targets = [t.detach() for t in targets]
-    if consume_targets and not torch.compiler.is_compiling():
+    if name == "reference":  # plain PyTorch autograd: the truth the fused ops are tested against
+        per_sample = reference.feature_mse_per_sample(preds, targets, w)
+    elif consume_targets and not torch.compiler.is_compiling():
         pairs = [as_same_layout(p, t) for p, t in zip(preds, targets)]  # a copied target is ours to overwrite
         per_sample = _ConsumeTargets.apply(w, name, [t for _, t in pairs], *[p for p, _ in pairs])
-    else:
+    else:  # the functional op; under torch.compile inductor plans buffer reuse itself
         per_sample = _feature_mse_op(preds, targets, w, name)[0]
     return reference.reduce(per_sample, reduction)

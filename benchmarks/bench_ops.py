@@ -1,0 +1,64 @@
+"""Print a table of the fused ops per backend: time, GB/s and % of copy bandwidth, measured in one run.
+
+    python benchmarks/bench_ops.py [--device cuda] [--min-time 0.3] [--markdown]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+from torch.utils import benchmark
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cases import DTYPES, FEATURE_CASES, RENOISE_CASES, backends_for, copy_bandwidth, feature_mse_case, renoise_case  # noqa: E402
+
+
+def measure(fn, min_time: float) -> float:
+    fn()
+    return benchmark.Timer("fn()", globals={"fn": fn}).blocked_autorange(min_run_time=min_time).median
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--min-time", type=float, default=0.3)
+    ap.add_argument("--markdown", action="store_true")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    bw = copy_bandwidth(device)
+    print(f"device: {name}; torch {torch.__version__}; copy bandwidth {bw:.1f} GB/s")
+    rows = []
+    for dname, dtype in DTYPES.items():
+        for case, shapes in FEATURE_CASES.items():
+            base = None
+            for be in backends_for(device):
+                fn, nbytes = feature_mse_case(shapes, dtype, device, be)
+                sec = measure(fn, args.min_time)
+                base = base or sec
+                rows.append(("feature_mse (loss+grad)", be, dname, case, sec, nbytes / sec / 1e9, base / sec))
+        for case, shape in RENOISE_CASES.items():
+            base = None
+            for be in backends_for(device):
+                fn, nbytes = renoise_case(shape, dtype, device, be)
+                sec = measure(fn, args.min_time)
+                base = base or sec
+                rows.append(("renoise", be, dname, case, sec, nbytes / sec / 1e9, base / sec))
+    head = ("op", "backend", "dtype", "size", "time ms", "GB/s", "% copy bw", "x reference")
+    if args.markdown:
+        print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    else:
+        print(f"{head[0]:24s} {head[1]:9s} {head[2]:5s} {head[3]:44s} {head[4]:>9s} {head[5]:>8s} {head[6]:>9s} {head[7]:>11s}")
+    for op, be, dn, case, sec, gbs, speed in rows:
+        cells = (op, be, dn, case, f"{sec * 1e3:.3f}", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%", f"{speed:.2f}")
+        if args.markdown:
+            print("| " + " | ".join(cells) + " |")
+        else:
+            print(f"{cells[0]:24s} {cells[1]:9s} {cells[2]:5s} {cells[3]:44s} {cells[4]:>9s} {cells[5]:>8s} "
+                  f"{cells[6]:>9s} {cells[7]:>11s}")
+
+
+if __name__ == "__main__":
+    main()
