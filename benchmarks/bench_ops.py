@@ -12,7 +12,8 @@ import torch
 from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cases import DTYPES, FEATURE_CASES, RENOISE_CASES, backends_for, copy_bandwidth, feature_mse_case, renoise_case  # noqa: E402
+from cases import (DTYPES, FEATURE_CASES, RENOISE_CASES, backends_for, copy_bandwidth,  # noqa: E402
+                   feature_mse_case, loss_step_case, renoise_case)
 
 
 def measure(fn, min_time: float) -> float:
@@ -25,6 +26,7 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--min-time", type=float, default=0.3)
     ap.add_argument("--markdown", action="store_true")
+    ap.add_argument("--no-step", action="store_true", help="skip the training-step table")
     args = ap.parse_args()
     device = torch.device(args.device)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -35,10 +37,12 @@ def main() -> None:
         for case, shapes in FEATURE_CASES.items():
             base = None
             for be in backends_for(device):
-                fn, nbytes = feature_mse_case(shapes, dtype, device, be)
-                sec = measure(fn, args.min_time)
-                base = base or sec
-                rows.append(("feature_mse (loss+grad)", be, dname, case, sec, nbytes / sec / 1e9, base / sec))
+                for consume in (False, True) if be != "reference" else (False,):
+                    fn, nbytes = feature_mse_case(shapes, dtype, device, be, consume)
+                    sec = measure(fn, args.min_time)
+                    base = base or sec
+                    op = "feature_mse consume" if consume else "feature_mse"
+                    rows.append((op, be, dname, case, sec, nbytes / sec / 1e9, base / sec))
         for case, shape in RENOISE_CASES.items():
             base = None
             for be in backends_for(device):
@@ -46,17 +50,34 @@ def main() -> None:
                 sec = measure(fn, args.min_time)
                 base = base or sec
                 rows.append(("renoise", be, dname, case, sec, nbytes / sec / 1e9, base / sec))
+    print_table(rows, bw, args.markdown)
+    if not args.no_step:
+        step_rows = []
+        for objective in ("mse", "sp-reference", "sp-fused", "sp-untruncated"):
+            step_rows.append((objective, measure(loss_step_case(objective, device), args.min_time)))
+        base = step_rows[0][1]
+        print("\ntraining step, default conditional UNet, batch 32, 1x32x32, fp32 (forward + loss + backward)")
+        if args.markdown:
+            print("| objective | ms/step | x plain MSE |\n|---|---|---|")
+        for objective, sec in step_rows:
+            if args.markdown:
+                print(f"| {objective} | {sec * 1e3:.1f} | {sec / base:.2f} |")
+            else:
+                print(f"{objective:16s} {sec * 1e3:9.1f} ms {sec / base:6.2f}x")
+
+
+def print_table(rows, bw: float, markdown: bool) -> None:
     head = ("op", "backend", "dtype", "size", "time ms", "GB/s", "% copy bw", "x reference")
-    if args.markdown:
+    if markdown:
         print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     else:
-        print(f"{head[0]:24s} {head[1]:9s} {head[2]:5s} {head[3]:44s} {head[4]:>9s} {head[5]:>8s} {head[6]:>9s} {head[7]:>11s}")
+        print(f"{head[0]:20s} {head[1]:9s} {head[2]:5s} {head[3]:44s} {head[4]:>9s} {head[5]:>8s} {head[6]:>9s} {head[7]:>11s}")
     for op, be, dn, case, sec, gbs, speed in rows:
         cells = (op, be, dn, case, f"{sec * 1e3:.3f}", f"{gbs:.1f}", f"{100 * gbs / bw:.0f}%", f"{speed:.2f}")
-        if args.markdown:
+        if markdown:
             print("| " + " | ".join(cells) + " |")
         else:
-            print(f"{cells[0]:24s} {cells[1]:9s} {cells[2]:5s} {cells[3]:44s} {cells[4]:>9s} {cells[5]:>8s} "
+            print(f"{cells[0]:20s} {cells[1]:9s} {cells[2]:5s} {cells[3]:44s} {cells[4]:>9s} {cells[5]:>8s} "
                   f"{cells[6]:>9s} {cells[7]:>11s}")
 
 

@@ -20,14 +20,18 @@ def backends_for(device: torch.device) -> list[str]:
             and not (b == "triton" and device.type == "cpu")]
 
 
-def feature_mse_case(shapes, dtype, device, backend):
-    """(callable computing loss and d loss / d preds, bytes of necessary traffic: read p, t; write grad)."""
+def feature_mse_case(shapes, dtype, device, backend, consume: bool = False):
+    """(callable computing loss and d loss / d preds, bytes of necessary traffic: read p, t; write grad).
+
+    With `consume`, the targets are overwritten by the gradient, as inside self_perceptual_loss; each
+    call then works on the scrambled buffer, which costs the same as fresh targets.
+    """
     g = torch.Generator(device=device).manual_seed(0)
     preds = [torch.randn(s, generator=g, device=device, dtype=dtype).requires_grad_(True) for s in shapes]
     targets = [torch.randn(s, generator=g, device=device, dtype=dtype) for s in shapes]
 
     def run():
-        loss = feature_mse(preds, targets, backend=backend)
+        loss = feature_mse(preds, targets, backend=backend, consume_targets=consume)
         return torch.autograd.grad(loss, preds)
 
     nbytes = 3 * sum(p.numel() for p in preds) * preds[0].element_size()
@@ -54,3 +58,39 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
     dst = torch.empty_like(src)
     t = benchmark.Timer("dst.copy_(src)", globals={"dst": dst, "src": src}).blocked_autorange(min_run_time=0.5)
     return 2 * nbytes / t.median / 1e9
+
+
+def loss_step_case(objective: str, device: torch.device, batch: int = 32, dtype=torch.float32):
+    """One training step of the default conditional UNet: student forward + loss + backward.
+
+    objective: "mse" (plain), "sp-reference" / "sp-fused" (self-perceptual, teacher truncated at the
+    midblock), "sp-untruncated" (the naive cost: two full teacher forwards, tapping the output).
+    """
+    import torch.nn.functional as F
+
+    from fastperc import FrozenTeacher, NoiseSchedule, self_perceptual_loss
+    from fastperc.models import UNet
+
+    torch.manual_seed(0)
+    student = UNet(num_classes=10).to(device)
+    layers = ("conv_out",) if objective == "sp-untruncated" else ("mid_block",)
+    teacher = FrozenTeacher(student, layers)
+    schedule = NoiseSchedule.scaled_linear()
+    x0 = torch.rand(batch, 1, 32, 32, device=device) * 2 - 1
+    labels = torch.randint(0, 10, (batch,), device=device)
+    backend = "reference" if objective == "sp-reference" else "auto"
+
+    def run():
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, 1000, (batch,), device=device)
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            v = student(schedule.add_noise(x0, noise, t), t, class_labels=labels)
+            if objective == "mse":
+                loss = F.mse_loss(v.float(), schedule.velocity(x0, noise, t))
+            else:
+                loss = self_perceptual_loss(teacher, v.float(), x0, noise, t, schedule, backend=backend,
+                                            teacher_kwargs={"class_labels": labels})
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+
+    return run

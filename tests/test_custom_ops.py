@@ -7,37 +7,49 @@ from fastperc.ops import _backend
 
 from .helpers import assert_close, tiny_unet
 
-BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if _backend.why_unavailable(b, "cpu") is None]
+# (device, backend) pairs present here: CPU always; CUDA ones on a GPU machine.
+PAIRS = [("cpu", "reference")] + [("cpu", b) for b in ("cpu", "triton") if _backend.why_unavailable(b, "cpu") is None]
+if torch.cuda.is_available():
+    PAIRS += [("cuda", b) for b in ("cuda", "triton") if _backend.why_unavailable(b, "cuda") is None]
+BACKENDS = [b for d, b in PAIRS if d == "cpu"]
 # test_aot_dispatch_dynamic recompiles per call: skipped for the interpreter-bound triton backend (slow).
 UTILS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def utils_for(backend):
-    return UTILS if backend != "triton" else UTILS[:3]
+def utils_for(device, backend):
+    return UTILS[:3] if (backend == "triton" and device == "cpu") else UTILS
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_feature_mse(backend):
-    preds = [torch.randn(3, 4, 5, requires_grad=True), torch.randn(3, 7, requires_grad=True)]
-    targets = [torch.randn(3, 4, 5), torch.randn(3, 7)]
+@pytest.mark.parametrize("device, backend", PAIRS)
+def test_opcheck_feature_mse(device, backend):
+    preds = [torch.randn(3, 4, 5, device=device, requires_grad=True), torch.randn(3, 7, device=device, requires_grad=True)]
+    targets = [torch.randn(3, 4, 5, device=device), torch.randn(3, 7, device=device)]
     torch.library.opcheck(torch.ops.fastperc.feature_mse.default, (preds, targets, [1.0, 0.5], backend),
-                          test_utils=utils_for(backend))
+                          test_utils=utils_for(device, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_feature_mse_inplace(backend):
-    preds = [torch.randn(2, 6), torch.randn(2, 3, 3).contiguous()]
-    targets = [torch.randn(2, 6), torch.randn(2, 3, 3)]
+@pytest.mark.parametrize("device, backend", PAIRS)
+def test_opcheck_feature_mse_inplace(device, backend):
+    preds = [torch.randn(2, 6, device=device), torch.randn(2, 3, 3, device=device)]
+    targets = [torch.randn(2, 6, device=device), torch.randn(2, 3, 3, device=device)]
     torch.library.opcheck(torch.ops.fastperc.feature_mse_.default, (preds, targets, [2.0, 1.0], backend),
-                          test_utils=utils_for(backend))
+                          test_utils=utils_for(device, backend))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_opcheck_renoise(backend):
-    x = [torch.randn(2, 3, 4, 4) for _ in range(4)]
+@pytest.mark.parametrize("device, backend", PAIRS)
+def test_opcheck_renoise(device, backend):
+    x = [torch.randn(2, 3, 4, 4, device=device) for _ in range(4)]
     x[1].requires_grad_(True)
-    coefs = torch.rand(4, 2)
-    torch.library.opcheck(torch.ops.fastperc.renoise.default, (*x, coefs, backend), test_utils=utils_for(backend))
+    coefs = torch.rand(4, 2, device=device)
+    torch.library.opcheck(torch.ops.fastperc.renoise.default, (*x, coefs, backend),
+                          test_utils=utils_for(device, backend))
+
+
+@pytest.mark.parametrize("device, backend", PAIRS)
+def test_opcheck_scale_rows(device, backend):
+    grads = [torch.randn(3, 5, device=device), torch.randn(3, 2, 2, device=device)]
+    torch.library.opcheck(torch.ops.fastperc.scale_rows.default, (grads, torch.rand(3, device=device)),
+                          test_utils=utils_for(device, backend))
 
 
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])

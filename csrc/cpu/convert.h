@@ -6,6 +6,14 @@
 #include <cstdint>
 #include <cstring>
 
+// Hot loops are built for AVX-512, AVX2 and baseline x86-64 and picked at load time: a wheel cannot
+// assume the CPU it runs on.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define FASTPERC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define FASTPERC_CLONES
+#endif
+
 namespace fastperc {
 
 template <typename T>

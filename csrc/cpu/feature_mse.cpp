@@ -15,13 +15,6 @@ namespace {
 constexpr int64_t kChunk = 1 << 15;  // elements per work item: large enough to amortise scheduling
 constexpr int kLanes = 16;           // independent accumulators: vectorisable and accurate
 
-// Built for AVX-512, AVX2 and baseline x86-64, picked at load time: wheels cannot assume the CPU.
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTPERC_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define FASTPERC_CLONES
-#endif
-
 template <typename S, typename acc_t>
 FASTPERC_CLONES acc_t chunk_sq_and_grad(const S* p, const S* t, S* g, int64_t n, acc_t scale) {
   acc_t acc[kLanes] = {};
