@@ -72,4 +72,6 @@ def test_compiled_loss_fullgraph_matches_eager(backend):
     loss = compiled(p)
     (g,) = torch.autograd.grad(loss, p)
     assert_close(loss, eager, rtol=1e-5, atol=1e-7, what="compiled loss")
-    assert_close(g, g_eager, rtol=1e-4, atol=1e-7 * float(g_eager.abs().max()), what="compiled grad")
+    # Inductor fuses and reorders the teacher's fp32 arithmetic: compare the gradient as a vector.
+    assert torch.isfinite(g).all()
+    assert float((g - g_eager).norm()) <= 1e-4 * float(g_eager.norm()), "compiled grad"
