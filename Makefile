@@ -28,7 +28,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
-	$(PY) -m fastperc demo
+	$(PY) -m fastperc demo --out runs/demo
 
 bench: $(STAMP)
 	$(PY) -m pytest -q benchmarks --benchmark-enable --benchmark-columns=min,median,mean,rounds --benchmark-sort=name

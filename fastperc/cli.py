@@ -1,32 +1,142 @@
-"""The `fastperc` command: `fastperc info`, `fastperc demo`."""
+"""The `fastperc` command: train, sample, demo, info. Bad values exit with code 2 and a clear message."""
 from __future__ import annotations
 
 import argparse
 import sys
 
 
+def _positive(kind):
+    def parse(s):
+        v = kind(s)
+        if v <= 0:
+            raise argparse.ArgumentTypeError(f"expected a value > 0, got {s}")
+        return v
+    return parse
+
+
+def _non_negative(kind):
+    def parse(s):
+        v = kind(s)
+        if v < 0:
+            raise argparse.ArgumentTypeError(f"expected a value >= 0, got {s}")
+        return v
+    return parse
+
+
+def _csv(kind):
+    return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastperc", description="Self-perceptual diffusion training")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, built kernels and the backend auto picks")
-    demo = sub.add_parser("demo", help="one training step with MSE and with the self-perceptual loss, timed")
-    demo.add_argument("--batch-size", type=int, default=32)
-    demo.add_argument("--repeats", type=int, default=3)
+
+    tr = sub.add_parser("train", help="train with MSE or the self-perceptual objective")
+    tr.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl")
+    tr.add_argument("--objective", choices=["mse", "self_perceptual"], default="mse")
+    tr.add_argument("--mse-weight", type=_non_negative(float), default=0.0,
+                    help="add this times the MSE loss to the self-perceptual loss")
+    tr.add_argument("--init", help="start from this checkpoint (file or run folder)")
+    tr.add_argument("--teacher", help="frozen perceptual network checkpoint (default: --init)")
+    tr.add_argument("--layers", type=_csv(str), default=("mid_block",), help="comma-separated teacher layers")
+    tr.add_argument("--layer-weights", type=_csv(float), default=None)
+    tr.add_argument("--arch", choices=["unet", "diffusers-unet2d"], default="unet")
+    tr.add_argument("--channels-per-level", type=_csv(int), default=(32, 64, 128), dest="block_channels")
+    tr.add_argument("--conditional", action="store_true", help="class labels, 10%% dropped to the null class")
+    tr.add_argument("--prediction-type", choices=["v_prediction", "epsilon", "sample"], default="v_prediction")
+    tr.add_argument("--data", help="a folder of images (class sub-folders optional) or an .npz; default MNIST-5k")
+    tr.add_argument("--image-size", type=_positive(int), default=32)
+    tr.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    tr.add_argument("--batch-size", type=_positive(int), default=64, help="global batch per optimizer step")
+    tr.add_argument("--lr", type=_positive(float), default=2e-4)
+    tr.add_argument("--warmup-steps", type=_non_negative(int), default=100)
+    tr.add_argument("--grad-clip", type=_non_negative(float), default=1.0, help="0 disables clipping")
+    tr.add_argument("--grad-accum", type=_positive(int), default=1)
+    tr.add_argument("--ema-decay", type=_non_negative(float), default=0.999)
+    tr.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    tr.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--max-steps", type=_non_negative(int), default=1000)
+    tr.add_argument("--save-every", type=_positive(int), default=500)
+    tr.add_argument("--log-every", type=_positive(int), default=10)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when present")
+    tr.add_argument("--no-progress", action="store_true")
+
+    sa = sub.add_parser("sample", help="DDIM samples from a checkpoint to FILE.npz and FILE.png")
+    sa.add_argument("checkpoint")
+    sa.add_argument("--out", required=True, help="FILE.npz")
+    sa.add_argument("--n", type=_positive(int), default=100)
+    sa.add_argument("--steps", type=_positive(int), default=50)
+    sa.add_argument("--cfg-scale", type=_non_negative(float), default=1.0)
+    sa.add_argument("--guidance-rescale", type=_non_negative(float), default=0.0)
+    sa.add_argument("--seed", type=int, default=0)
+    sa.add_argument("--batch-size", type=_positive(int), default=250)
+    ema = sa.add_mutually_exclusive_group()
+    ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false")
+
+    de = sub.add_parser("demo", help="the main job: MSE teacher, self-perceptual fine-tune, samples")
+    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--preset", choices=["default", "quick", "long", "gpu"], default="default")
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run in --out")
+    de.add_argument("--no-progress", action="store_true")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return _dispatch(args)
+    except ValueError as e:  # bad values found after parsing (data, checkpoints, combinations)
+        print(f"fastperc {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
     if args.command == "info":
         from .info import main as info
         info()
-    elif args.command == "demo":
-        if args.batch_size < 1 or args.repeats < 1:
-            print("fastperc demo: --batch-size and --repeats must be >= 1", file=sys.stderr)
-            return 2
-        from .demo import main as demo
-        demo(args.batch_size, args.repeats)
-    return 0
+        return 0
+    if args.command == "train":
+        from .train import TrainConfig, train
+        cfg = TrainConfig(out=args.out, objective=args.objective, mse_weight=args.mse_weight, init=args.init,
+                          teacher=args.teacher, layers=args.layers, layer_weights=args.layer_weights, arch=args.arch,
+                          block_channels=args.block_channels, conditional=args.conditional,
+                          prediction_type=args.prediction_type, data=args.data, image_size=args.image_size,
+                          channels=args.channels, batch_size=args.batch_size, lr=args.lr,
+                          warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
+                          ema_decay=args.ema_decay, precision=args.precision, compile=args.compile, seed=args.seed,
+                          max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every,
+                          resume=args.resume, progress=not args.no_progress)
+        result = train(cfg)
+        if result["interrupted"]:
+            print(f"interrupted at step {result['step']}: checkpoint saved to {result['checkpoint']}; "
+                  "continue with --resume", file=sys.stderr)
+            return 128 + result["interrupted"]
+        print(f"done: {result['step']} steps, loss {result['loss']:.5f}, checkpoint {result['checkpoint']}")
+        return 0
+    if args.command == "sample":
+        import torch
+
+        from .sample import generate, save_samples
+        from .train import load_model
+        model, mconf = load_model(args.checkpoint, use_ema=args.ema)
+        if args.cfg_scale != 1.0 and mconf.get("num_classes") is None:
+            raise ValueError("cfg-scale: guidance needs a conditional model (trained with --conditional)")
+        imgs, labels = generate(model, mconf, args.n, steps=args.steps, cfg_scale=args.cfg_scale,
+                                guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
+                                device="cuda" if torch.cuda.is_available() else "cpu")
+        npz, png = save_samples(imgs, labels, args.out)
+        print(f"wrote {len(imgs)} images to {npz} and a grid to {png}")
+        return 0
+    if args.command == "demo":
+        from .demo import run
+        result = run(args.out, args.preset, args.seed, progress=not args.no_progress, resume=not args.fresh)
+        return 128 + result["interrupted"] if result.get("interrupted") else 0
+    raise AssertionError(args.command)
 
 
 if __name__ == "__main__":

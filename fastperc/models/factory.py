@@ -1,0 +1,40 @@
+"""Build a denoiser from a small, serialisable config (stored in checkpoints), and call it uniformly."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .unet import UNet
+
+ARCHS = ("unet", "diffusers-unet2d")
+
+
+def build_model(config: dict) -> nn.Module:
+    """config: {"arch", "in_channels", "image_size", "block_channels", "num_classes"}."""
+    arch = config["arch"]
+    if arch == "unet":
+        return UNet(in_channels=config["in_channels"], block_channels=tuple(config["block_channels"]),
+                    num_classes=config.get("num_classes"))
+    if arch == "diffusers-unet2d":
+        from diffusers import UNet2DModel
+
+        ch = tuple(config["block_channels"])
+        down = tuple("AttnDownBlock2D" if i == len(ch) - 1 else "DownBlock2D" for i in range(len(ch)))
+        up = tuple("AttnUpBlock2D" if i == 0 else "UpBlock2D" for i in range(len(ch)))
+        ncls = config.get("num_classes")
+        return UNet2DModel(sample_size=config["image_size"], in_channels=config["in_channels"],
+                           out_channels=config["in_channels"], block_out_channels=ch, layers_per_block=1,
+                           down_block_types=down, up_block_types=up, norm_num_groups=8,
+                           num_class_embeds=None if ncls is None else ncls + 1)
+    raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
+
+
+def null_class(config: dict) -> int | None:
+    """The label meaning "no class" (classifier-free guidance), or None for unconditional models."""
+    return config.get("num_classes")
+
+
+def predict(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    """model(x, t, class_labels) as a tensor, for fastperc and diffusers models alike."""
+    out = model(x, t, class_labels=labels) if labels is not None else model(x, t)
+    return out.sample if hasattr(out, "sample") else out

@@ -1,0 +1,346 @@
+"""The training loop: plain MSE or the self-perceptual objective, EMA, bf16 autocast, torch.compile,
+atomic checkpoints with exact resume, DDP under torchrun, and a JSONL log.
+
+Every random draw of step k (batch indices, noise, t, t', label dropout) comes from a generator
+seeded by (seed, k) and is made for the whole global batch on every rank, each rank taking its
+slice: a resumed run repeats the uninterrupted one, and N processes match one with the same batch.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from . import checkpoint, data
+from .loss import self_perceptual_loss
+from .models.factory import ARCHS, build_model, null_class, predict
+from .schedule import PREDICTION_TYPES, NoiseSchedule
+from .teacher import FrozenTeacher
+
+OBJECTIVES = ("mse", "self_perceptual")
+
+
+@dataclass
+class TrainConfig:
+    out: str
+    objective: str = "mse"
+    mse_weight: float = 0.0             # extra MSE term added to the self-perceptual loss
+    init: str | None = None             # start from this checkpoint's model (and EMA) weights
+    teacher: str | None = None          # frozen perceptual network; default: init
+    layers: tuple[str, ...] = ("mid_block",)
+    layer_weights: tuple[float, ...] | None = None
+    arch: str = "unet"
+    block_channels: tuple[int, ...] = (32, 64, 128)
+    conditional: bool = False
+    label_dropout: float = 0.1
+    prediction_type: str = "v_prediction"
+    data: str | None = None             # None: embedded MNIST-5k
+    image_size: int = 32
+    channels: int = 1
+    held_out: int = 500
+    batch_size: int = 64                # global batch per optimizer step
+    lr: float = 2e-4
+    warmup_steps: int = 100
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    grad_accum: int = 1
+    ema_decay: float = 0.999
+    precision: str = "fp32"
+    compile: bool = False
+    seed: int = 0
+    max_steps: int = 1000
+    save_every: int = 500
+    log_every: int = 10
+    resume: bool = False
+    progress: bool = True
+    extra: dict = field(default_factory=dict)  # free-form notes kept in the checkpoint
+
+    def validate(self) -> None:
+        def bad(name, expected, got):
+            raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+        if self.objective not in OBJECTIVES:
+            bad("objective", f"one of {list(OBJECTIVES)}", self.objective)
+        if self.arch not in ARCHS:
+            bad("arch", f"one of {list(ARCHS)}", self.arch)
+        if self.prediction_type not in PREDICTION_TYPES:
+            bad("prediction_type", f"one of {list(PREDICTION_TYPES)}", self.prediction_type)
+        if self.precision not in ("fp32", "bf16"):
+            bad("precision", "'fp32' or 'bf16'", self.precision)
+        for name in ("max_steps", "save_every", "log_every", "batch_size", "grad_accum", "image_size", "channels"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "max_steps" else 1):
+                bad(name, "a positive integer" if name != "max_steps" else "an integer >= 0", getattr(self, name))
+        if self.channels not in (1, 3):
+            bad("channels", "1 or 3", self.channels)
+        for name in ("lr", "mse_weight", "weight_decay", "grad_clip", "warmup_steps"):
+            if not getattr(self, name) >= 0:
+                bad(name, "a value >= 0", getattr(self, name))
+        if not 0 <= self.ema_decay < 1:
+            bad("ema_decay", "a value in [0, 1)", self.ema_decay)
+        if not 0 <= self.label_dropout < 1:
+            bad("label_dropout", "a value in [0, 1)", self.label_dropout)
+        if self.objective == "self_perceptual" and not (self.teacher or self.init):
+            raise ValueError("teacher: the self_perceptual objective needs a frozen MSE-trained network; "
+                             "pass --teacher CKPT or --init CKPT")
+        if self.layer_weights is not None and len(self.layer_weights) != len(self.layers):
+            bad("layer_weights", f"{len(self.layers)} values (one per layer)", self.layer_weights)
+
+
+# ---- distributed --------------------------------------------------------------------------------
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    ema_p, p = list(ema.parameters()), list(model.parameters())
+    torch._foreach_lerp_(ema_p, p, 1.0 - decay)
+    for eb, b in zip(ema.buffers(), model.buffers()):
+        eb.copy_(b)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+def model_config_of(cfg: TrainConfig, num_classes: int | None) -> dict:
+    return {"arch": cfg.arch, "in_channels": cfg.channels, "image_size": cfg.image_size,
+            "block_channels": list(cfg.block_channels), "num_classes": num_classes if cfg.conditional else None,
+            "prediction_type": cfg.prediction_type}
+
+
+def load_model(path: str, use_ema: bool = False) -> tuple[nn.Module, dict]:
+    """The model (or its EMA) stored in a checkpoint, and its model config."""
+    ckpt = checkpoint.load(path)
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return model, ckpt["model_config"]
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one training job; returns {"step", "loss", "interrupted", "checkpoint"}."""
+    cfg.validate()
+    rank, world, device = _setup_distributed()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
+                         f"got {cfg.batch_size}")
+    out = Path(cfg.out)
+    ckpt_path = out / "checkpoint.pt"
+    torch.manual_seed(cfg.seed)
+
+    images = data.load(cfg.data, cfg.image_size, cfg.channels)
+    train_set, _ = images.split(min(cfg.held_out, len(images) // 10), cfg.seed)
+    if cfg.conditional and train_set.labels is None:
+        raise ValueError("conditional: the data has no labels (use class sub-folders or an .npz with 'labels')")
+    if train_set.images.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"data: images are {tuple(train_set.images.shape[1:])}, expected "
+                         f"({cfg.channels}, {cfg.image_size}, {cfg.image_size}) (set --channels/--image-size)")
+
+    resume = cfg.resume and ckpt_path.exists()
+    state = checkpoint.load(ckpt_path) if resume else None
+    init = checkpoint.load(cfg.init) if (cfg.init and not resume) else None
+    mconf = (state or init or {}).get("model_config") or model_config_of(cfg, images.num_classes)
+    model = build_model(mconf).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    if init is not None:
+        model.load_state_dict(init["model"])
+        ema.load_state_dict(init["ema"])
+    schedule = NoiseSchedule.scaled_linear(prediction_type=mconf["prediction_type"])
+    teacher = None
+    if cfg.objective == "self_perceptual":
+        tpath = cfg.teacher or cfg.init
+        tmodel, tconf = load_model(tpath, use_ema=False)  # the raw MSE model, not its EMA (as the paper)
+        if tconf["arch"] != mconf["arch"] or tconf["in_channels"] != mconf["in_channels"]:
+            raise ValueError(f"teacher: {tpath} holds a {tconf['arch']} with {tconf['in_channels']} channels, "
+                             f"the student is a {mconf['arch']} with {mconf['in_channels']}")
+        teacher = FrozenTeacher(tmodel.to(device), cfg.layers, copy=False)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    warm = max(1, int(cfg.warmup_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    start = 0
+    if state is not None:
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["lr_scheduler"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start = state["step"]
+
+    net = model
+    if cfg.compile:
+        net.compile()
+        if teacher is not None:
+            teacher.compile()
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    x_all = data.to_model_range(train_set.images).to(device)
+    y_all = train_set.labels.to(device) if (mconf["num_classes"] is not None) else None
+    null = null_class(mconf)
+    per_rank, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
+    T = schedule.num_train_timesteps
+    log_path = out / "log.jsonl"
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        _trim_log(log_path, start)
+
+    def save(step: int) -> None:
+        if rank != 0:
+            return
+        checkpoint.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                         "lr_scheduler": sched.state_dict(), "step": step, "rng": {"torch": torch.get_rng_state()},
+                         "config": asdict(cfg), "model_config": mconf}, ckpt_path)
+
+    bar = None
+    if rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.objective} -> {out}", dynamic_ncols=True)
+    loss_value, t0, step = float("nan"), time.time(), start
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    with _StopFlag() as stop, (bar if bar is not None else _Null()):
+        for step in range(start, cfg.max_steps):
+            g = _step_generator(cfg.seed, step)
+            B = cfg.batch_size
+            idx = torch.randint(0, x_all.shape[0], (B,), generator=g)
+            noise_all = torch.randn((B, *x_all.shape[1:]), generator=g)
+            t_all = torch.randint(0, T, (B,), generator=g)
+            t2_all = torch.randint(0, T, (B,), generator=g)
+            drop_all = torch.rand(B, generator=g) < cfg.label_dropout
+            mine = slice(rank * per_rank, (rank + 1) * per_rank)
+            total = torch.zeros((), device=device)
+            for k in range(cfg.grad_accum):
+                sl = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
+                x0 = x_all[idx[sl].to(device)]
+                noise, t, t2 = noise_all[sl].to(device), t_all[sl].to(device), t2_all[sl].to(device)
+                labels = None
+                if y_all is not None:
+                    labels = torch.where(drop_all[sl].to(device), torch.full_like(t, null), y_all[idx[sl].to(device)])
+                sync = k == cfg.grad_accum - 1 or world == 1
+                ctx = net.no_sync() if (world > 1 and not sync) else _Null()
+                with ctx:
+                    with autocast:
+                        pred = predict(net, schedule.add_noise(x0, noise, t), t, labels).float()
+                    loss = _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels)
+                    (loss / cfg.grad_accum).backward()
+                total += loss.detach() / cfg.grad_accum
+            if cfg.grad_clip > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            ema_update(ema, model, min(cfg.ema_decay, (1 + step - start) / (10 + step - start)))
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                loss_value = float(_all_mean(total, world))
+                if not math.isfinite(loss_value):
+                    raise FloatingPointError(f"loss is {loss_value} at step {done}; lower --lr or check the data")
+                if rank == 0:
+                    with open(log_path, "a") as f:
+                        f.write(json.dumps({"step": done, "loss": loss_value, "lr": sched.get_last_lr()[0],
+                                            "elapsed": round(time.time() - t0, 3)}) + "\n")
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss_value:.4f}")
+            signum = _agreed_stop(stop.signum, world, device)
+            if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
+                save(done)
+            if signum:
+                step = done
+                break
+        else:
+            step = cfg.max_steps
+            if start == cfg.max_steps:
+                save(step)
+    if world > 1:
+        dist.barrier()
+    return {"step": step, "loss": loss_value, "interrupted": _agreed_stop(stop.signum, 1, device),
+            "checkpoint": str(ckpt_path)}
+
+
+def _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels) -> torch.Tensor:
+    target = schedule.target(x0, noise, t, schedule.prediction_type)
+    if cfg.objective == "mse":
+        return F.mse_loss(pred, target)
+    kwargs = {"class_labels": labels} if labels is not None else {}
+    loss = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
+                                teacher_kwargs=kwargs, timesteps_prime=t2)
+    if cfg.mse_weight > 0:
+        loss = loss + cfg.mse_weight * F.mse_loss(pred, target)
+    return loss
+
+
+def _agreed_stop(signum: int, world: int, device) -> int:
+    """All ranks stop at the same step when any of them got a signal."""
+    if world <= 1:
+        return signum
+    flag = torch.tensor([signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+class _Null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
