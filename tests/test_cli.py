@@ -10,15 +10,11 @@ def test_info_reports_versions_and_auto_choice(capsys):
     assert "torch" in out and "cpu      auto -> cpu" in out
 
 
-def test_demo_prints_losses_and_step_times(capsys):
-    assert main(["demo", "--batch-size", "2", "--repeats", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "plain MSE" in out and "self-perceptual (cpu)" in out
-
-
-def test_demo_rejects_non_positive_batch_size(capsys):
-    assert main(["demo", "--batch-size", "0"]) == 2
-    assert "--batch-size" in capsys.readouterr().err
+def test_demo_rejects_unknown_preset(capsys):
+    import pytest
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--preset", "huge"])
+    assert e.value.code == 2 and "invalid choice" in capsys.readouterr().err
 
 
 def test_module_entry_point_runs():
