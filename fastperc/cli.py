@@ -76,6 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false")
 
+    tc = sub.add_parser("train-classifier", help="the feature network of the metrics (MNIST-5k)")
+    tc.add_argument("--out", default="runs/classifier")
+    tc.add_argument("--epochs", type=_positive(int), default=15)
+    tc.add_argument("--seed", type=int, default=0)
+
+    ev = sub.add_parser("eval", help="FD-MNIST, classifier score, precision/recall of sample files")
+    ev.add_argument("samples", nargs="+", help="FILE.npz from `fastperc sample` / the demo")
+    ev.add_argument("--classifier", default="runs/classifier", help="checkpoint from train-classifier")
+    ev.add_argument("--k", type=_positive(int), default=3, help="neighbours for precision/recall")
+
     de = sub.add_parser("demo", help="the main job: MSE teacher, self-perceptual fine-tune, samples")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--preset", choices=["default", "quick", "long", "gpu"], default="default")
@@ -131,6 +141,24 @@ def _dispatch(args) -> int:
                                 device="cuda" if torch.cuda.is_available() else "cpu")
         npz, png = save_samples(imgs, labels, args.out)
         print(f"wrote {len(imgs)} images to {npz} and a grid to {png}")
+        return 0
+    if args.command == "train-classifier":
+        from .metrics import train_classifier
+        result = train_classifier(args.out, epochs=args.epochs, seed=args.seed)
+        print(f"held-out accuracy {result['accuracy']:.4f}; checkpoint {result['checkpoint']}")
+        return 0
+    if args.command == "eval":
+        from .metrics import embed, evaluate, load_classifier, load_samples, reference_set
+        clf = load_classifier(args.classifier)
+        ref = embed(clf, reference_set().images)[0]
+        print(f"{'file':40s} {'n':>5s} {'FD-MNIST':>9s} {'cls-score':>9s} {'precision':>9s} {'recall':>7s} "
+              f"{'label-acc':>9s}")
+        for path in args.samples:
+            imgs, labels = load_samples(path)
+            m = evaluate(imgs, labels, clf, ref, k=args.k)
+            acc = f"{m['label_accuracy']:.3f}" if "label_accuracy" in m else "-"
+            print(f"{path:40s} {m['n']:5d} {m['fd']:9.3f} {m['classifier_score']:9.3f} {m['precision']:9.3f} "
+                  f"{m['recall']:7.3f} {acc:>9s}")
         return 0
     if args.command == "demo":
         from .demo import run

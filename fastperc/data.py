@@ -56,7 +56,8 @@ def mnist5k(size: int = 32) -> ImageSet:
 
 
 def from_npz(path: Path) -> ImageSet:
-    """An .npz with `images` uint8 (N, H, W) or (N, H, W, C), and optional int `labels` (N,)."""
+    """An .npz with `images` uint8 (N, H, W) or (N, H, W, C), and optional int `labels` (N,); labels
+    that are all -1 (unconditional samples) count as none."""
     try:
         with np.load(path) as f:
             if "images" not in f:
@@ -72,6 +73,8 @@ def from_npz(path: Path) -> ImageSet:
     t = torch.from_numpy(images)
     t = t[:, None] if t.dim() == 3 else t.permute(0, 3, 1, 2)
     lab = None
+    if labels is not None and labels.size and (labels == -1).all():
+        labels = None  # what `fastperc sample` writes for an unconditional model
     if labels is not None:
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
             raise ValueError(f"data: {path}: expected 'labels' non-negative ints of shape ({images.shape[0]},), "

@@ -1,11 +1,16 @@
 """The main job (`make demo` = `fastperc demo --out runs/demo`): the paper's two-stage recipe at small
-scale, on the embedded MNIST-5k, then samples from each model.
+scale on the embedded MNIST-5k, sampled and measured.
 
-1. `mse/`: a conditional UNet trained with plain MSE (10% label dropout, for CFG at sampling).
-2. `sp/`: a copy fine-tuned with the self-perceptual objective; the frozen stage-1 model is the teacher.
-3. `mse_cont/`: the stage-1 run continued with MSE for the same number of steps (equal compute).
-4. samples_mse.npz (mse_cont, no guidance), samples_mse_cfg.npz (mse_cont, CFG 3), samples_sp.npz
-   (sp, no guidance), with a PNG grid beside each.
+Training, for a conditional model (10% label dropout, for CFG) and for an unconditional one:
+  1. `mse/` (`uncond_mse/`): plain MSE;
+  2. `sp/` (`uncond_sp/`): a copy fine-tuned with the self-perceptual objective, the frozen stage-1
+     model (raw weights, not EMA) as teacher;
+  3. `mse_cont/` (`uncond_mse_cont/`): stage 1 continued with MSE for as many steps (equal compute).
+Then `classifier/` (the metrics' feature network), samples (DDIM, trailing spacing):
+  samples_mse.npz, samples_mse_cfg.npz (CFG 3), samples_sp.npz, samples_uncond_{mse,sp}.npz with PNG
+  grids, a second sampling seed and a CFG sweep under `extra/`, and `report.md` with the table,
+  `grids.png` (side by side) and `fd_vs_cfg.png`.
+Every stage resumes from its checkpoint or output when re-run (`--fresh` starts over).
 """
 from __future__ import annotations
 
@@ -14,23 +19,49 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import torch
 
+from . import metrics, report
+from .checkpoint import load as load_checkpoint
 from .sample import generate, save_samples
 from .train import TrainConfig, load_model, train
 
-# Presets: "default" fits ~15 minutes on 2 CPU cores; "long" and "gpu" train longer and larger.
+# "default" fits ~30 minutes on 2 CPU cores; "quick" is a smoke test; "long"/"gpu" train longer.
 PRESETS = {
-    "default": dict(block_channels=(16, 32, 64), batch_size=64, lr=5e-4, mse_steps=1200, finetune_steps=400,
-                    sample_steps=20, n=1000, ema_decay=0.999),
-    "quick": dict(block_channels=(8, 16), batch_size=8, lr=5e-4, mse_steps=4, finetune_steps=2, sample_steps=3,
-                  n=20, ema_decay=0.9),
-    "long": dict(block_channels=(32, 64, 128), batch_size=64, lr=3e-4, mse_steps=8000, finetune_steps=4000,
-                 sample_steps=50, n=1000, ema_decay=0.999),
-    "gpu": dict(block_channels=(64, 128, 256), batch_size=128, lr=2e-4, mse_steps=20000, finetune_steps=10000,
-                sample_steps=50, n=1000, ema_decay=0.9995),
+    "default": dict(block_channels=(16, 32, 64), batch_size=64, lr=5e-4, mse_steps=900, uncond_mse_steps=700,
+                    finetune_steps=300, sample_steps=15, n=1000, n_extra=500, cfg_sweep=(1.5, 2.0, 5.0),
+                    classifier_epochs=12, ema_decay=0.999),
+    "quick": dict(block_channels=(8, 16), batch_size=8, lr=5e-4, mse_steps=4, uncond_mse_steps=4, finetune_steps=2,
+                  sample_steps=3, n=20, n_extra=20, cfg_sweep=(2.0,), classifier_epochs=1, ema_decay=0.9),
+    "long": dict(block_channels=(32, 64, 128), batch_size=64, lr=3e-4, mse_steps=8000, uncond_mse_steps=8000,
+                 finetune_steps=4000, sample_steps=50, n=1000, n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5),
+                 classifier_epochs=15, ema_decay=0.999),
+    "gpu": dict(block_channels=(64, 128, 256), batch_size=128, lr=2e-4, mse_steps=20000, uncond_mse_steps=20000,
+                finetune_steps=10000, sample_steps=50, n=1000, n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5),
+                classifier_epochs=15, ema_decay=0.9995),
 }
 CFG_SCALE = 3.0
+
+
+def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: int) -> dict:
+    """Stage 1 (MSE), then the self-perceptual fine-tune and the MSE continuation from it."""
+    first = replace(base, out=str(root / f"{prefix}mse"), max_steps=mse_steps, save_every=max(1, mse_steps // 4))
+    fine = dict(init=first.out, max_steps=p["finetune_steps"], save_every=max(1, p["finetune_steps"] // 2),
+                warmup_steps=1, seed=base.seed + 1)
+    stages = {f"{prefix}mse": first,
+              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), objective="self_perceptual",
+                                     teacher=first.out, **fine),
+              f"{prefix}mse_cont": replace(base, out=str(root / f"{prefix}mse_cont"), **fine)}
+    times = {}
+    for name, cfg in stages.items():
+        t0 = time.time()
+        result = train(cfg)
+        if result["interrupted"]:
+            raise KeyboardInterrupt(result["interrupted"])
+        times[name] = round(time.time() - t0, 1)
+        print(f"stage {name}: {result['step']} steps, last loss {result['loss']:.4f}, {times[name]} s")
+    return times
 
 
 def run(out: str = "runs/demo", preset: str = "default", seed: int = 0, progress: bool = True,
@@ -40,40 +71,102 @@ def run(out: str = "runs/demo", preset: str = "default", seed: int = 0, progress
     p = PRESETS[preset]
     root = Path(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = TrainConfig(out=str(root / "mse"), objective="mse", conditional=True, block_channels=p["block_channels"],
+    base = TrainConfig(out="", objective="mse", conditional=True, block_channels=p["block_channels"],
                        batch_size=p["batch_size"], lr=p["lr"], warmup_steps=min(100, p["mse_steps"] // 10 + 1),
-                       ema_decay=p["ema_decay"], seed=seed, max_steps=p["mse_steps"],
-                       save_every=max(1, p["mse_steps"] // 4), log_every=max(1, min(20, p["mse_steps"] // 4)),
+                       ema_decay=p["ema_decay"], seed=seed, log_every=max(1, min(20, p["mse_steps"] // 4)),
                        resume=resume, progress=progress)
-    times = {}
-    stages = [
-        ("mse", base),
-        ("sp", replace(base, out=str(root / "sp"), objective="self_perceptual", init=str(root / "mse"),
-                       teacher=str(root / "mse"), max_steps=p["finetune_steps"],
-                       save_every=max(1, p["finetune_steps"] // 2), warmup_steps=1, seed=seed + 1)),
-        ("mse_cont", replace(base, out=str(root / "mse_cont"), init=str(root / "mse"), max_steps=p["finetune_steps"],
-                             save_every=max(1, p["finetune_steps"] // 2), warmup_steps=1, seed=seed + 1)),
-    ]
-    for name, cfg in stages:
-        t0 = time.time()
-        result = train(cfg)
-        if result["interrupted"]:
-            return {"interrupted": result["interrupted"], "stage": name}
-        times[name] = round(time.time() - t0, 1)
-        print(f"stage {name}: {result['step']} steps, last loss {result['loss']:.4f}, {times[name]} s")
+    t_start = time.time()
+    try:
+        times = _train_pair(root, "", base, p, p["mse_steps"])
+        times |= _train_pair(root, "uncond_", replace(base, conditional=False), p, p["uncond_mse_steps"])
+    except KeyboardInterrupt as stop:
+        return {"interrupted": int(stop.args[0]) if stop.args else 2}
 
-    outputs = {}
-    for name, ckpt, scale in (("samples_mse", "mse_cont", 1.0), ("samples_mse_cfg", "mse_cont", CFG_SCALE),
-                              ("samples_sp", "sp", 1.0)):
-        t0 = time.time()
-        model, mconf = load_model(str(root / ckpt), use_ema=True)
-        imgs, labels = generate(model, mconf, p["n"], steps=p["sample_steps"], cfg_scale=scale, seed=seed,
-                                device=device)
-        npz, png = save_samples(imgs, labels, root / f"{name}.npz")
-        times[name] = round(time.time() - t0, 1)
-        outputs[name] = {"npz": str(npz), "png": str(png)}
-        print(f"{name}: {len(imgs)} images ({p['sample_steps']} DDIM steps, CFG {scale}) -> {npz}, {png}")
-    summary = {"preset": preset, "seed": seed, "seconds": times, "outputs": outputs}
-    (root / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(f"done: samples and grids in {root}/ (summary.json holds the stage times)")
-    return summary
+    clf_path = root / "classifier" / "classifier.pt"
+    t0 = time.time()
+    if not (resume and clf_path.exists()):
+        acc = metrics.train_classifier(str(root / "classifier"), epochs=p["classifier_epochs"], seed=seed,
+                                       progress=progress)["accuracy"]
+    else:
+        acc = load_checkpoint(clf_path)["held_out_accuracy"]
+    times["classifier"] = round(time.time() - t0, 1)
+    print(f"classifier: held-out accuracy {acc:.4f}")
+    classifier = metrics.load_classifier(str(clf_path))
+    reference = metrics.embed(classifier, metrics.reference_set().images)[0]
+
+    def sample_and_eval(path: Path, ckpt: str, scale: float, sample_seed: int, n: int) -> dict:
+        if not (resume and path.exists()):
+            t0 = time.time()
+            model, mconf = load_model(str(root / ckpt), use_ema=True)
+            imgs, labels = generate(model, mconf, n, steps=p["sample_steps"], cfg_scale=scale, seed=sample_seed,
+                                    device=device)
+            save_samples(imgs, labels, path)
+            times[str(path.relative_to(root))] = round(time.time() - t0, 1)
+            print(f"{path.relative_to(root)}: {n} images ({p['sample_steps']} DDIM steps, CFG {scale})")
+        imgs, labels = metrics.load_samples(str(path))
+        return metrics.evaluate(imgs, labels, classifier, reference)
+
+    sets = {  # name: (checkpoint, CFG scale)
+        "mse": ("mse_cont", 1.0), "mse_cfg": ("mse_cont", CFG_SCALE), "sp": ("sp", 1.0),
+        "uncond_mse": ("uncond_mse_cont", 1.0), "uncond_sp": ("uncond_sp", 1.0)}
+    results: dict[str, list[dict]] = {}
+    for name, (ckpt, scale) in sets.items():
+        results[name] = [sample_and_eval(root / f"samples_{name}.npz", ckpt, scale, seed, p["n"]),
+                         sample_and_eval(root / "extra" / f"samples_{name}_seed{seed + 1}.npz", ckpt, scale,
+                                         seed + 1, p["n_extra"])]
+    sweep = {CFG_SCALE: results["mse_cfg"], 1.0: results["mse"]}
+    for scale in p["cfg_sweep"]:
+        sweep[scale] = [sample_and_eval(root / "extra" / f"samples_mse_cfg{scale:g}_seed{s}.npz", "mse_cont", scale,
+                                        s, p["n_extra"]) for s in (seed, seed + 1)]
+    summary = {k: report.summarize(v) for k, v in results.items()}
+    sweep_summary = {s: report.summarize(v) for s, v in sorted(sweep.items())}
+    best = min(sweep_summary, key=lambda s: sweep_summary[s]["fd"][0])
+    times["total"] = round(time.time() - t_start, 1)
+    _write_report(root, p, preset, seed, acc, summary, sweep_summary, best, times)
+    (root / "summary.json").write_text(json.dumps(
+        {"preset": preset, "seed": seed, "classifier_accuracy": acc, "seconds": times,
+         "metrics": {k: {m: v for m, v in s.items()} for k, s in summary.items()},
+         "cfg_sweep": {str(k): v for k, v in sweep_summary.items()}}, indent=2))
+    print(f"done in {times['total']:.0f} s: samples, grids and report.md in {root}/")
+    return {"summary": summary, "best_cfg": best, "seconds": times}
+
+
+def _write_report(root, p, preset, seed, acc, summary, sweep, best, times) -> None:
+    rows = [("conditional: MSE, no guidance", summary["mse"]),
+            (f"conditional: MSE + CFG {CFG_SCALE:g}", summary["mse_cfg"]),
+            (f"conditional: MSE + CFG {best:g} (best FD of the sweep)", sweep[best]),
+            ("conditional: self-perceptual, no guidance", summary["sp"]),
+            ("unconditional: MSE", summary["uncond_mse"]),
+            ("unconditional: self-perceptual", summary["uncond_sp"])]
+    report.side_by_side([("MSE", root / "samples_mse.png"), (f"MSE + CFG {CFG_SCALE:g}", root / "samples_mse_cfg.png"),
+                         ("self-perceptual", root / "samples_sp.png"), ("uncond. MSE", root / "samples_uncond_mse.png"),
+                         ("uncond. self-perceptual", root / "samples_uncond_sp.png")], root / "grids.png")
+    scales = sorted(sweep)
+    report.fd_vs_cfg_plot(scales, [sweep[s]["fd"] for s in scales], summary["sp"]["fd"], root / "fd_vs_cfg.png")
+    verdict = lambda a, b: "lower" if a < b else "not lower"  # noqa: E731
+    text = f"""# fastperc demo report
+
+Preset `{preset}`, seed {seed}: UNet {tuple(p['block_channels'])}, batch {p['batch_size']}, MSE stage
+{p['mse_steps']} steps (unconditional: {p['uncond_mse_steps']}), then {p['finetune_steps']} steps of the
+self-perceptual fine-tune and as many MSE steps on the other copy (equal compute); EMA weights;
+{p['sample_steps']} DDIM steps (trailing). Metrics on the held-out 500 real images with the
+classifier trained here (held-out accuracy {acc:.4f}); FD-MNIST is a Frechet distance on that
+classifier's features, not FID. Mean ± half-range over 2 sampling seeds
+({p['n']} and {p['n_extra']} images).
+
+{report.table(rows)}
+
+Self-perceptual vs MSE without guidance, FD-MNIST: conditional {summary['sp']['fd'][0]:.3f} vs
+{summary['mse']['fd'][0]:.3f} ({verdict(summary['sp']['fd'][0], summary['mse']['fd'][0])}), unconditional
+{summary['uncond_sp']['fd'][0]:.3f} vs {summary['uncond_mse']['fd'][0]:.3f}
+({verdict(summary['uncond_sp']['fd'][0], summary['uncond_mse']['fd'][0])}).
+
+CFG sweep on the MSE model (FD-MNIST): {', '.join(f"{s:g}: {sweep[s]['fd'][0]:.3f}" for s in scales)}.
+
+![samples](grids.png)
+
+![FD vs CFG](fd_vs_cfg.png)
+
+Wall time (s): {json.dumps(times)}
+"""
+    (root / "report.md").write_text(text)

@@ -48,6 +48,7 @@ class TrainConfig:
     image_size: int = 32
     channels: int = 1
     held_out: int = 500
+    split_seed: int = 0                 # the train/held-out split: fixed, whatever the training seed
     batch_size: int = 64                # global batch per optimizer step
     lr: float = 2e-4
     warmup_steps: int = 100
@@ -180,7 +181,7 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
 
     images = data.load(cfg.data, cfg.image_size, cfg.channels)
-    train_set, _ = images.split(min(cfg.held_out, len(images) // 10), cfg.seed)
+    train_set, _ = images.split(min(cfg.held_out, len(images) // 10), cfg.split_seed)
     if cfg.conditional and train_set.labels is None:
         raise ValueError("conditional: the data has no labels (use class sub-folders or an .npz with 'labels')")
     if train_set.images.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):

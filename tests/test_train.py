@@ -219,11 +219,17 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
     assert not list(tmp_path.glob(".*.tmp"))
 
 
-def test_demo_quick_preset_writes_three_sample_sets(tmp_path):
+def test_demo_quick_preset_writes_samples_report_and_pictures(tmp_path):
     from fastperc.demo import run
-    summary = run(str(tmp_path), "quick", progress=False)
-    for name in ("samples_mse", "samples_mse_cfg", "samples_sp"):
+    result = run(str(tmp_path), "quick", progress=False)
+    for name in ("samples_mse", "samples_mse_cfg", "samples_sp", "samples_uncond_mse", "samples_uncond_sp"):
         with np.load(tmp_path / f"{name}.npz") as f:
             assert f["images"].shape == (20, 32, 32)
         assert (tmp_path / f"{name}.png").exists()
-    assert set(summary["seconds"]) >= {"mse", "sp", "mse_cont"}
+    assert set(result["seconds"]) >= {"mse", "sp", "mse_cont", "uncond_mse", "uncond_sp", "classifier"}
+    text = (tmp_path / "report.md").read_text()
+    assert "conditional: self-perceptual, no guidance" in text and "unconditional: MSE" in text
+    assert "FD-MNIST" in text and "FID" not in text.replace("not FID", "")
+    for png in ("grids.png", "fd_vs_cfg.png"):
+        assert (tmp_path / png).stat().st_size > 1000
+    assert np.isfinite(result["summary"]["sp"]["fd"][0])
