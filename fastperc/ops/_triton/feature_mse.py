@@ -87,7 +87,7 @@ def forward(preds, targets, grads, weights, per_sample: torch.Tensor, block: int
             layer_args = [preds[l], targets[l], grads[l], n, cpr]
             args += layer_args + ([pid] if j else [])
             pid += cpr * batch
-        for j in range(len(idx), MAX_LAYERS):  # unused slots: never read (NUM_LAYERS gates them)
+        for _ in range(len(idx), MAX_LAYERS):  # unused slots: never read (NUM_LAYERS gates them)
             args += [preds[idx[0]], targets[idx[0]], grads[idx[0]], 1, 1, pid]
         partial = torch.empty(pid, dtype=per_sample.dtype, device=per_sample.device)
         meta_t = torch.tensor(meta, dtype=torch.float64, device=per_sample.device)
