@@ -271,9 +271,9 @@ def train(cfg: TrainConfig) -> dict:
                 sync = k == cfg.grad_accum - 1 or world == 1
                 ctx = net.no_sync() if (world > 1 and not sync) else _Null()
                 with ctx:
-                    with autocast:
+                    with autocast:  # bf16: the student and the teacher; losses accumulate in fp32
                         pred = predict(net, schedule.add_noise(x0, noise, t), t, labels).float()
-                    loss = _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels)
+                        loss = _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels)
                     (loss / cfg.grad_accum).backward()
                 total += loss.detach() / cfg.grad_accum
             if cfg.grad_clip > 0:

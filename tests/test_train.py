@@ -233,3 +233,10 @@ def test_demo_quick_preset_writes_samples_report_and_pictures(tmp_path):
     for png in ("grids.png", "fd_vs_cfg.png"):
         assert (tmp_path / png).stat().st_size > 1000
     assert np.isfinite(result["summary"]["sp"]["fd"][0])
+
+
+def test_bf16_self_perceptual_step_runs_and_is_finite(mse_run, tmp_path):
+    out = tmp_path / "bf16"
+    result = train(TrainConfig(out=str(out), objective="self_perceptual", init=str(mse_run), conditional=True,
+                               precision="bf16", max_steps=3, save_every=3, **TINY))
+    assert result["step"] == 3 and np.isfinite(losses(out)).all()
