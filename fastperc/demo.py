@@ -29,7 +29,7 @@ from .train import TrainConfig, load_model, train
 # "default" fits ~30 minutes on 2 CPU cores; "quick" is a smoke test; "long"/"gpu" train longer.
 PRESETS = {
     "default": dict(block_channels=(16, 32, 64), batch_size=64, lr=5e-4, mse_steps=900, uncond_mse_steps=700,
-                    finetune_steps=300, sample_steps=15, n=1000, n_extra=500, cfg_sweep=(1.5, 2.0, 5.0),
+                    finetune_steps=300, sample_steps=15, n=1000, n_extra=500, cfg_sweep=(1.5, 5.0),
                     classifier_epochs=12, ema_decay=0.999),
     "quick": dict(block_channels=(8, 16), batch_size=8, lr=5e-4, mse_steps=4, uncond_mse_steps=4, finetune_steps=2,
                   sample_steps=3, n=20, n_extra=20, cfg_sweep=(2.0,), classifier_epochs=1, ema_decay=0.9),
@@ -59,7 +59,10 @@ def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: 
         if result["interrupted"]:
             raise KeyboardInterrupt(result["interrupted"])
         times[name] = round(time.time() - t0, 1)
-        print(f"stage {name}: {result['step']} steps, last loss {result['loss']:.4f}, {times[name]} s")
+        if result["steps_run"] == 0:
+            print(f"stage {name}: already trained ({result['step']} steps in {cfg.out})")
+        else:
+            print(f"stage {name}: {result['step']} steps, last loss {result['loss']:.4f}, {times[name]} s")
     return times
 
 
@@ -166,6 +169,6 @@ CFG sweep on the MSE model (FD-MNIST): {', '.join(f"{s:g}: {sweep[s]['fd'][0]:.3
 
 ![FD vs CFG](fd_vs_cfg.png)
 
-Wall time (s): {json.dumps(times)}
+Wall time of this invocation (s; stages found finished are not re-run): {json.dumps(times)}
 """
     (root / "report.md").write_text(text)

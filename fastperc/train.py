@@ -170,7 +170,7 @@ class _StopFlag:
 
 # ---- the loop ----------------------------------------------------------------------------------------
 def train(cfg: TrainConfig) -> dict:
-    """Run (or resume) one training job; returns {"step", "loss", "interrupted", "checkpoint"}."""
+    """Run (or resume) one training job; returns {"step", "steps_run", "loss", "interrupted", "checkpoint"}."""
     cfg.validate()
     rank, world, device = _setup_distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
@@ -306,8 +306,8 @@ def train(cfg: TrainConfig) -> dict:
                 save(step)
     if world > 1:
         dist.barrier()
-    return {"step": step, "loss": loss_value, "interrupted": _agreed_stop(stop.signum, 1, device),
-            "checkpoint": str(ckpt_path)}
+    return {"step": step, "steps_run": step - start, "loss": loss_value,
+            "interrupted": _agreed_stop(stop.signum, 1, device), "checkpoint": str(ckpt_path)}
 
 
 def _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels) -> torch.Tensor:
