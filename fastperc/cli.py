@@ -88,7 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     de = sub.add_parser("demo", help="the main job: MSE teacher, self-perceptual fine-tune, samples")
     de.add_argument("--out", default="runs/demo")
-    de.add_argument("--preset", choices=["default", "quick", "long", "gpu"], default="default")
+    de.add_argument("--preset", choices=["default", "quick", "long", "gpu", "full"], default="default",
+                    help="full: the long preset once per training seed 0, 1, 2, with the spread (hours)")
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run in --out")
     de.add_argument("--no-progress", action="store_true")

@@ -40,7 +40,11 @@ PRESETS = {
                 finetune_steps=10000, sample_steps=50, n=1000, n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5),
                 classifier_epochs=15, ema_decay=0.9995),
 }
+PRESETS["full"] = dict(PRESETS["long"], training_seeds=(0, 1, 2))  # hours: the whole job per training seed
 CFG_SCALE = 3.0
+ROWS = (("mse", "conditional: MSE, no guidance"), ("mse_cfg", f"conditional: MSE + CFG {CFG_SCALE:g}"),
+        ("sp", "conditional: self-perceptual, no guidance"), ("uncond_mse", "unconditional: MSE"),
+        ("uncond_sp", "unconditional: self-perceptual"))
 
 
 def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: int) -> dict:
@@ -71,6 +75,37 @@ def run(out: str = "runs/demo", preset: str = "default", seed: int = 0, progress
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {list(PRESETS)}, got {preset!r}")
     p = PRESETS[preset]
+    if "training_seeds" in p:
+        return _run_training_seeds(out, preset, p, progress, resume)
+    return _run_one(out, preset, p, seed, progress, resume)
+
+
+def _run_training_seeds(out: str, preset: str, p: dict, progress: bool, resume: bool) -> dict:
+    """The whole job once per training seed (in OUT/seed<k>/), then the spread across those seeds."""
+    one = {k: v for k, v in p.items() if k != "training_seeds"}
+    results = {}
+    for s in p["training_seeds"]:
+        r = _run_one(str(Path(out) / f"seed{s}"), preset, one, s, progress, resume)
+        if r.get("interrupted"):
+            return r
+        results[s] = r
+    rows = []
+    for key, title in ROWS:
+        per_seed = [{m: v[0] for m, v in results[s]["summary"][key].items() if isinstance(v, tuple)} | {"n": 0}
+                    for s in results]
+        agg = report.summarize(per_seed)
+        agg["n"] = [len(results)]
+        rows.append((title, agg))
+    text = (f"# fastperc demo report, preset `{preset}`: spread over training seeds {list(results)}\n\n"
+            "Each cell: mean ± half-range over the training seeds of each seed's mean over its 2 sampling seeds "
+            "(per-seed reports in seed<k>/report.md). The 'seeds x images' column counts training seeds.\n\n"
+            + report.table(rows) + "\n")
+    Path(out, "report.md").write_text(text)
+    print(f"done: report over {len(results)} training seeds in {out}/report.md")
+    return {"summary": dict(zip((k for k, _ in ROWS), (r for _, r in rows))), "per_seed": results}
+
+
+def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: bool) -> dict:
     root = Path(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     base = TrainConfig(out="", objective="mse", conditional=True, block_channels=p["block_channels"],
@@ -134,12 +169,8 @@ def run(out: str = "runs/demo", preset: str = "default", seed: int = 0, progress
 
 
 def _write_report(root, p, preset, seed, acc, summary, sweep, best, times) -> None:
-    rows = [("conditional: MSE, no guidance", summary["mse"]),
-            (f"conditional: MSE + CFG {CFG_SCALE:g}", summary["mse_cfg"]),
-            (f"conditional: MSE + CFG {best:g} (best FD of the sweep)", sweep[best]),
-            ("conditional: self-perceptual, no guidance", summary["sp"]),
-            ("unconditional: MSE", summary["uncond_mse"]),
-            ("unconditional: self-perceptual", summary["uncond_sp"])]
+    rows = [(title, summary[key]) for key, title in ROWS]
+    rows.insert(2, (f"conditional: MSE + CFG {best:g} (best FD of the sweep)", sweep[best]))
     report.side_by_side([("MSE", root / "samples_mse.png"), (f"MSE + CFG {CFG_SCALE:g}", root / "samples_mse_cfg.png"),
                          ("self-perceptual", root / "samples_sp.png"), ("uncond. MSE", root / "samples_uncond_mse.png"),
                          ("uncond. self-perceptual", root / "samples_uncond_sp.png")], root / "grids.png")

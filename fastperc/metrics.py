@@ -115,10 +115,12 @@ def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.nd
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with scipy's matrix square root."""
     with warnings.catch_warnings():  # near-singular products (few samples) are handled just below
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean, _ = linalg.sqrtm(s1 @ s2, disp=False)
+        covmean = linalg.sqrtm(s1 @ s2)
     if not np.isfinite(covmean).all():  # singular product: nudge both diagonals, as the FID recipe does
         eps = 1e-6 * np.eye(s1.shape[0])
-        covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", linalg.LinAlgWarning)
+            covmean = linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = covmean.real
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 

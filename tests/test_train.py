@@ -240,3 +240,13 @@ def test_bf16_self_perceptual_step_runs_and_is_finite(mse_run, tmp_path):
     result = train(TrainConfig(out=str(out), objective="self_perceptual", init=str(mse_run), conditional=True,
                                precision="bf16", max_steps=3, save_every=3, **TINY))
     assert result["step"] == 3 and np.isfinite(losses(out)).all()
+
+
+def test_full_preset_reports_the_spread_over_training_seeds(tmp_path, monkeypatch):
+    from fastperc import demo
+    monkeypatch.setitem(demo.PRESETS, "full", dict(demo.PRESETS["quick"], training_seeds=(0, 1)))
+    result = demo.run(str(tmp_path), "full", progress=False)
+    assert (tmp_path / "seed0" / "report.md").exists() and (tmp_path / "seed1" / "report.md").exists()
+    text = (tmp_path / "report.md").read_text()
+    assert "training seeds [0, 1]" in text and "conditional: self-perceptual, no guidance" in text
+    assert result["summary"]["sp"]["seeds"] == 2
