@@ -96,7 +96,7 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
 
     coef_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
     a, b, ap, sp = schedule.renoise_coefficients(timesteps, timesteps_prime, kind, coef_dtype)
-    x_t = schedule.add_noise(x0, noise, timesteps)
+    x_t = schedule._add_noise(x0, noise, timesteps)  # arguments checked above
     fake, real = renoise(x_t, model_output, x0, noise, a, b, ap, sp, backend=backend)
     with torch.no_grad():  # the real branch keeps no graph
         real_feats = frozen(real, timesteps_prime, **kwargs)

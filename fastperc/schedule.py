@@ -125,6 +125,10 @@ class NoiseSchedule:
         check_tensor("x0", x0)
         check_like("noise", noise, "x0", x0)
         check_timesteps("timesteps", timesteps, x0.shape[0], self.num_train_timesteps, x0.device)
+        return self._add_noise(x0, noise, timesteps)
+
+    def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """add_noise for arguments the caller has already checked (no device sync)."""
         a, s = self.alpha_sigma(timesteps, _coef_dtype(x0))
         return (_bcast(a, x0) * x0 + _bcast(s, x0) * noise).to(x0.dtype)
 
