@@ -50,20 +50,13 @@ def test_alpha_sigma_are_sqrt_abar_and_sqrt_one_minus():
     assert torch.allclose(a, s.alphas_cumprod[t].sqrt())
 
 
-def test_add_noise_matches_diffusers_add_noise():
+@pytest.mark.parametrize("ours, theirs", [("add_noise", "add_noise"), ("velocity", "get_velocity")])
+def test_noising_and_velocity_match_diffusers(ours, theirs):
     sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
     s = NoiseSchedule.from_diffusers(sched)
     x0, eps = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     t = torch.randint(0, 1000, (6,))
-    assert torch.allclose(s.add_noise(x0, eps, t), sched.add_noise(x0, eps, t), atol=1e-6)
-
-
-def test_velocity_matches_diffusers_get_velocity():
-    sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
-    s = NoiseSchedule.from_diffusers(sched)
-    x0, eps = torch.randn(5, 2, 4, 4), torch.randn(5, 2, 4, 4)
-    t = torch.randint(0, 1000, (5,))
-    assert torch.allclose(s.velocity(x0, eps, t), sched.get_velocity(x0, eps, t), atol=1e-6)
+    assert torch.allclose(getattr(s, ours)(x0, eps, t), getattr(sched, theirs)(x0, eps, t), atol=1e-6)
 
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])

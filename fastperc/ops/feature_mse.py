@@ -81,7 +81,7 @@ def _feature_mse_op(preds: list[Tensor], targets: list[Tensor], weights: list[fl
                     backend: str) -> tuple[Tensor, list[Tensor]]:
     pairs = [as_same_layout(p, t) for p, t in zip(preds, targets)]
     ps, ts = [p for p, _ in pairs], [t for _, t in pairs]
-    grads = [empty_like_layout(p, True) for p in ps]
+    grads = [torch.empty_like(p) for p in ps]  # ps share the targets' kernel-readable layout
     return _run(ps, ts, grads, weights, backend), grads
 
 

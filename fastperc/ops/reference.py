@@ -45,7 +45,3 @@ def reduce(per_sample: torch.Tensor, reduction: str) -> torch.Tensor:
     if reduction == "sum":
         return per_sample.sum()
     return per_sample
-
-
-def feature_mse(preds, targets, weights, reduction: str = "mean") -> torch.Tensor:
-    return reduce(feature_mse_per_sample(preds, targets, weights), reduction)
