@@ -13,8 +13,12 @@ from setuptools import setup
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def nvcc_arch_flags(cuda_home: str) -> list[str]:
-    """sm_80 and sm_90 always; sm_100 and sm_120 when nvcc is new enough (12.8+)."""
+def cuda_archs(cuda_home: str) -> list[str]:
+    """Compute capabilities to build SASS for: 80 and 90 always, 100 and 120 when nvcc is 12.8+;
+    FASTPERC_CUDA_ARCHS="90;100" overrides."""
+    env = os.environ.get("FASTPERC_CUDA_ARCHS")
+    if env:
+        return [a.strip() for a in env.split(";") if a.strip()]
     archs = ["80", "90"]
     try:
         out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
@@ -23,10 +27,24 @@ def nvcc_arch_flags(cuda_home: str) -> list[str]:
             archs += ["100", "120"]
     except (OSError, subprocess.CalledProcessError, AttributeError):
         pass
-    env = os.environ.get("FASTPERC_CUDA_ARCHS")
-    if env:
-        archs = [a.strip() for a in env.split(";") if a.strip()]
-    return [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    return archs
+
+
+def nvcc_flags(cuda_home: str) -> list[str]:
+    """The nvcc arguments of the real build (tests/test_build_checks.py compiles with these too): SASS
+    for every listed architecture, and PTX for the newest so that newer GPUs can JIT it."""
+    archs = cuda_archs(cuda_home)
+    newest = max(archs, key=int)
+    gencode = [f"-gencode=arch=compute_{a},code=sm_{a}" for a in archs]
+    gencode.append(f"-gencode=arch=compute_{newest},code=compute_{newest}")
+    return ["-O3", *gencode]
+
+
+def cuda_arch_defines(cuda_home: str) -> list[str]:
+    """What the binary holds, for fastperc._C.cuda_archs(): `auto` checks the GPU against it. Given to
+    the C++ compiler only (nvcc would split the comma list into separate macros)."""
+    archs = cuda_archs(cuda_home)
+    return [f"-DFASTPERC_SASS_ARCHS={','.join(archs)}", f"-DFASTPERC_PTX_ARCH={max(archs, key=int)}"]
 
 
 def max_jobs() -> None:
@@ -59,7 +77,7 @@ def extensions():
         ext = CUDAExtension(
             "fastperc._C", sources + sorted(glob.glob("csrc/cuda/*.cu")),
             define_macros=[("FASTPERC_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3"] + nvcc_arch_flags(CUDA_HOME)},
+            extra_compile_args={"cxx": cxx + cuda_arch_defines(CUDA_HOME), "nvcc": nvcc_flags(CUDA_HOME)},
             extra_link_args=link)
     else:
         if torch.version.cuda is not None and flag != "0":
@@ -68,5 +86,6 @@ def extensions():
     return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
 
 
-ext_modules, cmdclass = extensions()
-setup(ext_modules=ext_modules, cmdclass=cmdclass)
+if __name__ == "__main__":  # pip and `python setup.py` run it as __main__; tests import the helpers above
+    ext_modules, cmdclass = extensions()
+    setup(ext_modules=ext_modules, cmdclass=cmdclass)

@@ -13,6 +13,9 @@ FEATURE_CASES = {
 }
 RENOISE_CASES = {"latents 32x4x64x64": (32, 4, 64, 64), "pixels 32x3x128x128": (32, 3, 128, 128)}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# The dry run of benchmarks/gpu_check.sh: the same code path on shapes a CPU measures in milliseconds.
+QUICK_FEATURE_CASES = {"tiny 2x8x4x4": [(2, 8, 4, 4)]}
+QUICK_RENOISE_CASES = {"tiny 2x1x8x8": (2, 1, 8, 8)}
 
 
 def backends_for(device: torch.device) -> list[str]:

@@ -9,13 +9,34 @@
 
 #define CHECK_SAME(x, ref, what) \
   TORCH_CHECK((x).what() == (ref).what(), #x ": expected " #what " ", (ref).what(), " (as " #ref "), got ", (x).what())
+// Same element order: equal strides on every dimension of size > 1 (size-1 strides are arbitrary).
+#define CHECK_SAME_ORDER(x, ref)                                                                    \
+  TORCH_CHECK(fastperc::same_order((x), (ref)), #x ": expected the memory layout of " #ref " (strides ", \
+              (ref).strides(), "), got strides ", (x).strides(), " for sizes ", (x).sizes())
 #define CHECK_DENSE_BATCH_MAJOR(x)                                                                  \
   TORCH_CHECK((x).is_non_overlapping_and_dense() && ((x).dim() == 0 || (x).size(0) <= 1 ||          \
                                                       (x).stride(0) * (x).size(0) == (x).numel()),  \
               #x ": expected a dense tensor with the batch dimension outermost (contiguous or "    \
               "channels_last), got sizes ", (x).sizes(), " strides ", (x).strides())
 
+#ifdef FASTPERC_WITH_CUDA
+#ifndef FASTPERC_SASS_ARCHS  // built without setup.py's defines: unknown, and `auto` will not guess
+#define FASTPERC_SASS_ARCHS
+#define FASTPERC_PTX_ARCH 0
+#endif
+#define FASTPERC_STR_(...) #__VA_ARGS__
+#define FASTPERC_STR(x) FASTPERC_STR_(x)
+#endif
+
 namespace fastperc {
+
+bool same_order(const at::Tensor& x, const at::Tensor& ref) {
+  if (x.dim() != ref.dim()) return false;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (x.size(d) > 1 && x.stride(d) != ref.stride(d)) return false;
+  return true;
+}
+
 namespace {
 
 bool is_cuda(const at::Tensor& t) { return t.device().is_cuda(); }
@@ -48,16 +69,16 @@ void feature_mse(const std::vector<at::Tensor>& preds, const std::vector<at::Ten
     CHECK_SAME(p, p0, scalar_type);
     CHECK_SAME(p, p0, device);
     CHECK_SAME(t, p, sizes);
-    CHECK_SAME(t, p, strides);
+    CHECK_SAME_ORDER(t, p);
     CHECK_SAME(t, p, scalar_type);
     CHECK_SAME(t, p, device);
     CHECK_SAME(g, p, sizes);
-    CHECK_SAME(g, p, strides);
+    CHECK_SAME_ORDER(g, p);
     CHECK_SAME(g, p, scalar_type);
     CHECK_SAME(g, p, device);
-    CHECK_DENSE_BATCH_MAJOR(p);
     const int64_t n = batch ? p.numel() / batch : 0;
     TORCH_CHECK(n > 0 || batch == 0, "preds[", l, "]: expected at least one element per sample, got sizes ", p.sizes());
+    CHECK_DENSE_BATCH_MAJOR(p);
     const double w = weights[l];
     layers.push_back({p.data_ptr(), t.data_ptr(), g.data_ptr(), n, n ? w / n : 0.0, n ? 2.0 * w / n : 0.0});
   }
@@ -81,17 +102,17 @@ void renoise(const at::Tensor& x_t, const at::Tensor& p, const at::Tensor& x0, c
   TORCH_CHECK(p.dim() >= 1, "model_output: expected shape (B, ...), got a 0-d tensor");
   for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&x_t, &x0, &noise, &fake, &real}) {
     CHECK_SAME(*t, p, sizes);
-    CHECK_SAME(*t, p, strides);
+    CHECK_SAME_ORDER(*t, p);
     CHECK_SAME(*t, p, scalar_type);
     CHECK_SAME(*t, p, device);
   }
-  CHECK_DENSE_BATCH_MAJOR(p);
   const auto acc = p.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(coefs.dim() == 2 && coefs.size(0) == 4 && coefs.size(1) == p.size(0) && coefs.is_contiguous(),
               "coefs: expected a contiguous (4, ", p.size(0), ") tensor, got sizes ", coefs.sizes());
   TORCH_CHECK(coefs.scalar_type() == acc, "coefs: expected dtype ", acc, ", got ", coefs.scalar_type());
   CHECK_SAME(coefs, p, device);
-  if (p.numel() == 0) return;
+  if (p.numel() == 0) return;  // nothing to write; an empty tensor has no meaningful layout
+  CHECK_DENSE_BATCH_MAJOR(p);
   if (is_cuda(p)) {
 #ifdef FASTPERC_WITH_CUDA
     renoise_cuda(x_t, p, x0, noise, coefs, fake, real);
@@ -121,7 +142,7 @@ void scale_rows(const std::vector<at::Tensor>& grads, const at::Tensor& scale, c
     CHECK_DENSE_BATCH_MAJOR(g);
     const at::Tensor& o = outs[l];
     CHECK_SAME(o, g, sizes);
-    CHECK_SAME(o, g, strides);
+    CHECK_SAME_ORDER(o, g);
     CHECK_SAME(o, g, scalar_type);
     CHECK_SAME(o, g, device);
   }
@@ -129,12 +150,27 @@ void scale_rows(const std::vector<at::Tensor>& grads, const at::Tensor& scale, c
 }
 
 std::string build_info() {
-  std::string s = "cpu(openmp threads=" + std::to_string(at::get_num_threads()) + ")";
+#ifdef _OPENMP  // the OpenMP version the CPU kernels were compiled against (absent: built without it)
+  std::string s = "cpu(openmp " + std::to_string(_OPENMP) + ", threads=" + std::to_string(at::get_num_threads()) + ")";
+#else
+  std::string s = "cpu(no openmp, threads=" + std::to_string(at::get_num_threads()) + ")";
+#endif
 #ifdef FASTPERC_WITH_CUDA
-  s += " cuda";
+  s += " cuda(sm " FASTPERC_STR(FASTPERC_SASS_ARCHS) ", ptx " FASTPERC_STR(FASTPERC_PTX_ARCH) ")";
 #endif
   return s;
 }
+
+#ifdef FASTPERC_WITH_CUDA
+// The architectures the CUDA kernels were built for: SASS per listed compute capability, PTX for the
+// newest (set by setup.py). fastperc.ops._backend checks the GPU against these before `auto` picks cuda.
+pybind11::dict cuda_archs() {
+  pybind11::dict d;
+  d["sass"] = std::vector<int>{FASTPERC_SASS_ARCHS};
+  d["ptx"] = FASTPERC_PTX_ARCH;
+  return d;
+}
+#endif
 
 }  // namespace
 }  // namespace fastperc
@@ -147,6 +183,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTPERC_WITH_CUDA
   m.def("feature_mse_cuda", &fastperc::feature_mse, "multi-layer feature MSE + gradient (CUDA tensors)");
   m.def("renoise_cuda", &fastperc::renoise, "both teacher inputs in one pass (CUDA tensors)");
+  m.def("cuda_archs", &fastperc::cuda_archs, "{'sass': [compute capabilities x10], 'ptx': newest}");
 #endif
   m.def("build_info", &fastperc::build_info, "what this build holds");
 }

@@ -31,23 +31,29 @@ struct LayerArgs {
   int num_layers;
 };
 
-template <typename scalar_t, typename acc_t, int VEC>
+// One block's chunk [begin, end) of a row. VEC: the row is whole 16-byte vectors and every buffer is
+// 16-byte aligned, so each thread moves kChunk / (kThreads * N) vectors, unrolled at compile time.
+template <typename scalar_t, typename acc_t, bool VEC>
 __device__ acc_t chunk(const scalar_t* __restrict__ p, const scalar_t* t, scalar_t* g, int64_t begin, int64_t end,
                        acc_t scale) {
   acc_t acc = 0;
-  if constexpr (VEC > 1) {
-    using V = Vec<scalar_t, VEC>;
-    for (int64_t i = begin + threadIdx.x * VEC; i < end; i += blockDim.x * VEC) {
-      const V pv = *reinterpret_cast<const V*>(p + i);
-      const V tv = *reinterpret_cast<const V*>(t + i);
-      V gv;
+  if constexpr (VEC) {
+    using V = Vec16<scalar_t>;
+    constexpr int kItems = kChunk / (kThreads * V::N);
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        const acc_t d = static_cast<acc_t>(pv.v[k]) - static_cast<acc_t>(tv.v[k]);
-        acc += d * d;
-        gv.v[k] = static_cast<scalar_t>(scale * d);
+    for (int it = 0; it < kItems; ++it) {
+      const int64_t i = begin + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * V::N;
+      if (i < end) {
+        const V pv = V::load(p + i), tv = V::load(t + i);  // t is read before g (which may be t) is written
+        V gv;
+#pragma unroll
+        for (int k = 0; k < V::N; ++k) {
+          const acc_t d = static_cast<acc_t>(pv[k]) - static_cast<acc_t>(tv[k]);
+          acc += d * d;
+          gv[k] = static_cast<scalar_t>(scale * d);
+        }
+        gv.store(g + i);
       }
-      *reinterpret_cast<V*>(g + i) = gv;
     }
   } else {
     for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x) {
@@ -73,9 +79,8 @@ __global__ void __launch_bounds__(kThreads) partials_kernel(const LayerArgs args
   const auto* t = static_cast<const scalar_t*>(args.target[l]);
   auto* g = static_cast<scalar_t*>(args.grad[l]);
   const acc_t scale = static_cast<acc_t>(args.scale_grad[l]);
-  constexpr int V = vec_width<scalar_t>();
-  const acc_t acc = args.vec[l] ? chunk<scalar_t, acc_t, V>(p, t, g, begin, end, scale)
-                                : chunk<scalar_t, acc_t, 1>(p, t, g, begin, end, scale);
+  const acc_t acc = args.vec[l] ? chunk<scalar_t, acc_t, true>(p, t, g, begin, end, scale)
+                                : chunk<scalar_t, acc_t, false>(p, t, g, begin, end, scale);
   const acc_t total = block_sum(acc);
   if (threadIdx.x == 0) partial[blk] = total;
 }

@@ -1,5 +1,6 @@
 // renoise on CUDA: fake = a*x_t + b*p, real = alpha'*x0 + sigma'*noise in one pass; grid (chunks, rows)
-// so each block reads its four per-sample coefficients once. 16-byte vectors when rows allow it.
+// so each block reads its four per-sample coefficients once. Each thread moves a fixed number of
+// 16-byte vectors (unrolled at compile time) when the rows allow it, else scalars.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAStream.h>
@@ -12,9 +13,12 @@ namespace fastperc {
 namespace {
 using namespace cuda_detail;
 
-constexpr int kChunk = kThreads * 8;
+constexpr int kItems = 2;  // 16-byte vectors per thread per block: 8 KiB of each input per block
 
-template <typename scalar_t, typename acc_t, int VEC>
+template <typename scalar_t>
+constexpr int64_t chunk_elems() { return static_cast<int64_t>(kThreads) * kItems * vec_width<scalar_t>(); }
+
+template <typename scalar_t, typename acc_t, bool VEC>
 __global__ void __launch_bounds__(kThreads) renoise_kernel(
     const scalar_t* __restrict__ xt, const scalar_t* __restrict__ p, const scalar_t* __restrict__ x0,
     const scalar_t* __restrict__ e, const acc_t* __restrict__ coefs, scalar_t* __restrict__ fake,
@@ -22,22 +26,27 @@ __global__ void __launch_bounds__(kThreads) renoise_kernel(
   const int64_t row = blockIdx.y + static_cast<int64_t>(blockIdx.z) * gridDim.y;
   if (row >= batch) return;
   const acc_t ca = coefs[row], cb = coefs[batch + row], cap = coefs[2 * batch + row], csp = coefs[3 * batch + row];
-  const int64_t begin = row * n + static_cast<int64_t>(blockIdx.x) * kChunk;
-  const int64_t end = min(begin + kChunk, (row + 1) * n);
-  using V = Vec<scalar_t, VEC>;
-  for (int64_t i = begin + threadIdx.x * VEC; i < end; i += blockDim.x * VEC) {
-    if constexpr (VEC > 1) {
-      const V a = *reinterpret_cast<const V*>(xt + i), b = *reinterpret_cast<const V*>(p + i);
-      const V c = *reinterpret_cast<const V*>(x0 + i), d = *reinterpret_cast<const V*>(e + i);
-      V f, r;
+  const int64_t begin = row * n + static_cast<int64_t>(blockIdx.x) * chunk_elems<scalar_t>();
+  const int64_t end = min(begin + chunk_elems<scalar_t>(), (row + 1) * n);
+  if constexpr (VEC) {
+    using V = Vec16<scalar_t>;
 #pragma unroll
-      for (int k = 0; k < VEC; ++k) {
-        f.v[k] = static_cast<scalar_t>(ca * static_cast<acc_t>(a.v[k]) + cb * static_cast<acc_t>(b.v[k]));
-        r.v[k] = static_cast<scalar_t>(cap * static_cast<acc_t>(c.v[k]) + csp * static_cast<acc_t>(d.v[k]));
+    for (int it = 0; it < kItems; ++it) {
+      const int64_t i = begin + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * V::N;
+      if (i < end) {  // rows are whole vectors here, so a vector is either all in or all out
+        const V a = V::load(xt + i), b = V::load(p + i), c = V::load(x0 + i), d = V::load(e + i);
+        V f, r;
+#pragma unroll
+        for (int k = 0; k < V::N; ++k) {
+          f[k] = static_cast<scalar_t>(ca * static_cast<acc_t>(a[k]) + cb * static_cast<acc_t>(b[k]));
+          r[k] = static_cast<scalar_t>(cap * static_cast<acc_t>(c[k]) + csp * static_cast<acc_t>(d[k]));
+        }
+        f.store(fake + i);
+        r.store(real + i);
       }
-      *reinterpret_cast<V*>(fake + i) = f;
-      *reinterpret_cast<V*>(real + i) = r;
-    } else {
+    }
+  } else {
+    for (int64_t i = begin + threadIdx.x; i < end; i += kThreads) {
       fake[i] = static_cast<scalar_t>(ca * static_cast<acc_t>(xt[i]) + cb * static_cast<acc_t>(p[i]));
       real[i] = static_cast<scalar_t>(cap * static_cast<acc_t>(x0[i]) + csp * static_cast<acc_t>(e[i]));
     }
@@ -50,23 +59,23 @@ void renoise_cuda(const at::Tensor& x_t, const at::Tensor& p, const at::Tensor& 
                   const at::Tensor& coefs, at::Tensor& fake, at::Tensor& real) {
   const c10::cuda::CUDAGuard guard(p.device());
   const int64_t batch = p.size(0), n = p.numel() / batch;
-  const int64_t chunks = (n + kChunk - 1) / kChunk;
-  const unsigned rows_y = static_cast<unsigned>(std::min<int64_t>(batch, 65535));
-  const dim3 grid(static_cast<unsigned>(chunks), rows_y, static_cast<unsigned>((batch + rows_y - 1) / rows_y));
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, p.scalar_type(), "renoise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    constexpr int V = vec_width<scalar_t>();
-    const bool vec = n % V == 0 && aligned16(x_t.data_ptr()) && aligned16(p.data_ptr()) && aligned16(x0.data_ptr()) &&
-                     aligned16(noise.data_ptr()) && aligned16(fake.data_ptr()) && aligned16(real.data_ptr());
+    const int64_t chunks = (n + chunk_elems<scalar_t>() - 1) / chunk_elems<scalar_t>();
+    TORCH_CHECK(chunks <= 0x7fffffff, "model_output: ", n, " elements per sample exceed the grid");
+    const unsigned rows_y = static_cast<unsigned>(std::min<int64_t>(batch, 65535));
+    const dim3 grid(static_cast<unsigned>(chunks), rows_y, static_cast<unsigned>((batch + rows_y - 1) / rows_y));
+    const bool vec = n % vec_width<scalar_t>() == 0 && aligned16(x_t.data_ptr()) && aligned16(p.data_ptr()) &&
+                     aligned16(x0.data_ptr()) && aligned16(noise.data_ptr()) && aligned16(fake.data_ptr()) &&
+                     aligned16(real.data_ptr());
     auto launch = [&](auto vec_tag) {
-      constexpr int W = decltype(vec_tag)::value;
-      renoise_kernel<scalar_t, acc_t, W><<<grid, kThreads, 0, stream>>>(
+      renoise_kernel<scalar_t, acc_t, decltype(vec_tag)::value><<<grid, kThreads, 0, stream>>>(
           x_t.data_ptr<scalar_t>(), p.data_ptr<scalar_t>(), x0.data_ptr<scalar_t>(), noise.data_ptr<scalar_t>(),
           coefs.data_ptr<acc_t>(), fake.data_ptr<scalar_t>(), real.data_ptr<scalar_t>(), batch, n);
     };
-    if (vec) launch(std::integral_constant<int, V>{});
-    else launch(std::integral_constant<int, 1>{});
+    if (vec) launch(std::true_type{});
+    else launch(std::false_type{});
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
 }

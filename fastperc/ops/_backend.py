@@ -24,8 +24,37 @@ def triton_interpreting() -> bool:
     return _INTERPRET
 
 
-def why_unavailable(backend: str, device_type: str) -> str | None:
-    """None if `backend` can run on tensors of `device_type`, else the reason."""
+def cuda_build_runs_on(capability: tuple[int, int], sass: list[int], ptx: int) -> bool:
+    """Whether kernels built as SASS for compute capabilities `sass` (x10, e.g. 90) and PTX for `ptx`
+    can run on a GPU of `capability`: SASS runs on the same major version at an equal or higher minor;
+    PTX is JIT-compiled for any GPU at or above its version. An unknown build (no list) is trusted."""
+    if not sass and not ptx:
+        return True
+    major, minor = capability
+    cc = 10 * major + minor
+    return any(s // 10 == major and s % 10 <= minor for s in sass) or (ptx > 0 and cc >= ptx)
+
+
+@torch.compiler.assume_constant_result  # a property of the machine: torch.compile treats it as a constant
+def _cuda_arch_problem(index: int) -> str:
+    """'' when the built CUDA kernels run on GPU `index`, else why not (checked once per device)."""
+    if index not in _arch_checked:
+        archs = _ext.ext.cuda_archs()
+        cap = torch.cuda.get_device_capability(index)
+        ok = cuda_build_runs_on(cap, list(archs["sass"]), int(archs["ptx"]))
+        _arch_checked[index] = "" if ok else (
+            f"fastperc._C holds CUDA kernels for compute capabilities {list(archs['sass'])} (PTX {archs['ptx']}), "
+            f"none of which runs on {torch.cuda.get_device_name(index)} (capability {cap[0]}.{cap[1]}); rebuild "
+            f"with FASTPERC_CUDA_ARCHS=\"{cap[0]}{cap[1]}\"")
+    return _arch_checked[index]
+
+
+_arch_checked: dict[int, str] = {}
+
+
+def why_unavailable(backend: str, device_type: str, device_index: int | None = None) -> str | None:
+    """None if `backend` can run on tensors of `device_type` (and, for cuda, on GPU `device_index`,
+    default the current one), else the reason."""
     if backend == "reference":
         return None
     if backend == "cpu":
@@ -35,7 +64,12 @@ def why_unavailable(backend: str, device_type: str) -> str | None:
     if backend == "cuda":
         if device_type != "cuda":
             return f"the 'cuda' backend runs on CUDA tensors, got {device_type} tensors"
-        return None if _ext.has("feature_mse_cuda") else "fastperc._C was built without CUDA kernels"
+        if not _ext.has("feature_mse_cuda"):
+            return "fastperc._C was built without CUDA kernels"
+        if _ext.has("cuda_archs") and torch.cuda.is_available():
+            problem = _cuda_arch_problem(torch.cuda.current_device() if device_index is None else device_index)
+            return problem or None
+        return None
     if backend == "triton":
         if not _HAS_TRITON:
             return "triton is not installed"
@@ -52,19 +86,19 @@ def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for `backend` on `device`; auto falls back with one warning per device type."""
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
-    dt = device.type
+    dt, idx = device.type, device.index
     if backend != "auto":
-        reason = why_unavailable(backend, dt)
+        reason = why_unavailable(backend, dt, idx)
         if reason is not None:
             raise RuntimeError(f"backend: {backend!r} is not available here: {reason}")
         return backend
     order = AUTO_ORDER.get(dt, ("reference",))
     for name in order:
-        if why_unavailable(name, dt) is None:
+        if why_unavailable(name, dt, idx) is None:
             if name != order[0] and dt not in _warned and not torch.compiler.is_compiling():
                 _warned.add(dt)
                 warnings.warn(f"fastperc: backend 'auto' on {dt} tensors uses {name!r}: {order[0]!r} is unavailable "
-                              f"({why_unavailable(order[0], dt)})", RuntimeWarning, stacklevel=3)
+                              f"({why_unavailable(order[0], dt, idx)})", RuntimeWarning, stacklevel=3)
             return name
     return "reference"
 

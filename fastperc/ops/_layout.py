@@ -1,4 +1,10 @@
-"""Memory-layout rule shared by the fused backends and their fake (meta) kernels."""
+"""Memory-layout rule shared by the fused backends and their fake (meta) kernels.
+
+Kernels read each tensor as a flat (B, N) buffer. That is valid when sample b is one dense block
+(batch-major dense) and all tensors of one call order their elements the same way, i.e. have equal
+strides on every dimension of size > 1. Strides of size-1 dimensions are arbitrary in torch (a
+`.contiguous()` tensor may carry any of them) and never matter, so they are not compared.
+"""
 from __future__ import annotations
 
 import torch
@@ -15,9 +21,14 @@ def batch_major_dense(x: torch.Tensor) -> bool:
     return False
 
 
+def _order(x: torch.Tensor) -> tuple[int | None, ...]:
+    """The strides that fix the element order: those of dimensions with more than one element."""
+    return tuple(s if n > 1 else None for n, s in zip(x.shape, x.stride()))
+
+
 def same_layout(*xs: torch.Tensor) -> bool:
     """All of `xs` share one batch-major dense layout, so kernels can read them as flat (B, N) buffers."""
-    return batch_major_dense(xs[0]) and all(x.stride() == xs[0].stride() for x in xs[1:])
+    return batch_major_dense(xs[0]) and all(batch_major_dense(x) and _order(x) == _order(xs[0]) for x in xs[1:])
 
 
 def as_same_layout(*xs: torch.Tensor) -> list[torch.Tensor]:

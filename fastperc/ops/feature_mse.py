@@ -157,6 +157,11 @@ def _check(pred_feats, target_feats, weights, reduction) -> tuple[list, list, li
                              f"got {p.device}/{t.device}")
         if p.shape[0] != preds[0].shape[0]:
             raise ValueError(f"pred_feats[{i}]: expected batch size {preds[0].shape[0]} (as layer 0), got {p.shape[0]}")
+        # Every backend refuses empty samples alike: a mean over no elements has no value (NaN).
+        if p.shape[0] == 0:
+            raise ValueError(f"pred_feats[{i}]: expected at least one sample, got shape {tuple(p.shape)}")
+        if p.numel() == 0:
+            raise ValueError(f"pred_feats[{i}]: expected at least one element per sample, got shape {tuple(p.shape)}")
     if weights is None:
         w = [1.0] * len(preds)
     else:

@@ -26,6 +26,8 @@ def _col(c: Tensor, like: Tensor) -> Tensor:
 def _run(x_t: Tensor, p: Tensor, x0: Tensor, noise: Tensor, coefs: Tensor, fake: Tensor, real: Tensor,
          backend: str) -> None:
     """Write both teacher inputs into `fake` and `real`; all six tensors share one layout (see _layout)."""
+    if p.numel() == 0:  # nothing to write, on every backend alike
+        return
     if backend == "cpu":
         _ext.ext.renoise_cpu(x_t, p, x0, noise, coefs, fake, real)
     elif backend == "cuda":

@@ -1,73 +1,97 @@
 """Triton feature_mse: one launch over every (layer, sample, chunk) of up to MAX_LAYERS layers computes
-the squared-error partial sums and writes the gradient 2w/N (p - t) in the same pass; a small second
-launch sums the partials per sample in a fixed order (deterministic, no atomics).
+each chunk's weighted squared-error sum and writes the gradient 2w/N (p - t) in the same pass; a small
+second launch sums each sample's partials in a fixed order (deterministic, no atomics).
 
 Buffers are dense with the batch outermost, so sample b of a layer is the flat range [b*N, (b+1)*N).
+Partials are laid out sample-major, (batch, chunks of every layer), so the second launch needs no
+per-layer metadata. Everything per layer travels as kernel arguments: no tensor is built from host
+data per call (that would be a blocking copy and would break CUDA-graph capture).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
-MAX_LAYERS = 4  # pointer triplets per launch; more layers take more launches
+from .launch import device_guard, flat_programs
+
+MAX_LAYERS = 4  # argument slots per launch; more layers take more launches
 BLOCK = 4096    # elements per program: 4 warps x 32 lanes x 32 elements
+RBLOCK = 128
 
 
 @triton.jit
-def _chunk(P, T, G, n, SCALE, pid_local, chunks_per_row, BLOCK: tl.constexpr, ACC: tl.constexpr):
-    # SCALE points at 2w/N, kept in float64 so float64 data keeps full precision.
-    scale_grad = tl.load(SCALE).to(ACC)
-    row = pid_local // chunks_per_row
-    start = (pid_local % chunks_per_row) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
+def _chunk(P, T, G, n, cpr, start, coff, s_hi, s_lo, pid, PARTIAL, total_cpr, BLOCK: tl.constexpr,
+           ACC: tl.constexpr):
+    # All offsets in int64: a sample may hold more than 2^31 elements.
+    local = (pid - start).to(tl.int64)
+    row = local // cpr
+    chunk = local % cpr
+    offs = chunk * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     mask = offs < n
-    base = row.to(tl.int64) * n
+    base = row * n
+    # The gradient scale 2w/N arrives as a float32 pair (hi + lo): float64 data keeps ~48 bits of it.
+    scale = tl.cast(s_hi, ACC) + tl.cast(s_lo, ACC)
     p = tl.load(P + base + offs, mask=mask, other=0.0).to(ACC)
-    t = tl.load(T + base + offs, mask=mask, other=0.0).to(ACC)
+    t = tl.load(T + base + offs, mask=mask, other=0.0).to(ACC)  # read before G (which may be T) is written
     d = p - t
-    tl.store(G + base + offs, (d * scale_grad).to(G.dtype.element_ty), mask=mask)
-    return tl.sum(d * d, axis=0)
+    tl.store(G + base + offs, (d * scale).to(G.dtype.element_ty), mask=mask)
+    tl.store(PARTIAL + row * total_cpr + coff + chunk, tl.sum(d * d, axis=0) * (scale * 0.5))
 
 
 @triton.jit
 def _feature_mse_partials_kernel(
-        PARTIAL, META,
-        P0, T0, G0, n0, c0,
-        P1, T1, G1, n1, c1, start1,
-        P2, T2, G2, n2, c2, start2,
-        P3, T3, G3, n3, c3, start3,
+        PARTIAL, total_cpr,
+        P0, T0, G0, n0, c0, st0, co0, sh0, sl0,
+        P1, T1, G1, n1, c1, st1, co1, sh1, sl1,
+        P2, T2, G2, n2, c2, st2, co2, sh2, sl2,
+        P3, T3, G3, n3, c3, st3, co3, sh3, sl3,
         NUM_LAYERS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
     pid = tl.program_id(0)
-    # Layer l owns programs [start_l, start_{l+1}); branches on a uniform scalar cost nothing.
-    if NUM_LAYERS > 3 and pid >= start3:
-        part = _chunk(P3, T3, G3, n3, META + 15, pid - start3, c3, BLOCK, ACC)
-    elif NUM_LAYERS > 2 and pid >= start2:
-        part = _chunk(P2, T2, G2, n2, META + 11, pid - start2, c2, BLOCK, ACC)
-    elif NUM_LAYERS > 1 and pid >= start1:
-        part = _chunk(P1, T1, G1, n1, META + 7, pid - start1, c1, BLOCK, ACC)
+    # Layer l owns programs [st_l, st_{l+1}); a branch on a uniform scalar costs nothing.
+    if NUM_LAYERS > 3 and pid >= st3:
+        _chunk(P3, T3, G3, n3, c3, st3, co3, sh3, sl3, pid, PARTIAL, total_cpr, BLOCK, ACC)
+    elif NUM_LAYERS > 2 and pid >= st2:
+        _chunk(P2, T2, G2, n2, c2, st2, co2, sh2, sl2, pid, PARTIAL, total_cpr, BLOCK, ACC)
+    elif NUM_LAYERS > 1 and pid >= st1:
+        _chunk(P1, T1, G1, n1, c1, st1, co1, sh1, sl1, pid, PARTIAL, total_cpr, BLOCK, ACC)
     else:
-        part = _chunk(P0, T0, G0, n0, META + 3, pid, c0, BLOCK, ACC)
-    tl.store(PARTIAL + pid, part)
+        _chunk(P0, T0, G0, n0, c0, st0, co0, sh0, sl0, pid, PARTIAL, total_cpr, BLOCK, ACC)
 
 
 @triton.jit
-def _feature_mse_finalize_kernel(PARTIAL, OUT, META, NUM_LAYERS: tl.constexpr, RBLOCK: tl.constexpr,
-                                 ACC: tl.constexpr):
-    # META rows (float64, one per layer): first program, chunks per row, w/N, 2w/N.
-    b = tl.program_id(0)
-    total = tl.zeros([RBLOCK], dtype=ACC)
-    for l in tl.static_range(NUM_LAYERS):
-        first = tl.load(META + 4 * l).to(tl.int64)
-        cpr = tl.load(META + 4 * l + 1).to(tl.int64)
-        scale = tl.load(META + 4 * l + 2).to(ACC)
-        acc = tl.zeros([RBLOCK], dtype=ACC)
-        for c in range(0, cpr, RBLOCK):
-            offs = c + tl.arange(0, RBLOCK)
-            acc += tl.load(PARTIAL + first + b * cpr + offs, mask=offs < cpr, other=0.0)
-        total += acc * scale
+def _feature_mse_finalize_kernel(PARTIAL, OUT, total_cpr, RBLOCK: tl.constexpr, ACC: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    acc = tl.zeros([RBLOCK], dtype=ACC)
+    for c in range(0, total_cpr, RBLOCK):
+        offs = c + tl.arange(0, RBLOCK).to(tl.int64)
+        acc += tl.load(PARTIAL + b * total_cpr + offs, mask=offs < total_cpr, other=0.0)
     prev = tl.load(OUT + b)
-    tl.store(OUT + b, prev + tl.sum(total, axis=0))
+    tl.store(OUT + b, prev + tl.sum(acc, axis=0))
+
+
+def split_f32(x: float) -> tuple[float, float]:
+    """(hi, lo), both float32-representable, with hi + lo == x to about 48 bits (Triton passes Python
+    floats as float32 scalars)."""
+    hi = float(np.float32(x))
+    return hi, float(np.float32(x - hi))
+
+
+def launch_plan(numels: list[int], batch: int, weights: list[float], block: int = BLOCK) -> list[dict]:
+    """Per launch group: its layers with chunks per row, first program, partial column and scale."""
+    groups = []
+    for g0 in range(0, len(numels), MAX_LAYERS):
+        layers, pid, coff = [], 0, 0
+        for l in range(g0, min(g0 + MAX_LAYERS, len(numels))):
+            n = numels[l] // batch
+            cpr = triton.cdiv(n, block)
+            layers.append({"layer": l, "n": n, "cpr": cpr, "start": pid, "coff": coff,
+                           "scale": split_f32(2.0 * weights[l] / n)})
+            pid += cpr * batch
+            coff += cpr
+        groups.append({"layers": layers, "programs": flat_programs([pid]), "total_cpr": coff})
+    return groups
 
 
 def forward(preds, targets, grads, weights, per_sample: torch.Tensor, block: int = BLOCK) -> None:
@@ -77,19 +101,14 @@ def forward(preds, targets, grads, weights, per_sample: torch.Tensor, block: int
     per_sample.zero_()
     if batch == 0:
         return
-    for g0 in range(0, len(preds), MAX_LAYERS):
-        idx = list(range(g0, min(g0 + MAX_LAYERS, len(preds))))
-        args, meta, pid = [], [], 0
-        for j, l in enumerate(idx):
-            n = preds[l].numel() // batch
-            cpr = triton.cdiv(n, block)
-            meta += [pid, cpr, weights[l] / n, 2.0 * weights[l] / n]
-            layer_args = [preds[l], targets[l], grads[l], n, cpr]
-            args += layer_args + ([pid] if j else [])
-            pid += cpr * batch
-        for _ in range(len(idx), MAX_LAYERS):  # unused slots: never read (NUM_LAYERS gates them)
-            args += [preds[idx[0]], targets[idx[0]], grads[idx[0]], 1, 1, pid]
-        partial = torch.empty(pid, dtype=per_sample.dtype, device=per_sample.device)
-        meta_t = torch.tensor(meta, dtype=torch.float64, device=per_sample.device)
-        _feature_mse_partials_kernel[(pid,)](partial, meta_t, *args, NUM_LAYERS=len(idx), BLOCK=block, ACC=acc)
-        _feature_mse_finalize_kernel[(batch,)](partial, per_sample, meta_t, NUM_LAYERS=len(idx), RBLOCK=128, ACC=acc)
+    with device_guard(per_sample.device):
+        for group in launch_plan([p.numel() for p in preds], batch, weights, block):
+            args = []
+            for j in range(MAX_LAYERS):  # unused slots repeat the first layer; NUM_LAYERS gates them
+                L = group["layers"][j] if j < len(group["layers"]) else group["layers"][0]
+                l = L["layer"]
+                args += [preds[l], targets[l], grads[l], L["n"], L["cpr"], L["start"], L["coff"], *L["scale"]]
+            partial = torch.empty(batch * group["total_cpr"], dtype=per_sample.dtype, device=per_sample.device)
+            _feature_mse_partials_kernel[(group["programs"],)](
+                partial, group["total_cpr"], *args, NUM_LAYERS=len(group["layers"]), BLOCK=block, ACC=acc)
+            _feature_mse_finalize_kernel[(batch,)](partial, per_sample, group["total_cpr"], RBLOCK=RBLOCK, ACC=acc)

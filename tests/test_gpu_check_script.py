@@ -1,0 +1,58 @@
+"""benchmarks/gpu_check.sh proves its own logic on CPU (--dry-run): every stage runs, writes its log to
+the output folder and a summary row; bad options are refused; the stage limits fit the GPU budget."""
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
+
+
+def run(*args, out: Path, timeout=900):
+    env = {**os.environ, "GPU_CHECK_OUT": str(out), "PYTHON": sys.executable}
+    return subprocess.run(["bash", str(SCRIPT), *args], capture_output=True, text=True, env=env, cwd=ROOT,
+                          timeout=timeout)
+
+
+def test_dry_run_runs_every_stage_and_leaves_its_logs(tmp_path):
+    r = run("--dry-run", "--step", out=tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    summary = (tmp_path / "summary.md").read_text()
+    rows = dict(re.findall(r"^\| (\w+) \| (\d+)", summary, flags=re.M))
+    assert rows == {s: "0" for s in ("env", "build", "info", "parity", "op_table", "step_table")}, summary
+    assert "every stage passed" in summary
+    assert re.search(r"\d+ passed", (tmp_path / "parity.log").read_text())
+    assert "| feature_mse | cpu | fp32 |" in (tmp_path / "op_table.log").read_text()
+    assert "| sp-fused |" in (tmp_path / "step_table.log").read_text()
+    assert "auto -> cpu" in (tmp_path / "info.log").read_text()
+
+
+def test_a_failing_stage_is_recorded_and_the_later_stages_still_run(tmp_path):
+    """As on a GPU whose CUDA build fails: the script goes on and exits non-zero at the end."""
+    env_python = tmp_path / "python"
+    # A python that fails `-m fastperc.info` only: the info stage fails, parity and op_table still run.
+    env_python.write_text(f'#!/bin/sh\n[ "$2" = "fastperc.info" ] && exit 7\nexec {sys.executable} "$@"\n')
+    env_python.chmod(0o755)
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "out"), "PYTHON": str(env_python)}
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT,
+                       timeout=900)
+    assert r.returncode == 1, r.stdout[-3000:]
+    rows = dict(re.findall(r"^\| (\w+) \| (\d+)", (tmp_path / "out" / "summary.md").read_text(), flags=re.M))
+    assert rows["info"] == "7" and rows["parity"] == "0" and rows["op_table"] == "0"
+
+
+def test_unknown_options_are_refused(tmp_path):
+    r = run("--fast", out=tmp_path, timeout=60)
+    assert r.returncode == 2 and "unknown option '--fast'" in r.stderr
+
+
+def test_stage_limits_fit_a_second_run_into_one_gpu_job():
+    text = SCRIPT.read_text()
+    limits = {k: int(v) for k, v in re.findall(r"\bL_(\w+)=(\d+)", text)}
+    assert set(limits) == {"ENV", "BUILD", "INFO", "PARITY", "OPS", "STEP"}
+    assert sum(v for k, v in limits.items() if k != "STEP") <= 240  # two default runs in a 10-minute job
+    assert limits["STEP"] <= 180
