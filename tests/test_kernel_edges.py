@@ -266,3 +266,70 @@ def test_auto_falls_back_once_when_the_gpu_cannot_run_the_cuda_build(cap, expect
             _backend.resolve("cuda", dev)
     else:
         assert _backend.resolve("auto", dev) == "cuda"
+
+
+# ---- aliased taps: consume_targets must never read a gradient as a target --------------------------------
+def _aliased_case(kind: str, gen):
+    """(preds, targets, weights) where some targets share memory with each other or with a prediction."""
+    def r(*s):
+        return torch.randn(*s, generator=gen)
+
+    if kind == "same tensor twice":  # two taps whose modules return one tensor
+        t = r(3, 4, 5)
+        return [r(3, 4, 5), r(3, 4, 5)], [t, t], [1.0, 0.5]
+    if kind == "overlapping views":
+        buf = r(3, 20)
+        return [r(3, 12), r(3, 12)], [buf[:, :12], buf[:, 8:]], [0.7, 1.3]
+    if kind == "disjoint views of one buffer":
+        buf = r(3, 24)
+        return [r(3, 12), r(3, 12)], [buf[:, :12], buf[:, 12:]], [0.7, 1.3]
+    if kind == "target is another layer's prediction":
+        shared = r(3, 6)
+        return [r(3, 6), shared], [shared, r(3, 6)], [1.0, 2.0]
+    raise AssertionError(kind)
+
+
+ALIAS_KINDS = ["same tensor twice", "overlapping views", "disjoint views of one buffer",
+               "target is another layer's prediction"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", ALIAS_KINDS)
+def test_aliased_targets_give_the_true_loss_and_gradient(backend, kind, gen):
+    preds, targets, weights = _aliased_case(kind, gen)
+    preds = [p.requires_grad_(True) for p in preds]
+    want = truth_loss(preds, [t.clone() for t in targets], weights)
+    want_grads = [2 * w * (p.detach().double() - t.double()) / p[0].numel() for p, t, w in zip(preds, targets, weights)]
+    loss = feature_mse(preds, targets, weights, "none", backend=backend, consume_targets=True)
+    grads = torch.autograd.grad(loss.sum(), preds)
+    assert_close(loss, want, rtol=1e-5, atol=1e-7, what="loss")
+    for i, (g, w) in enumerate(zip(grads, want_grads)):
+        # Two layers may differentiate one shared prediction: autograd returns their sum for it.
+        if kind == "target is another layer's prediction" and i == 1:
+            continue
+        assert_close(g, w, rtol=1e-5, atol=1e-7, what=f"grad[{i}]")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_taps_that_return_one_tensor_match_the_reference_loss(backend, gen):
+    """The default UNet's midblock returns its last resnet's output: tapping both aliases one buffer."""
+    from fastperc import FrozenTeacher, NoiseSchedule, self_perceptual_loss
+
+    from .helpers import tiny_unet
+    model = tiny_unet()
+    teacher = FrozenTeacher(model, ("mid_block", "mid_block.resnets.1"))
+    feats = teacher(torch.randn(2, 1, 8, 8, generator=gen), torch.tensor([3, 600]))
+    assert feats[0].data_ptr() == feats[1].data_ptr(), "the case needs two taps on one tensor"
+    schedule = NoiseSchedule.scaled_linear()
+    x0, noise = torch.randn(2, 2, 1, 8, 8, generator=gen).unbind(0)
+    t, t2 = torch.tensor([10, 700]), torch.tensor([400, 50])
+    out = torch.randn(2, 1, 8, 8, generator=gen)
+    results = []
+    for be in ("reference", backend):
+        v = out.clone().requires_grad_(True)
+        loss = self_perceptual_loss(teacher, v, x0, noise, t, schedule, layer_weights=[1.0, 0.5],
+                                    timesteps_prime=t2, backend=be)
+        results.append((loss.detach(), torch.autograd.grad(loss, v)[0]))
+    (ref_loss, ref_grad), (loss, grad) = results
+    assert_close(loss, ref_loss, rtol=1e-5, atol=1e-8, what="loss")
+    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7 * float(ref_grad.abs().max()), what="grad")

@@ -39,3 +39,20 @@ def as_same_layout(*xs: torch.Tensor) -> list[torch.Tensor]:
 def empty_like_layout(ref: torch.Tensor, layout_ok: bool) -> torch.Tensor:
     """An output buffer in `ref`'s layout when kernels read `ref` in place, else contiguous."""
     return torch.empty_like(ref) if layout_ok else torch.empty(ref.shape, dtype=ref.dtype, device=ref.device)
+
+
+def _byte_range(x: torch.Tensor) -> tuple[int, int, int]:
+    """(storage address, first byte, one past the last byte) that `x` can touch."""
+    if x.numel() == 0:
+        return (0, 0, 0)
+    span = 1 + sum((n - 1) * abs(st) for n, st in zip(x.shape, x.stride()))
+    start = x.storage_offset() * x.element_size()
+    return (x.untyped_storage().data_ptr(), start, start + span * x.element_size())
+
+
+def overlaps(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """True when `a` and `b` may share memory (same storage, intersecting byte ranges). Metadata only:
+    no device work, so it is free on the hot path."""
+    sa, a0, a1 = _byte_range(a)
+    sb, b0, b1 = _byte_range(b)
+    return sa == sb and sa != 0 and a0 < b1 and b0 < a1

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from .._validation import check_choice
 from . import _backend, _ext, reference
-from ._layout import as_same_layout, batch_major_dense, empty_like_layout, same_layout
+from ._layout import as_same_layout, batch_major_dense, empty_like_layout, overlaps, same_layout
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -130,6 +130,18 @@ class _ConsumeTargets(torch.autograd.Function):
         return (None, None, None, *_scale_rows_op(ctx.grads, grad_per_sample))
 
 
+def _unaliased_targets(preds: list[Tensor], targets: list[Tensor]) -> list[Tensor]:
+    """Targets safe to overwrite in layer order: a target that shares memory with any other tensor of
+    the call (two taps returning one tensor, views of one buffer, a prediction) is copied first, else
+    writing one layer's gradient would change what a later layer reads."""
+    out = list(targets)
+    for i, t in enumerate(targets):
+        others = [x for j, x in enumerate(targets) if j != i] + preds
+        if any(overlaps(t, x) for x in others):
+            out[i] = t.clone()
+    return out
+
+
 # ---- public entry point -----------------------------------------------------------------------------
 def _check(pred_feats, target_feats, weights, reduction) -> tuple[list, list, list[float]]:
     for name, seq in (("pred_feats", pred_feats), ("target_feats", target_feats)):
@@ -210,7 +222,8 @@ def feature_mse(pred_feats: Sequence[Tensor], target_feats: Sequence[Tensor],
         per_sample = reference.feature_mse_per_sample(preds, targets, w)
     elif consume_targets and not torch.compiler.is_compiling():
         pairs = [as_same_layout(p, t) for p, t in zip(preds, targets)]  # a copied target is ours to overwrite
-        per_sample = _ConsumeTargets.apply(w, name, [t for _, t in pairs], *[p for p, _ in pairs])
+        writable = _unaliased_targets([p for p, _ in pairs], [t for _, t in pairs])
+        per_sample = _ConsumeTargets.apply(w, name, writable, *[p for p, _ in pairs])
     else:  # the functional op; under torch.compile inductor plans buffer reuse itself
         per_sample = _feature_mse_op(preds, targets, w, name)[0]
     return reference.reduce(per_sample, reduction)
