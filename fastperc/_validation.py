@@ -1,7 +1,10 @@
 """Argument checks shared by the public API.
 
 Every check raises ValueError/TypeError naming the argument, what was expected and what came.
-Value checks (ranges, NaN) need a device sync, so they are skipped while torch.compile traces.
+Checks of metadata (type, shape, dtype, device) are free and always run. Checks of values (ranges,
+NaN) read data: on a GPU each one is a host sync that stalls the launch queue, so the hot path uses
+the device-side form (`check_timesteps(..., host=False)`: torch._assert_async, no sync) and the host
+form only where a caller asks for it. Value checks are skipped while torch.compile traces.
 """
 from __future__ import annotations
 
@@ -42,8 +45,13 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf element(s)")
 
 
-def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: torch.device) -> None:
-    """Integer timesteps of shape (batch,) in [0, num_train_timesteps)."""
+def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: torch.device,
+                    host: bool = True) -> None:
+    """Integer timesteps of shape (batch,) in [0, num_train_timesteps).
+
+    host=True reads the range on the host (a ValueError with min and max; a sync on GPUs); host=False
+    queues a device-side assert instead (no sync: a RuntimeError on CPU, a device-side assert on GPUs,
+    either with this message)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected an integer torch.Tensor of shape ({batch},), got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -53,6 +61,10 @@ def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: 
     if t.device != device:
         raise ValueError(f"{name}: expected device {device}, got {t.device}")
     if tracing() or batch == 0:
+        return
+    if not host:
+        torch._assert_async(((t >= 0) & (t < num_train_timesteps)).all(),
+                            f"{name}: expected values in [0, {num_train_timesteps - 1}]")
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_train_timesteps:

@@ -32,7 +32,7 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
                          layers: Sequence[str] | None = None, layer_weights: Sequence[float] | None = None,
                          teacher_kwargs: dict | None = None, timesteps_prime: torch.Tensor | None = None,
                          reduction: str = "mean", backend: str = "auto",
-                         generator: torch.Generator | None = None) -> torch.Tensor:
+                         generator: torch.Generator | None = None, check_values: bool = False) -> torch.Tensor:
     """Self-perceptual loss: compare a frozen teacher's features of the truth and of the prediction,
     both re-noised to a fresh timestep t'. Replaces `F.mse_loss(model_output, target)` in a step.
 
@@ -51,6 +51,11 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
         reduction: "mean" over the batch, "sum", or "none" for a (B,) loss.
         backend: fused-op backend: "auto", "reference", "cpu", "triton" or "cuda".
         generator: torch.Generator for drawing t'.
+        check_values: also check values on the host: x0 and noise finite, timesteps in range, each
+            a ValueError naming the argument. Off by default because each check is a host sync on a
+            GPU; without it the call makes no host sync (timestep ranges are then checked by a
+            device-side assert, and a NaN in the inputs gives a NaN loss, which the caller sees).
+            Types, shapes, dtypes and devices are always checked.
 
     Returns:
         The loss (float32, or float64 for float64 inputs): a scalar, or (B,) with reduction="none".
@@ -77,15 +82,16 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     check_tensor("model_output", model_output, ndim_min=2)
     check_like("x0", x0, "model_output", model_output)
     check_like("noise", noise, "model_output", model_output)
-    check_finite("x0", x0)
-    check_finite("noise", noise)
+    if check_values:
+        check_finite("x0", x0)
+        check_finite("noise", noise)
     batch, device, T = x0.shape[0], x0.device, schedule.num_train_timesteps
-    check_timesteps("timesteps", timesteps, batch, T, device)
+    check_timesteps("timesteps", timesteps, batch, T, device, host=check_values)
     if timesteps_prime is None:
         gen_device = generator.device if generator is not None else device
         timesteps_prime = torch.randint(0, T, (batch,), generator=generator, device=gen_device).to(device)
     else:
-        check_timesteps("timesteps_prime", timesteps_prime, batch, T, device)
+        check_timesteps("timesteps_prime", timesteps_prime, batch, T, device, host=check_values)
     if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
         raise TypeError(f"teacher_kwargs: expected a dict or None, got {type(teacher_kwargs).__name__}")
     frozen = _as_teacher(teacher, layers)
@@ -111,7 +117,7 @@ class SelfPerceptualLoss(nn.Module):
         teacher: the MSE-pretrained model (copied and frozen unless it is already a FrozenTeacher).
         schedule: NoiseSchedule (default NoiseSchedule.scaled_linear(): the paper's zero-SNR schedule).
         layers: layers to tap (default ("mid_block",)); layer_weights: one per layer.
-        prediction_type, reduction, backend: as in self_perceptual_loss.
+        prediction_type, reduction, backend, check_values: as in self_perceptual_loss.
         teacher_dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16).
 
     Example:
@@ -126,7 +132,7 @@ class SelfPerceptualLoss(nn.Module):
     def __init__(self, teacher: nn.Module, schedule: NoiseSchedule | None = None, *,
                  layers: Sequence[str] | None = None, layer_weights: Sequence[float] | None = None,
                  prediction_type: str | None = None, reduction: str = "mean", backend: str = "auto",
-                 teacher_dtype: torch.dtype | None = None):
+                 teacher_dtype: torch.dtype | None = None, check_values: bool = False):
         super().__init__()
         if isinstance(teacher, FrozenTeacher):
             if layers is not None and tuple(layers) != teacher.layers:
@@ -144,6 +150,7 @@ class SelfPerceptualLoss(nn.Module):
         check_choice("reduction", reduction, REDUCTIONS)
         self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
         self.prediction_type, self.reduction, self.backend = prediction_type, reduction, backend
+        self.check_values = check_values
 
     def forward(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                 *, timesteps_prime: torch.Tensor | None = None, generator: torch.Generator | None = None,
@@ -151,7 +158,8 @@ class SelfPerceptualLoss(nn.Module):
         return self_perceptual_loss(self.teacher, model_output, x0, noise, timesteps, self.schedule,
                                     prediction_type=self.prediction_type, layer_weights=self.layer_weights,
                                     teacher_kwargs=teacher_kwargs, timesteps_prime=timesteps_prime,
-                                    reduction=self.reduction, backend=self.backend, generator=generator)
+                                    reduction=self.reduction, backend=self.backend, generator=generator,
+                                    check_values=self.check_values)
 
     def extra_repr(self) -> str:
         return f"schedule={self.schedule}, weights={self.layer_weights}, reduction={self.reduction!r}"

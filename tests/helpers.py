@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastperc.models import UNet
 
@@ -81,3 +82,30 @@ def hand_loss(model, layers, weights, model_output, x0, noise, t, t2, schedule, 
         for h in handles:
             h.remove()
     return sum(w * F.mse_loss(f, r) for w, f, r in zip(weights, f_fake, f_real))
+
+
+class HostSyncAlarm(TorchDispatchMode):
+    """Records every op that would make a GPU wait for the host or the host for the GPU: reading a
+    value (`.item()`, `bool(t)`, `int(t)`: _local_scalar_dense), data-dependent shapes (nonzero), and
+    tensors built from host data (torch.tensor(list): lift_fresh; a host-to-device copy: _to_copy)."""
+    FORBIDDEN = ("_local_scalar_dense", "item", "nonzero", "lift_fresh", "tolist", "is_nonzero")
+
+    def __init__(self):
+        super().__init__()
+        self.hits: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = str(func)
+        moves = ("_to_copy" in name or "copy_" in name) and _crosses_devices(func, args, kwargs)
+        if moves or any(word in name for word in self.FORBIDDEN):
+            self.hits.append(name)
+        return func(*args, **kwargs)
+
+
+def _crosses_devices(func, args, kwargs) -> bool:
+    """A copy between devices (host <-> GPU); a dtype cast on one device is not a sync."""
+    if "copy_" in str(func):
+        return args[0].device != args[1].device
+    target = kwargs.get("device")
+    return target is not None and torch.device(target) != args[0].device

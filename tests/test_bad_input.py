@@ -32,13 +32,17 @@ def nan_x0():
     ({"model_output": torch.ones(2, 1, 8, 8, dtype=torch.long)}, TypeError, "model_output: expected a floating dtype"),
     ({"model_output": [1.0]}, TypeError, "model_output: expected a torch.Tensor"),
     ({"x0": torch.randn(2, 1, 8, 8, device="meta")}, ValueError, "x0: expected device cpu"),
-    ({"timesteps": torch.tensor([1, 1000])}, ValueError, r"timesteps: expected values in \[0, 999\]"),
-    ({"timesteps": torch.tensor([-1, 3])}, ValueError, "timesteps: expected values"),
+    ({"timesteps": torch.tensor([1, 1000]), "check_values": True}, ValueError,
+     r"timesteps: expected values in \[0, 999\], got min 1, max 1000"),
+    ({"timesteps": torch.tensor([-1, 3]), "check_values": True}, ValueError, "timesteps: expected values"),
+    # Without check_values the range is a device-side assert: no host sync, the same message.
+    ({"timesteps": torch.tensor([1, 1000])}, RuntimeError, r"timesteps: expected values in \[0, 999\]"),
+    ({"timesteps_prime": torch.tensor([-5, 10])}, RuntimeError, r"timesteps_prime: expected values in \[0, 999\]"),
     ({"timesteps": torch.tensor([1, 2, 3])}, ValueError, r"timesteps: expected shape \(2,\)"),
     ({"timesteps": torch.tensor([[1, 2]])}, ValueError, "timesteps: expected shape"),
     ({"timesteps": torch.tensor([1.0, 2.0])}, TypeError, "timesteps: expected an integer dtype"),
-    ({"timesteps_prime": torch.tensor([5, 1000])}, ValueError, "timesteps_prime: expected values"),
-    ({"x0": nan_x0()}, ValueError, "x0: expected finite values, got 1 NaN"),
+    ({"timesteps_prime": torch.tensor([5, 1000]), "check_values": True}, ValueError, "timesteps_prime: expected values"),
+    ({"x0": nan_x0(), "check_values": True}, ValueError, "x0: expected finite values, got 1 NaN"),
     ({"layers": ("mid_blok",), "teacher": tiny_unet()}, ValueError, "layers: unknown layer 'mid_blok'"),
     ({"layers": ("conv_in",)}, ValueError, "layers: the FrozenTeacher taps"),
     ({"layer_weights": [1.0, 2.0]}, ValueError, "layer_weights: expected 1 values"),
@@ -53,6 +57,10 @@ def nan_x0():
 def test_self_perceptual_loss_rejects(over, exc, match):
     with pytest.raises(exc, match=match):
         call(**over)
+
+
+def test_nan_input_without_check_values_gives_a_nan_loss_not_a_silent_number():
+    assert torch.isnan(call(x0=nan_x0()))
 
 
 def test_unavailable_explicit_backend_is_a_clear_error():

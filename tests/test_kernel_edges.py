@@ -8,11 +8,10 @@ import importlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastperc.ops import _backend, feature_mse, renoise
 
-from .helpers import assert_close
+from .helpers import HostSyncAlarm, assert_close
 
 BACKENDS = ["reference"] + [b for b in ("cpu", "triton") if _backend.why_unavailable(b, "cpu") is None]
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2)}
@@ -163,20 +162,6 @@ class _Kernel:
         return run
 
 
-class _HostDataAlarm(TorchDispatchMode):
-    """Flags every op that builds a tensor from host data or reads a device value on the host."""
-    FORBIDDEN = ("lift_fresh", "_local_scalar_dense", "item", "nonzero", "_to_copy", "tolist")
-
-    def __init__(self):
-        super().__init__()
-        self.hits = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if any(word in str(func) for word in self.FORBIDDEN):
-            self.hits.append(str(func))
-        return func(*args, **(kwargs or {}))
-
-
 @needs_triton
 @pytest.mark.parametrize("op", ["feature_mse", "renoise"])
 def test_triton_launchers_guard_the_device_and_pass_metadata_as_arguments(op, monkeypatch, gen):
@@ -199,13 +184,13 @@ def test_triton_launchers_guard_the_device_and_pass_metadata_as_arguments(op, mo
         grads = [torch.empty_like(p) for p in preds]
         per_sample = torch.empty(2)
         data = preds + targets + grads + [per_sample]
-        with _HostDataAlarm() as alarm:
+        with HostSyncAlarm() as alarm:
             mod.forward(preds, targets, grads, [0.5] * 6, per_sample)
     else:
         xs = [torch.randn(3, 4, generator=gen) for _ in range(6)]
         coefs = torch.rand(4, 3, generator=gen)
         data = xs + [coefs]
-        with _HostDataAlarm() as alarm:
+        with HostSyncAlarm() as alarm:
             mod.forward(*xs[:4], coefs, xs[4], xs[5])
     assert alarm.hits == [], f"the launcher built tensors from host data or synced: {alarm.hits}"
     assert log, "no kernel was launched"

@@ -1,0 +1,60 @@
+"""The loss makes no host sync by default: a GPU's launch queue never waits for the host inside it."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastperc import FrozenTeacher, NoiseSchedule, SelfPerceptualLoss, self_perceptual_loss
+from fastperc.models import UNet
+
+from .helpers import HostSyncAlarm
+
+
+def default_unet_call(device="cpu", **kw):
+    torch.manual_seed(0)
+    model = UNet(num_classes=10).to(device)
+    teacher, schedule = FrozenTeacher(model), NoiseSchedule.scaled_linear()
+    x0 = torch.randn(4, 1, 32, 32, device=device)
+    noise = torch.randn_like(x0)
+    t = torch.randint(0, 1000, (4,), device=device)
+    labels = torch.randint(0, 10, (4,), device=device)
+    v = model(schedule.add_noise(x0, noise, t), t, class_labels=labels)
+    return lambda: self_perceptual_loss(teacher, v, x0, noise, t, schedule, teacher_kwargs={"class_labels": labels},
+                                        **kw)
+
+
+@pytest.mark.parametrize("t_prime", ["drawn", "given"])
+def test_loss_and_backward_on_the_default_unet_make_no_host_sync(t_prime):
+    kw = {"timesteps_prime": torch.randint(0, 1000, (4,))} if t_prime == "given" else {}
+    call = default_unet_call(**kw)
+    with HostSyncAlarm() as alarm:
+        loss = call()
+        loss.backward()
+    assert alarm.hits == [], alarm.hits
+
+
+def test_module_form_makes_no_host_sync():
+    criterion = SelfPerceptualLoss(UNet())
+    x0, noise, t = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32), torch.randint(0, 1000, (2,))
+    with HostSyncAlarm() as alarm:
+        criterion(torch.randn(2, 1, 32, 32), x0, noise, t)
+    assert alarm.hits == [], alarm.hits
+
+
+def test_check_values_reads_values_on_the_host():
+    """The counter sees syncs (the test above could not pass by seeing nothing)."""
+    call = default_unet_call(check_values=True)
+    with HostSyncAlarm() as alarm:
+        call()
+    assert alarm.hits.count("aten._local_scalar_dense.default") >= 4  # x0, noise finite; t min, max
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
+def test_loss_runs_under_cuda_sync_debug_mode_error():
+    call = default_unet_call("cuda")
+    call()  # warm-up: first calls may initialise tables
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        call().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
