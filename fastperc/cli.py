@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -60,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--max-steps", type=_non_negative(int), default=1000)
     tr.add_argument("--save-every", type=_positive(int), default=500)
     tr.add_argument("--log-every", type=_positive(int), default=10)
+    tr.add_argument("--max-bad-steps", type=_positive(int), default=5,
+                    help="stop after this many steps in a row with a NaN/Inf loss or gradient (each is skipped: "
+                         "no optimizer, EMA or LR-schedule step); checked on logging steps")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when present")
     tr.add_argument("--no-progress", action="store_true")
 
@@ -101,8 +105,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
-    except ValueError as e:  # bad values found after parsing (data, checkpoints, combinations)
-        print(f"fastperc {args.command}: error: {e}", file=sys.stderr)
+    # Expected failures: bad values found after parsing (data, checkpoints, combinations), missing
+    # files, a checkpoint that does not fit the model, a run that diverged. One line, exit code 2.
+    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+        if os.environ.get("FASTPERC_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"fastperc {args.command}: error: {first} (FASTPERC_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
 
 
@@ -121,13 +130,18 @@ def _dispatch(args) -> int:
                           warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                           ema_decay=args.ema_decay, precision=args.precision, compile=args.compile, seed=args.seed,
                           max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every,
-                          resume=args.resume, progress=not args.no_progress)
+                          max_bad_steps=args.max_bad_steps, resume=args.resume, progress=not args.no_progress)
         result = train(cfg)
         if result["interrupted"]:
             print(f"interrupted at step {result['step']}: checkpoint saved to {result['checkpoint']}; "
                   "continue with --resume", file=sys.stderr)
             return 128 + result["interrupted"]
-        print(f"done: {result['step']} steps, loss {result['loss']:.5f}, checkpoint {result['checkpoint']}")
+        if result["steps_run"] == 0 and result["finished"]:
+            print(f"already finished: {result['step']} steps (--max-steps {args.max_steps}), checkpoint "
+                  f"{result['checkpoint']}; raise --max-steps to train further")
+            return 0
+        loss = "n/a" if result["loss"] is None else f"{result['loss']:.5f}"
+        print(f"done: {result['step']} steps, loss {loss}, checkpoint {result['checkpoint']}")
         return 0
     if args.command == "sample":
         import torch

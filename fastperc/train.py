@@ -7,6 +7,7 @@ slice: a resumed run repeats the uninterrupted one, and N processes match one wi
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
@@ -62,6 +63,7 @@ class TrainConfig:
     max_steps: int = 1000
     save_every: int = 500
     log_every: int = 10
+    max_bad_steps: int = 5              # stop after this many non-finite steps in a row (each is skipped)
     resume: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes kept in the checkpoint
@@ -78,7 +80,8 @@ class TrainConfig:
             bad("prediction_type", f"one of {list(PREDICTION_TYPES)}", self.prediction_type)
         if self.precision not in ("fp32", "bf16"):
             bad("precision", "'fp32' or 'bf16'", self.precision)
-        for name in ("max_steps", "save_every", "log_every", "batch_size", "grad_accum", "image_size", "channels"):
+        for name in ("max_steps", "save_every", "log_every", "batch_size", "grad_accum", "image_size", "channels",
+                     "max_bad_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < (0 if name == "max_steps" else 1):
                 bad(name, "a positive integer" if name != "max_steps" else "an integer >= 0", getattr(self, name))
         if self.channels not in (1, 3):
@@ -120,9 +123,16 @@ def _all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
 
 # ---- pieces ---------------------------------------------------------------------------------------
 @torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float) -> None:
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tensor | None = None) -> None:
+    """ema += (1 - decay) * (model - ema). `apply`, a 0-d device tensor (1 or 0), gates the update
+    without a host sync: a skipped (non-finite) step leaves the EMA as it was."""
     ema_p, p = list(ema.parameters()), list(model.parameters())
-    torch._foreach_lerp_(ema_p, p, 1.0 - decay)
+    if apply is None:
+        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
+    else:
+        delta = torch._foreach_sub(p, ema_p)
+        torch._foreach_mul_(delta, apply.to(ema_p[0].dtype) * (1.0 - decay))
+        torch._foreach_add_(ema_p, delta)
     for eb, b in zip(ema.buffers(), model.buffers()):
         eb.copy_(b)
 
@@ -207,15 +217,22 @@ def train(cfg: TrainConfig) -> dict:
                              f"the student is a {mconf['arch']} with {mconf['in_channels']}")
         teacher = FrozenTeacher(tmodel.to(device), cfg.layers, copy=False)
 
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    warm = max(1, int(cfg.warmup_steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+    # Fused AdamW with a device-resident learning rate: a non-finite step is skipped on the device
+    # (found_inf leaves the parameters and Adam's moments and step count untouched) and the warm-up
+    # counts good steps on the device, so neither needs a host sync.
+    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device),
+                            weight_decay=cfg.weight_decay, fused=True)
+    counters = {"good": torch.zeros((), dtype=torch.int64, device=device),   # optimizer steps taken
+                "bad": torch.zeros((), dtype=torch.int64, device=device),    # non-finite steps skipped
+                "bad_in_row": torch.zeros((), dtype=torch.int64, device=device)}
     start = 0
     if state is not None:
         model.load_state_dict(state["model"])
         ema.load_state_dict(state["ema"])
         opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["lr_scheduler"])
+        for k, v in state.get("counters", {}).items():
+            counters[k].copy_(v)
+        opt.param_groups[0]["lr"] = torch.tensor(cfg.lr, device=device)  # checkpoints load to CPU
         torch.set_rng_state(state["rng"]["torch"])
         start = state["step"]
 
@@ -241,16 +258,20 @@ def train(cfg: TrainConfig) -> dict:
         if rank != 0:
             return
         checkpoint.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                         "lr_scheduler": sched.state_dict(), "step": step, "rng": {"torch": torch.get_rng_state()},
-                         "config": asdict(cfg), "model_config": mconf}, ckpt_path)
+                         "counters": {k: v.cpu() for k, v in counters.items()}, "step": step,
+                         "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg), "model_config": mconf},
+                        ckpt_path)
 
     bar = None
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.objective} -> {out}", dynamic_ncols=True)
-    loss_value, t0, step = float("nan"), time.time(), start
+    loss_value, t0, step = _last_logged_loss(log_path) if resume else None, time.time(), start
+    warm = max(1, int(cfg.warmup_steps))
+    lr_now = opt.param_groups[0]["lr"]
+    params = list(model.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    with _StopFlag() as stop, (bar if bar is not None else _Null()):
+    with _StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(start, cfg.max_steps):
             g = _step_generator(cfg.seed, step)
             B = cfg.batch_size
@@ -261,6 +282,7 @@ def train(cfg: TrainConfig) -> dict:
             drop_all = torch.rand(B, generator=g) < cfg.label_dropout
             mine = slice(rank * per_rank, (rank + 1) * per_rank)
             total = torch.zeros((), device=device)
+            lr_now.copy_(cfg.lr * torch.clamp((counters["good"] + 1).double() / warm, max=1.0))
             for k in range(cfg.grad_accum):
                 sl = slice(mine.start + k * micro, mine.start + (k + 1) * micro)
                 x0 = x_all[idx[sl].to(device)]
@@ -269,31 +291,43 @@ def train(cfg: TrainConfig) -> dict:
                 if y_all is not None:
                     labels = torch.where(drop_all[sl].to(device), torch.full_like(t, null), y_all[idx[sl].to(device)])
                 sync = k == cfg.grad_accum - 1 or world == 1
-                ctx = net.no_sync() if (world > 1 and not sync) else _Null()
+                ctx = net.no_sync() if (world > 1 and not sync) else contextlib.nullcontext()
                 with ctx:
                     with autocast:  # bf16: the student and the teacher; losses accumulate in fp32
-                        pred = predict(net, schedule.add_noise(x0, noise, t), t, labels).float()
+                        pred = predict(net, schedule._add_noise(x0, noise, t), t, labels).float()
                         loss = _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels)
                     (loss / cfg.grad_accum).backward()
                 total += loss.detach() / cfg.grad_accum
-            if cfg.grad_clip > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            # A NaN/Inf in the loss or any gradient (after DDP's all-reduce, so every rank agrees) skips
+            # the whole update: the optimizer, the EMA and the warm-up counter.
+            norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+            ok = torch.isfinite(norm) & torch.isfinite(total)
+            opt.found_inf = (~ok).float()
             opt.step()
-            sched.step()
             opt.zero_grad(set_to_none=True)
-            ema_update(ema, model, min(cfg.ema_decay, (1 + step - start) / (10 + step - start)))
+            counters["good"] += ok
+            counters["bad"] += ~ok
+            counters["bad_in_row"] = (counters["bad_in_row"] + 1) * (~ok)
+            ema_update(ema, model, min(cfg.ema_decay, (1 + step) / (10 + step)), ok)  # warm-up from step 0
             done = step + 1
             if done % cfg.log_every == 0 or done == cfg.max_steps:
-                loss_value = float(_all_mean(total, world))
-                if not math.isfinite(loss_value):
-                    raise FloatingPointError(f"loss is {loss_value} at step {done}; lower --lr or check the data")
+                read = torch.stack([_all_mean(total, world).double(), counters["bad_in_row"].double(),
+                                    counters["bad"].double(), lr_now.double()]).tolist()  # one sync per log line
+                loss_value, bad_in_row, bad = read[0], int(read[1]), int(read[2])
                 if rank == 0:
                     with open(log_path, "a") as f:
-                        f.write(json.dumps({"step": done, "loss": loss_value, "lr": sched.get_last_lr()[0],
+                        f.write(json.dumps({"step": done, "loss": loss_value, "lr": read[3], "bad_steps": bad,
                                             "elapsed": round(time.time() - t0, 3)}) + "\n")
+                if bad_in_row > cfg.max_bad_steps:
+                    save(done)
+                    raise NonFiniteTraining(
+                        f"loss: {bad_in_row} steps in a row up to step {done} had a NaN/Inf loss or gradient "
+                        f"(more than --max-bad-steps {cfg.max_bad_steps}); each was skipped, so the weights in "
+                        f"{ckpt_path} are those of the last good step. Lower --lr or check the data.")
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss_value:.4f}")
+                if loss_value is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
             signum = _agreed_stop(stop.signum, world, device)
             if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
                 save(done)
@@ -302,12 +336,21 @@ def train(cfg: TrainConfig) -> dict:
                 break
         else:
             step = cfg.max_steps
-            if start == cfg.max_steps:
+            if start == cfg.max_steps and not resume:
                 save(step)
     if world > 1:
         dist.barrier()
-    return {"step": step, "steps_run": step - start, "loss": loss_value,
+    return {"step": step, "steps_run": step - start, "loss": loss_value, "finished": step >= cfg.max_steps,
             "interrupted": _agreed_stop(stop.signum, 1, device), "checkpoint": str(ckpt_path)}
+
+
+class NonFiniteTraining(RuntimeError):
+    """Raised when more than `max_bad_steps` steps in a row had a non-finite loss or gradient."""
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    return json.loads(lines[-1])["loss"] if lines else None
 
 
 def _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels) -> torch.Tensor:
@@ -337,11 +380,3 @@ def _trim_log(path: Path, step: int) -> None:
         return
     keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
     path.write_text("".join(ln + "\n" for ln in keep))
-
-
-class _Null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False

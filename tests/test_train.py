@@ -59,18 +59,134 @@ def test_self_perceptual_without_teacher_is_refused(tmp_path):
         train(TrainConfig(out=str(tmp_path), objective="self_perceptual", max_steps=1, **TINY))
 
 
-def test_resumed_run_repeats_the_uninterrupted_loss_sequence(tmp_path):
-    base = TrainConfig(out=str(tmp_path / "full"), max_steps=6, save_every=3, **TINY)
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Every tensor of the model, the EMA and the optimizer state, and the step, are equal."""
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer.state[{i}].{k}"
+    for k in a["counters"]:
+        assert torch.equal(a["counters"][k], b["counters"][k]), f"counters.{k}"
+
+
+def test_resumed_run_repeats_the_uninterrupted_run(tmp_path):
+    base = TrainConfig(out=str(tmp_path / "full"), max_steps=6, save_every=3, ema_decay=0.9, **TINY)
     train(base)
     part = replace(base, out=str(tmp_path / "part"))
     train(replace(part, max_steps=3))
     train(replace(part, resume=True))
     assert losses(tmp_path / "part") == losses(tmp_path / "full")
-    a = checkpoint.load(tmp_path / "full")
-    b = checkpoint.load(tmp_path / "part")
-    assert a["step"] == b["step"] == 6
-    for k in a["model"]:
-        assert torch.equal(a["model"][k], b["model"][k]), k
+    assert_same_training_state(checkpoint.load(tmp_path / "full"), checkpoint.load(tmp_path / "part"))
+
+
+def _wait_for_log_lines(log: Path, n: int, proc, deadline_s: float = 180) -> None:
+    deadline = time.time() + deadline_s
+    while time.time() < deadline and proc.poll() is None:
+        if log.exists() and log.read_text().count("\n") >= n:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"{log} did not reach {n} lines (process exit code {proc.poll()})")
+
+
+def test_sigterm_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path):
+    args = ["train", "--max-steps", "60", "--batch-size", "4", "--channels-per-level", "8,16", "--lr", "1e-3",
+            "--warmup-steps", "5", "--log-every", "1", "--save-every", "7", "--ema-decay", "0.95", "--no-progress",
+            "--conditional"]
+    full = cli(*args, "--out", str(tmp_path / "full"))
+    assert full.returncode == 0, full.stderr[-3000:]
+
+    out = tmp_path / "cut"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def start(*extra):
+        return subprocess.Popen([sys.executable, "-m", "fastperc", *args, "--out", str(out), *extra], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    proc = start()
+    _wait_for_log_lines(out / "log.jsonl", 10, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+
+    proc = start("--resume")
+    first_after_resume = checkpoint.load(out)["step"]
+    _wait_for_log_lines(out / "log.jsonl", first_after_resume + 12, proc)
+    proc.kill()  # SIGKILL: no handler runs, the process dies between two saves
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    saved = checkpoint.load(out)["step"]
+    logged = max(json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines())
+    assert 0 <= logged - saved < 7, (logged, saved)  # lost at most the steps since the last save
+
+    done = cli(*args, "--out", str(out), "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert losses(out) == losses(tmp_path / "full")
+    assert_same_training_state(checkpoint.load(tmp_path / "full"), checkpoint.load(out))
+    assert checkpoint.previous(out / "checkpoint.pt").exists(), "the previous checkpoint is kept"
+
+
+def test_a_corrupt_checkpoint_names_the_file_and_the_kept_previous_one(tmp_path):
+    out = tmp_path / "run"
+    train(TrainConfig(out=str(out), max_steps=4, save_every=2, **TINY))
+    good = checkpoint.load(checkpoint.previous(out / "checkpoint.pt"))
+    assert good["step"] == 2
+    data = (out / "checkpoint.pt").read_bytes()
+    (out / "checkpoint.pt").write_bytes(data[: len(data) // 2])  # truncated on disk
+    with pytest.raises(ValueError, match=r"checkpoint\.pt is not a readable checkpoint .*previous checkpoint is "
+                                         r"kept as .*checkpoint\.prev\.pt"):
+        train(TrainConfig(out=str(out), max_steps=6, save_every=2, resume=True, **TINY))
+
+
+def _poison_steps(monkeypatch, bad_steps: set[int]):
+    """Make the loss of the given (0-based) steps NaN, as a diverging batch would."""
+    import fastperc.train as train_mod
+    real, calls = train_mod._objective, {"n": 0}
+
+    def objective(*a, **k):
+        loss = real(*a, **k)
+        step, calls["n"] = calls["n"], calls["n"] + 1
+        return loss * float("nan") if step in bad_steps else loss
+
+    monkeypatch.setattr(train_mod, "_objective", objective)
+
+
+def test_non_finite_steps_change_neither_weights_nor_ema_nor_adam(tmp_path, monkeypatch):
+    cfg = TrainConfig(out=str(tmp_path / "three"), max_steps=3, save_every=3, ema_decay=0.9, **TINY)
+    train(cfg)
+    _poison_steps(monkeypatch, {3, 4})
+    train(replace(cfg, out=str(tmp_path / "five"), max_steps=5, save_every=5))
+    a, b = checkpoint.load(tmp_path / "three"), checkpoint.load(tmp_path / "five")
+    b["step"] = a["step"]  # five steps ran; the last two were skipped
+    assert int(b["counters"]["good"]) == 3 and int(b["counters"]["bad"]) == 2
+    b["counters"] = a["counters"] | {"bad": b["counters"]["bad"] * 0, "bad_in_row": b["counters"]["bad_in_row"] * 0}
+    assert_same_training_state(a, b)
+    log = [json.loads(ln) for ln in (tmp_path / "five" / "log.jsonl").read_text().splitlines()]
+    assert [r["bad_steps"] for r in log] == [0, 0, 0, 1, 2]
+
+
+def test_too_many_bad_steps_in_a_row_stop_the_run_with_the_good_weights_saved(tmp_path, monkeypatch):
+    _poison_steps(monkeypatch, set(range(2, 100)))
+    out = tmp_path / "diverged"
+    with pytest.raises(RuntimeError, match=r"loss: 3 steps in a row up to step 5 had a NaN/Inf loss or gradient"):
+        train(TrainConfig(out=str(out), max_steps=50, save_every=50, max_bad_steps=2, **TINY))
+    state = checkpoint.load(out)
+    assert state["step"] == 5 and int(state["counters"]["good"]) == 2
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+
+
+def test_a_finished_run_resumed_says_it_is_finished(tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path / "r"), "--max-steps", "2", "--batch-size", "4", "--channels-per-level",
+            "8,16", "--no-progress", "--log-every", "1"]
+    assert main(args) == 0
+    assert "done: 2 steps, loss" in capsys.readouterr().out
+    assert main(args + ["--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "already finished: 2 steps" in out and "nan" not in out
 
 
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
