@@ -109,8 +109,10 @@ class FrozenTeacher(nn.Module):
 
     @property
     def truncated(self) -> bool:
-        """True when a hook-free truncated forward is used (compile friendly)."""
-        return self._adapter is not None
+        """True when calls with the adapter's supported kwargs use a hook-free truncated forward
+        (compile friendly). False for the hook paths: unknown architectures, and taps nested inside
+        a stage (which still stop after the deepest stage, but capture with hooks)."""
+        return self._adapter is not None and not self._nested
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs) -> list[torch.Tensor]:
         if self.dtype is not None:

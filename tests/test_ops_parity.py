@@ -56,7 +56,7 @@ layer = st.tuples(shapes, st.sampled_from(["contiguous", "channels_last", "strid
 def test_feature_mse_matches_float64_truth(backend, layers, batch, dtype, reduction, consume, seed):
     dev = device_for(backend)
     gen = torch.Generator().manual_seed(seed)
-    shapes_ = [(batch, *s) if len(s) != 3 else (batch, *s) for s, _, _ in layers]
+    shapes_ = [(batch, *s) for s, _, _ in layers]
     preds = [make(s, dtype, lay, dev, gen).requires_grad_(True) for s, (_, lay, _) in zip(shapes_, layers)]
     targets = [make(s, dtype, lay, dev, gen) for s, (_, lay, _) in zip(shapes_, layers)]
     weights = [w for _, _, w in layers]

@@ -57,6 +57,14 @@ def test_nothing_after_the_deepest_tap_runs_on_fastperc_unet():
     assert teacher.truncated
 
 
+def test_a_tap_nested_inside_a_stage_stops_early_but_is_not_hook_free():
+    teacher = FrozenTeacher(tiny_unet(), layers=("mid_block.resnets.0",))
+    counts = _count_calls(teacher.model, ["mid_block", "up_blocks.0", "conv_out"])
+    teacher(torch.randn(2, 1, 8, 8), torch.tensor([3, 4]))
+    assert counts == {"mid_block": 1, "up_blocks.0": 0, "conv_out": 0}
+    assert not teacher.truncated
+
+
 class Chain(nn.Module):
     """An architecture fastperc has no adapter for: served by the generic hook path."""
 

@@ -366,3 +366,48 @@ def test_full_preset_reports_the_spread_over_training_seeds(tmp_path, monkeypatc
     text = (tmp_path / "report.md").read_text()
     assert "training seeds [0, 1]" in text and "conditional: self-perceptual, no guidance" in text
     assert result["summary"]["sp"]["seeds"] == 2
+
+
+def _record_teacher(monkeypatch):
+    """Records what the training loop gives the teacher: its weights and its keyword arguments."""
+    import fastperc.train as train_mod
+    seen = {"weights": None, "kwargs": [], "student_labels": []}
+    real_teacher, real_predict = train_mod.FrozenTeacher, train_mod.predict
+
+    class Recording(real_teacher):
+        def __init__(self, model, *a, **k):
+            seen["weights"] = {n: v.clone() for n, v in model.state_dict().items()}
+            super().__init__(model, *a, **k)
+
+        def forward(self, sample, timestep, **kwargs):
+            seen["kwargs"].append(kwargs)
+            return super().forward(sample, timestep, **kwargs)
+
+    def predict(net, x_t, t, labels):
+        seen["student_labels"].append(labels)
+        return real_predict(net, x_t, t, labels)
+
+    monkeypatch.setattr(train_mod, "FrozenTeacher", Recording)
+    monkeypatch.setattr(train_mod, "predict", predict)
+    return seen
+
+
+def test_the_teacher_is_the_raw_mse_model_not_its_ema(mse_run, tmp_path, monkeypatch):
+    init = checkpoint.load(mse_run)
+    assert any(not torch.equal(init["model"][k], init["ema"][k]) for k in init["model"]), "the case needs EMA != raw"
+    seen = _record_teacher(monkeypatch)
+    train(TrainConfig(out=str(tmp_path / "sp"), objective="self_perceptual", init=str(mse_run), conditional=True,
+                      max_steps=1, save_every=1, **TINY))
+    assert seen["weights"].keys() == init["model"].keys()
+    for k, v in seen["weights"].items():
+        assert torch.equal(v, init["model"][k]), k
+
+
+def test_the_teacher_sees_the_class_labels_the_student_got(mse_run, tmp_path, monkeypatch):
+    seen = _record_teacher(monkeypatch)
+    train(TrainConfig(out=str(tmp_path / "sp"), objective="self_perceptual", init=str(mse_run), conditional=True,
+                      max_steps=2, save_every=2, **TINY))
+    assert len(seen["kwargs"]) == 4 and len(seen["student_labels"]) == 2  # real + fake branch per step
+    for step, labels in enumerate(seen["student_labels"]):
+        for call in seen["kwargs"][2 * step: 2 * step + 2]:
+            assert torch.equal(call["class_labels"], labels)
