@@ -9,7 +9,7 @@ SOURCES     := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cp
 # A torch already in the base interpreter (e.g. a CUDA build) is reused, never replaced.
 SYSTEM_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 
-.PHONY: install test demo bench info clean
+.PHONY: install test fuzz demo bench info clean
 
 install: $(STAMP)
 
@@ -26,6 +26,12 @@ $(STAMP): $(SOURCES)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# The hypothesis parity suite at length: every backend present (reference, cpu, triton under the
+# interpreter on CPU) x dtypes, shapes, layouts, weights, reductions, consume on/off, aliased taps.
+FUZZ_EXAMPLES ?= 2000
+fuzz: $(STAMP)
+	FASTPERC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_ops_parity.py --hypothesis-show-statistics
 
 demo: $(STAMP)
 	$(PY) -m fastperc demo --out runs/demo

@@ -58,3 +58,17 @@ def test_loss_runs_under_cuda_sync_debug_mode_error():
         call().backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_training_steps_add_no_host_sync(tmp_path):
+    """Only logging steps read values (one read of the loss and counters); the steps between are sync-free."""
+    from fastperc.train import TrainConfig, train
+    tiny = dict(conditional=True, block_channels=(8, 16), batch_size=4, save_every=100, log_every=100, progress=False)
+    train(TrainConfig(out=str(tmp_path / "mse"), max_steps=1, **tiny))
+    counts = []
+    for n in (2, 6):
+        with HostSyncAlarm() as alarm:
+            train(TrainConfig(out=str(tmp_path / f"sp{n}"), objective="self_perceptual", init=str(tmp_path / "mse"),
+                              max_steps=n, **tiny))
+        counts.append(len(alarm.hits))
+    assert counts[0] == counts[1], f"4 more steps added {counts[1] - counts[0]} host syncs"

@@ -411,3 +411,19 @@ def test_the_teacher_sees_the_class_labels_the_student_got(mse_run, tmp_path, mo
     for step, labels in enumerate(seen["student_labels"]):
         for call in seen["kwargs"][2 * step: 2 * step + 2]:
             assert torch.equal(call["class_labels"], labels)
+
+
+def test_a_checkpoint_that_does_not_fit_the_model_is_one_line_exit_2(mse_run, tmp_path, capsys):
+    state = checkpoint.load(mse_run)
+    state["model_config"] = {**state["model_config"], "block_channels": [8, 32]}  # weights no longer fit
+    checkpoint.save(state, tmp_path / "bad.pt")
+    code = main(["sample", str(tmp_path / "bad.pt"), "--out", str(tmp_path / "s.npz"), "--n", "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("fastperc sample: error: ") and err.count("\n") == 1, err
+
+
+def test_the_progress_bar_never_shows_nan(tmp_path):
+    r = cli("train", "--out", str(tmp_path / "r"), "--max-steps", "4", "--batch-size", "4", "--channels-per-level",
+            "8,16", "--log-every", "3")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "loss=" in r.stderr and "nan" not in r.stderr.lower(), r.stderr[-2000:]
