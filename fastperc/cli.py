@@ -42,6 +42,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--teacher", help="frozen perceptual network checkpoint (default: --init)")
     tr.add_argument("--layers", type=_csv(str), default=("mid_block",), help="comma-separated teacher layers")
     tr.add_argument("--layer-weights", type=_csv(float), default=None)
+    tr.add_argument("--feature-norm", choices=["none", "channel_rms"], default="none",
+                    help="scale each tapped channel by the real features' RMS (per sample), so taps weigh alike")
+    tr.add_argument("--t-prime-range", type=_csv(int), default=None, metavar="LOW,HIGH",
+                    help="draw the re-noise timestep t' from [LOW, HIGH] (default the whole table)")
+    tr.add_argument("--t-prime-density", choices=["uniform", "logit_normal"], default="uniform")
+    tr.add_argument("--t-prime-loc", type=float, default=0.0, help="logit-normal location (< 0: low-noise t')")
+    tr.add_argument("--t-prime-scale", type=_positive(float), default=1.0, help="logit-normal scale")
+    tr.add_argument("--objective-t-range", type=_csv(int), default=None, metavar="LOW,HIGH",
+                    help="use the self-perceptual objective where t is in [LOW, HIGH], plain MSE elsewhere")
+    tr.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd uses --momentum")
+    tr.add_argument("--adam-eps", type=_positive(float), default=1e-8)
+    tr.add_argument("--momentum", type=_non_negative(float), default=0.9)
     tr.add_argument("--arch", choices=["unet", "diffusers-unet2d"], default="unet")
     tr.add_argument("--channels-per-level", type=_csv(int), default=(32, 64, 128), dest="block_channels")
     tr.add_argument("--conditional", action="store_true", help="class labels, 10%% dropped to the null class")
@@ -90,6 +102,12 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classifier", default="runs/classifier", help="checkpoint from train-classifier")
     ev.add_argument("--k", type=_positive(int), default=3, help="neighbours for precision/recall")
 
+    st = sub.add_parser("study", help="fine-tune variants of one MSE model with equal steps, sample, evaluate, "
+                                      "tabulate over seeds")
+    st.add_argument("spec", help="a TOML spec ([study] and [[variant]] tables; see `python -m pydoc fastperc.study`)")
+    st.add_argument("--out", help="output folder (default: the spec's [study] out, else the spec's path without .toml)")
+    st.add_argument("--no-progress", action="store_true")
+
     de = sub.add_parser("demo", help="the main job: MSE teacher, self-perceptual fine-tune, samples")
     de.add_argument("--out", default="runs/demo")
     de.add_argument("--preset", choices=["default", "quick", "long", "gpu", "full"], default="default",
@@ -130,7 +148,11 @@ def _dispatch(args) -> int:
                           warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                           ema_decay=args.ema_decay, precision=args.precision, compile=args.compile, seed=args.seed,
                           max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every,
-                          max_bad_steps=args.max_bad_steps, resume=args.resume, progress=not args.no_progress)
+                          max_bad_steps=args.max_bad_steps, resume=args.resume, progress=not args.no_progress,
+                          feature_norm=args.feature_norm, t_prime_range=args.t_prime_range,
+                          t_prime_density=args.t_prime_density, t_prime_loc=args.t_prime_loc,
+                          t_prime_scale=args.t_prime_scale, objective_t_range=args.objective_t_range,
+                          optimizer=args.optimizer, adam_eps=args.adam_eps, momentum=args.momentum)
         result = train(cfg)
         if result["interrupted"]:
             print(f"interrupted at step {result['step']}: checkpoint saved to {result['checkpoint']}; "
@@ -174,6 +196,14 @@ def _dispatch(args) -> int:
             acc = f"{m['label_accuracy']:.3f}" if "label_accuracy" in m else "-"
             print(f"{path:40s} {m['n']:5d} {m['fd']:9.3f} {m['classifier_score']:9.3f} {m['precision']:9.3f} "
                   f"{m['recall']:7.3f} {acc:>9s}")
+        return 0
+    if args.command == "study":
+        from .study import load_spec, run
+        try:
+            run(load_spec(args.spec, args.out), progress=not args.no_progress)
+        except KeyboardInterrupt as stop:
+            print("study: interrupted; run the same command again to continue", file=sys.stderr)
+            return 128 + (int(stop.args[0]) if stop.args else 2)
         return 0
     if args.command == "demo":
         from .demo import run

@@ -9,10 +9,29 @@ from torch import nn
 from ._validation import check_choice, check_finite, check_like, check_tensor, check_timesteps
 from .ops import feature_mse, renoise
 from .ops.feature_mse import REDUCTIONS
-from .schedule import PREDICTION_TYPES, NoiseSchedule
+from .schedule import PREDICTION_TYPES, NoiseSchedule, TimestepDistribution
 from .teacher import FrozenTeacher
 
 DEFAULT_LAYERS = ("mid_block",)
+FEATURE_NORMS = ("none", "channel_rms")
+
+
+def normalize_features(real: list[torch.Tensor], fake: list[torch.Tensor], how: str,
+                       eps: float = 1e-6) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Scale both branches' features of each layer by 1 / RMS of the real features, per sample and per
+    channel (dim 1), over the remaining dimensions ("channel_rms"); the scale is a constant for
+    autograd. Every channel of every layer then weighs alike: without it a tap with large activations
+    dominates the sum (LPL normalises features for the same reason)."""
+    if how == "none":
+        return real, fake
+    out_r, out_f = [], []
+    for r, f in zip(real, fake):
+        dims = tuple(range(2, r.dim()))
+        ms = r.float().square().mean(dims, keepdim=True) if dims else r.float().square()
+        scale = (ms + eps).rsqrt().to(r.dtype)
+        out_r.append(r * scale)
+        out_f.append(f * scale)
+    return out_r, out_f
 
 
 def _as_teacher(teacher, layers) -> FrozenTeacher:
@@ -32,7 +51,8 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
                          layers: Sequence[str] | None = None, layer_weights: Sequence[float] | None = None,
                          teacher_kwargs: dict | None = None, timesteps_prime: torch.Tensor | None = None,
                          reduction: str = "mean", backend: str = "auto",
-                         generator: torch.Generator | None = None, check_values: bool = False) -> torch.Tensor:
+                         generator: torch.Generator | None = None, check_values: bool = False,
+                         feature_norm: str = "none") -> torch.Tensor:
     """Self-perceptual loss: compare a frozen teacher's features of the truth and of the prediction,
     both re-noised to a fresh timestep t'. Replaces `F.mse_loss(model_output, target)` in a step.
 
@@ -47,7 +67,8 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
         layers: layers to tap when `teacher` is a plain module (must match a FrozenTeacher's).
         layer_weights: one weight per layer (default 1.0).
         teacher_kwargs: passed to both teacher calls (encoder_hidden_states, class_labels, ...).
-        timesteps_prime: (B,) re-noise timesteps t'; default uniform on 0..T-1, one per sample.
+        timesteps_prime: (B,) re-noise timesteps t', or a TimestepDistribution to draw them from
+            (a range, a logit-normal density); default uniform on 0..T-1, one per sample (the paper).
         reduction: "mean" over the batch, "sum", or "none" for a (B,) loss.
         backend: fused-op backend: "auto", "reference", "cpu", "triton" or "cuda".
         generator: torch.Generator for drawing t'.
@@ -56,6 +77,9 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
             GPU; without it the call makes no host sync (timestep ranges are then checked by a
             device-side assert, and a NaN in the inputs gives a NaN loss, which the caller sees).
             Types, shapes, dtypes and devices are always checked.
+        feature_norm: "none" (the paper) or "channel_rms": both branches' features divided by the
+            real features' RMS per sample and channel (see `normalize_features`), so every channel of
+            every tapped layer counts alike; useful with several taps of different scales.
 
     Returns:
         The loss (float32, or float64 for float64 inputs): a scalar, or (B,) with reduction="none".
@@ -79,6 +103,7 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     kind = prediction_type if prediction_type is not None else schedule.prediction_type
     check_choice("prediction_type", kind, PREDICTION_TYPES)
     check_choice("reduction", reduction, REDUCTIONS)
+    check_choice("feature_norm", feature_norm, FEATURE_NORMS)
     check_tensor("model_output", model_output, ndim_min=2)
     check_like("x0", x0, "model_output", model_output)
     check_like("noise", noise, "model_output", model_output)
@@ -88,8 +113,9 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     batch, device, T = x0.shape[0], x0.device, schedule.num_train_timesteps
     check_timesteps("timesteps", timesteps, batch, T, device, host=check_values)
     if timesteps_prime is None:
-        gen_device = generator.device if generator is not None else device
-        timesteps_prime = torch.randint(0, T, (batch,), generator=generator, device=gen_device).to(device)
+        timesteps_prime = TimestepDistribution()
+    if isinstance(timesteps_prime, TimestepDistribution):
+        timesteps_prime = timesteps_prime.sample(batch, T, generator, device)
     else:
         check_timesteps("timesteps_prime", timesteps_prime, batch, T, device, host=check_values)
     if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
@@ -107,6 +133,7 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     with torch.no_grad():  # the real branch keeps no graph
         real_feats = frozen(real, timesteps_prime, **kwargs)
     fake_feats = frozen(fake, timesteps_prime, **kwargs)
+    real_feats, fake_feats = normalize_features(real_feats, fake_feats, feature_norm)
     return feature_mse(fake_feats, real_feats, layer_weights, reduction, backend=backend, consume_targets=True)
 
 

@@ -6,6 +6,7 @@ cached per device. Names follow diffusers (`num_train_timesteps`, `prediction_ty
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -223,3 +224,59 @@ def _refuse_zero(c: torch.Tensor, timesteps: torch.Tensor, what: str, kind: str,
             f"prediction_type: {kind!r} cannot be converted where {what}_t = 0 ({formula} divides by zero), "
             f"got timesteps {bad[:8]}; use 'v_prediction' with a zero-terminal-SNR schedule, or draw "
             f"timesteps below {min(bad)}")
+
+
+DENSITIES = ("uniform", "logit_normal")
+
+
+@dataclass(frozen=True)
+class TimestepDistribution:
+    """How the re-noise timestep t' is drawn: a density over [low, high] of the schedule's table.
+
+    "uniform" is the paper's choice. "logit_normal" draws u = sigmoid(N(loc, scale)) and maps it onto
+    [low, high] (loc < 0 favours low-noise t', loc > 0 high-noise; scale sets the spread), the density
+    SD3-style training scripts use for t. A range alone ([low, high], uniform) restricts which noise
+    levels the teacher compares: low t' shows it nearly clean images, high t' mostly noise.
+
+    Pass one as `timesteps_prime=` to `self_perceptual_loss`.
+
+    Example:
+        >>> import torch, fastperc
+        >>> dist = fastperc.TimestepDistribution(low=0, high=499, density="logit_normal", loc=-0.5)
+        >>> t2 = dist.sample(4, num_train_timesteps=1000, generator=torch.Generator().manual_seed(0))
+        >>> bool(((t2 >= 0) & (t2 <= 499)).all())
+        True
+    """
+
+    low: int = 0
+    high: int | None = None  # inclusive; default the last timestep
+    density: str = "uniform"
+    loc: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self):
+        check_choice("density", self.density, DENSITIES)
+        if not isinstance(self.low, int) or self.low < 0:
+            raise ValueError(f"low: expected an integer timestep >= 0, got {self.low!r}")
+        if self.high is not None and (not isinstance(self.high, int) or self.high < self.low):
+            raise ValueError(f"high: expected an integer timestep >= low ({self.low}) or None, got {self.high!r}")
+        if not (math.isfinite(self.loc) and math.isfinite(self.scale) and self.scale > 0):
+            raise ValueError(f"loc/scale: expected finite values with scale > 0, got {self.loc!r}/{self.scale!r}")
+
+    def bounds(self, num_train_timesteps: int) -> tuple[int, int]:
+        high = num_train_timesteps - 1 if self.high is None else self.high
+        if high >= num_train_timesteps:
+            raise ValueError(f"high: expected a timestep below num_train_timesteps = {num_train_timesteps}, got {high}")
+        return self.low, high
+
+    def sample(self, batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None) -> torch.Tensor:
+        """(batch,) integer timesteps (drawn on the generator's device, returned on `device`)."""
+        low, high = self.bounds(num_train_timesteps)
+        gen_device = generator.device if generator is not None else device
+        if self.density == "uniform":
+            t = torch.randint(low, high + 1, (batch,), generator=generator, device=gen_device)
+        else:
+            u = torch.sigmoid(torch.randn(batch, generator=generator, device=gen_device) * self.scale + self.loc)
+            t = (low + (u * (high - low + 1)).long()).clamp_(low, high)
+        return t.to(device) if device is not None else t

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import checkpoint, data
-from .loss import self_perceptual_loss
+from .loss import FEATURE_NORMS, self_perceptual_loss
 from .models.factory import ARCHS, build_model, null_class, predict
-from .schedule import PREDICTION_TYPES, NoiseSchedule
+from .schedule import PREDICTION_TYPES, NoiseSchedule, TimestepDistribution
 from .teacher import FrozenTeacher
 
 OBJECTIVES = ("mse", "self_perceptual")
@@ -40,6 +40,12 @@ class TrainConfig:
     teacher: str | None = None          # frozen perceptual network; default: init
     layers: tuple[str, ...] = ("mid_block",)
     layer_weights: tuple[float, ...] | None = None
+    feature_norm: str = "none"          # "channel_rms": each tapped channel scaled by the real features' RMS
+    t_prime_range: tuple[int, int] | None = None   # [low, high] of t' (default the whole table)
+    t_prime_density: str = "uniform"    # or "logit_normal" (t_prime_loc, t_prime_scale)
+    t_prime_loc: float = 0.0
+    t_prime_scale: float = 1.0
+    objective_t_range: tuple[int, int] | None = None  # self-perceptual where t is in [low, high], MSE elsewhere
     arch: str = "unet"
     block_channels: tuple[int, ...] = (32, 64, 128)
     conditional: bool = False
@@ -52,6 +58,9 @@ class TrainConfig:
     split_seed: int = 0                 # the train/held-out split: fixed, whatever the training seed
     batch_size: int = 64                # global batch per optimizer step
     lr: float = 2e-4
+    optimizer: str = "adamw"            # "adamw" or "sgd" (with momentum)
+    adam_eps: float = 1e-8
+    momentum: float = 0.9               # sgd only
     warmup_steps: int = 100
     weight_decay: float = 0.0
     grad_clip: float = 1.0
@@ -78,6 +87,17 @@ class TrainConfig:
             bad("arch", f"one of {list(ARCHS)}", self.arch)
         if self.prediction_type not in PREDICTION_TYPES:
             bad("prediction_type", f"one of {list(PREDICTION_TYPES)}", self.prediction_type)
+        if self.optimizer not in ("adamw", "sgd"):
+            bad("optimizer", "'adamw' or 'sgd'", self.optimizer)
+        if not (self.adam_eps > 0 and 0 <= self.momentum < 1):
+            bad("adam_eps/momentum", "adam_eps > 0 and momentum in [0, 1)", (self.adam_eps, self.momentum))
+        if self.feature_norm not in FEATURE_NORMS:
+            bad("feature_norm", f"one of {list(FEATURE_NORMS)}", self.feature_norm)
+        self.t_prime_distribution()  # validates range, density, loc and scale
+        for name in ("t_prime_range", "objective_t_range"):
+            r = getattr(self, name)
+            if r is not None and not (len(r) == 2 and 0 <= r[0] <= r[1]):
+                bad(name, "two timesteps low <= high", r)
         if self.precision not in ("fp32", "bf16"):
             bad("precision", "'fp32' or 'bf16'", self.precision)
         for name in ("max_steps", "save_every", "log_every", "batch_size", "grad_accum", "image_size", "channels",
@@ -98,6 +118,12 @@ class TrainConfig:
                              "pass --teacher CKPT or --init CKPT")
         if self.layer_weights is not None and len(self.layer_weights) != len(self.layers):
             bad("layer_weights", f"{len(self.layers)} values (one per layer)", self.layer_weights)
+
+
+    def t_prime_distribution(self) -> TimestepDistribution:
+        low, high = self.t_prime_range if self.t_prime_range is not None else (0, None)
+        return TimestepDistribution(int(low), None if high is None else int(high), self.t_prime_density,
+                                    float(self.t_prime_loc), float(self.t_prime_scale))
 
 
 # ---- distributed --------------------------------------------------------------------------------
@@ -217,11 +243,7 @@ def train(cfg: TrainConfig) -> dict:
                              f"the student is a {mconf['arch']} with {mconf['in_channels']}")
         teacher = FrozenTeacher(tmodel.to(device), cfg.layers, copy=False)
 
-    # Fused AdamW with a device-resident learning rate: a non-finite step is skipped on the device
-    # (found_inf leaves the parameters and Adam's moments and step count untouched) and the warm-up
-    # counts good steps on the device, so neither needs a host sync.
-    opt = torch.optim.AdamW(model.parameters(), lr=torch.tensor(cfg.lr, device=device),
-                            weight_decay=cfg.weight_decay, fused=True)
+    opt = _optimizer(cfg, model, device)
     counters = {"good": torch.zeros((), dtype=torch.int64, device=device),   # optimizer steps taken
                 "bad": torch.zeros((), dtype=torch.int64, device=device),    # non-finite steps skipped
                 "bad_in_row": torch.zeros((), dtype=torch.int64, device=device)}
@@ -249,6 +271,8 @@ def train(cfg: TrainConfig) -> dict:
     null = null_class(mconf)
     per_rank, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
     T = schedule.num_train_timesteps
+    t_prime_dist = cfg.t_prime_distribution()
+    t_prime_dist.bounds(T)
     log_path = out / "log.jsonl"
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -278,7 +302,7 @@ def train(cfg: TrainConfig) -> dict:
             idx = torch.randint(0, x_all.shape[0], (B,), generator=g)
             noise_all = torch.randn((B, *x_all.shape[1:]), generator=g)
             t_all = torch.randint(0, T, (B,), generator=g)
-            t2_all = torch.randint(0, T, (B,), generator=g)
+            t2_all = t_prime_dist.sample(B, T, generator=g)
             drop_all = torch.rand(B, generator=g) < cfg.label_dropout
             mine = slice(rank * per_rank, (rank + 1) * per_rank)
             total = torch.zeros((), device=device)
@@ -353,13 +377,34 @@ def _last_logged_loss(path: Path) -> float | None:
     return json.loads(lines[-1])["loss"] if lines else None
 
 
+def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Fused AdamW or SGD with a device-resident learning rate: a non-finite step is skipped on the
+    device (found_inf leaves the parameters and the optimizer state untouched) and the warm-up counts
+    good steps on the device, so neither needs a host sync."""
+    lr = torch.tensor(cfg.lr, device=device)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              fused=True)
+        if cfg.momentum > 0:  # fused SGD leaves a new buffer uninitialised when its first step is skipped
+            for p in model.parameters():
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+    return torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
+
+
 def _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, labels) -> torch.Tensor:
     target = schedule.target(x0, noise, t, schedule.prediction_type)
     if cfg.objective == "mse":
         return F.mse_loss(pred, target)
     kwargs = {"class_labels": labels} if labels is not None else {}
-    loss = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
-                                teacher_kwargs=kwargs, timesteps_prime=t2)
+    per_sample = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
+                                      teacher_kwargs=kwargs, timesteps_prime=t2, reduction="none",
+                                      feature_norm=cfg.feature_norm)
+    if cfg.objective_t_range is not None:  # the objective on a band of t, plain MSE on the rest
+        mse = (pred - target).square().flatten(1).mean(1)
+        inside = (t >= cfg.objective_t_range[0]) & (t <= cfg.objective_t_range[1])
+        per_sample = torch.where(inside, per_sample, mse)
+    loss = per_sample.mean()
     if cfg.mse_weight > 0:
         loss = loss + cfg.mse_weight * F.mse_loss(pred, target)
     return loss

@@ -1,0 +1,300 @@
+"""`fastperc study SPEC.toml`: fine-tune variants of one MSE-trained model, each for the same number of
+steps as a plain MSE continuation of it, sample, evaluate on the held-out split, and tabulate mean and
+spread over training seeds and sampling seeds.
+
+A spec is a small TOML file:
+
+    [study]
+    teacher = "runs/demo/mse"        # the MSE-trained checkpoint: every variant's start and teacher
+    steps = 300                      # fine-tune steps of every variant (equal steps = equal data)
+    training_seeds = [1, 2, 3]
+    sampling_seeds = [0]
+    samples = 1000                   # images per (run, sampling seed)
+    sample_steps = 15                # DDIM steps
+    classifier = "runs/demo/classifier"   # optional: trained into OUT/classifier when absent
+    base = { lr = 5e-5, batch_size = 64, conditional = true }   # any `fastperc train` option
+
+    [[variant]]
+    name = "self-perceptual, midblock"
+    objective = "self_perceptual"
+
+    [[variant]]
+    name = "self-perceptual + 0.1 MSE"
+    objective = "self_perceptual"
+    mse_weight = 0.1
+
+Option names are TrainConfig's (the `fastperc train` flags with underscores). A variant named
+"MSE continued" (the base options with objective "mse") is added when no variant has objective
+"mse": it is the baseline every row is compared with. Everything resumes: finished runs, samples
+and metrics are found on disk and skipped.
+
+Output: OUT/runs/<variant>/seed<k>/ (checkpoint, log, samples), OUT/results.jsonl (one line per
+run and sampling seed), OUT/table.md, OUT/fd_by_variant.png and one OUT/fd_vs_<option>.png per
+numeric option that the variants sweep, OUT/grids.png (sampling seed 0 of the first training seed).
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics, report
+from .sample import generate, save_samples
+from .train import TrainConfig, load_model, train
+
+BASELINE = "MSE continued"
+METRICS = ("fd", "classifier_score", "precision", "recall", "label_accuracy")
+_RESERVED = {"out", "init", "teacher", "seed", "max_steps", "resume", "progress"}
+
+
+@dataclass
+class StudySpec:
+    teacher: str
+    out: str
+    steps: int = 300
+    training_seeds: list[int] = field(default_factory=lambda: [1, 2, 3])
+    sampling_seeds: list[int] = field(default_factory=lambda: [0])
+    samples: int = 1000
+    sample_steps: int = 15
+    classifier: str | None = None
+    classifier_epochs: int = 12
+    base: dict = field(default_factory=dict)
+    variants: list[tuple[str, dict]] = field(default_factory=list)
+
+    def validate(self) -> None:
+        options = {f.name for f in fields(TrainConfig)} - _RESERVED
+        for name, opts in [("base", self.base)] + [(f"variant {n!r}", o) for n, o in self.variants]:
+            unknown = sorted(set(opts) - options)
+            if unknown:
+                raise ValueError(f"{name}: unknown training options {unknown}; expected names among {sorted(options)}")
+        names = [n for n, _ in self.variants]
+        if len(set(names)) != len(names):
+            raise ValueError(f"variant: expected distinct names, got {names}")
+        for key in ("steps", "samples", "sample_steps"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
+                raise ValueError(f"{key}: expected a positive integer, got {getattr(self, key)!r}")
+        if not self.training_seeds or not self.sampling_seeds:
+            raise ValueError("training_seeds/sampling_seeds: expected at least one seed each")
+        for name, opts in self.variants:
+            TrainConfig(out="", **self._train_options(opts)).validate()
+
+    def _train_options(self, variant: dict) -> dict:
+        return {"teacher": self.teacher, "init": self.teacher, **self.base, **variant}
+
+
+def load_spec(path: str | Path, out: str | None = None) -> StudySpec:
+    """Read a study spec (TOML); `out` overrides [study].out (default: the spec's folder / its name)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"spec: {path} does not exist")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"spec: {path} is not valid TOML ({e})") from e
+    study = dict(doc.get("study", {}))
+    if "teacher" not in study:
+        raise ValueError(f"spec: {path} has no [study] teacher = \"<MSE-trained checkpoint>\"")
+    variants = []
+    for i, v in enumerate(doc.get("variant", [])):
+        v = dict(v)
+        name = v.pop("name", None)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"variant {i}: expected a name = \"...\"")
+        variants.append((name, _tuples(v)))
+    if not any(o.get("objective", study.get("base", {}).get("objective", "mse")) == "mse" for _, o in variants):
+        variants.insert(0, (BASELINE, {"objective": "mse"}))
+    known = {f.name for f in fields(StudySpec)} - {"variants", "out"}
+    unknown = sorted(set(study) - known - {"out"})
+    if unknown:
+        raise ValueError(f"study: unknown keys {unknown}; expected {sorted(known | {'out'})}")
+    spec = StudySpec(out=out or study.pop("out", None) or str(path.with_suffix("")),
+                     **{k: v for k, v in study.items() if k != "out"}, variants=variants)
+    spec.base = _tuples(spec.base)
+    spec.validate()
+    return spec
+
+
+def _tuples(opts: dict) -> dict:
+    """TOML arrays as the tuples TrainConfig holds."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in opts.items()}
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.+-]+", "_", name).strip("_") or "variant"
+
+
+def run(spec: StudySpec, progress: bool = True) -> list[dict]:
+    """Train, sample and evaluate every (variant, training seed); returns the aggregated rows."""
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    clf_path = Path(spec.classifier) if spec.classifier else out / "classifier"
+    if not (clf_path / "classifier.pt").exists() and not (clf_path.is_file()):
+        print(f"study: training the metrics' classifier into {clf_path}")
+        metrics.train_classifier(str(clf_path), epochs=spec.classifier_epochs, progress=progress)
+    classifier = metrics.load_classifier(str(clf_path))
+    reference = metrics.embed(classifier, metrics.reference_set().images)[0]
+    results_path = out / "results.jsonl"
+    done = _read_results(results_path)
+    for name, opts in spec.variants:
+        for seed in spec.training_seeds:
+            run_dir = out / "runs" / slug(name) / f"seed{seed}"
+            cfg = TrainConfig(out=str(run_dir), seed=seed, max_steps=spec.steps, save_every=max(1, spec.steps // 2),
+                              resume=True, progress=progress, **spec._train_options(opts))
+            t0 = time.time()
+            result = train(cfg)
+            if result["interrupted"]:
+                raise KeyboardInterrupt(result["interrupted"])
+            train_s = round(time.time() - t0, 1) if result["steps_run"] else None
+            for sseed in spec.sampling_seeds:
+                key = (name, seed, sseed)
+                if key in done:
+                    continue
+                npz = run_dir / f"samples_seed{sseed}.npz"
+                if not npz.exists():
+                    model, mconf = load_model(str(run_dir), use_ema=True)
+                    imgs, labels = generate(model, mconf, spec.samples, steps=spec.sample_steps, seed=sseed,
+                                            device=device)
+                    save_samples(imgs, labels, npz)
+                imgs, labels = metrics.load_samples(str(npz))
+                m = metrics.evaluate(imgs, labels, classifier, reference)
+                row = {"variant": name, "training_seed": seed, "sampling_seed": sseed, "train_seconds": train_s,
+                       "steps": spec.steps, **{k: m[k] for k in METRICS if k in m}, "n": m["n"]}
+                with open(results_path, "a") as f:
+                    f.write(json.dumps(row) + "\n")
+                done[key] = row
+                print(f"study: {name}, training seed {seed}, sampling seed {sseed}: FD-MNIST {row['fd']:.3f}")
+    rows = aggregate(spec, list(done.values()))
+    write_outputs(spec, rows, out)
+    return rows
+
+
+def _read_results(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+    return {(r["variant"], r["training_seed"], r["sampling_seed"]): r for r in rows}
+
+
+def aggregate(spec: StudySpec, results: list[dict]) -> list[dict]:
+    """Per variant: each metric's mean and sample standard deviation over training seeds (each seed's
+    value is its mean over sampling seeds), and the mean spread (half-range) over sampling seeds."""
+    rows = []
+    for name, opts in spec.variants:
+        mine = [r for r in results if r["variant"] == name and r["training_seed"] in spec.training_seeds]
+        if not mine:
+            continue
+        row = {"variant": name, "options": opts, "effective": {**spec.base, **opts}, "training_seeds": sorted({r["training_seed"] for r in mine}),
+               "sampling_seeds": sorted({r["sampling_seed"] for r in mine}), "n": mine[0]["n"]}
+        secs = [r["train_seconds"] for r in mine if r.get("train_seconds")]
+        row["train_seconds"] = float(np.mean(secs)) if secs else None
+        for k in METRICS:
+            per_seed = []
+            spreads = []
+            for s in row["training_seeds"]:
+                vals = [r[k] for r in mine if r["training_seed"] == s and k in r]
+                if vals:
+                    per_seed.append(float(np.mean(vals)))
+                    spreads.append((max(vals) - min(vals)) / 2)
+            if per_seed:
+                row[k] = (float(np.mean(per_seed)), float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
+                          float(np.mean(spreads)))
+        rows.append(row)
+    base = next((r for r in rows if r["options"].get("objective", spec.base.get("objective", "mse")) == "mse"), None)
+    for r in rows:
+        r["verdict"] = verdict(r, base) if base is not None and r is not base else "baseline" if r is base else "-"
+    return rows
+
+
+def verdict(row: dict, base: dict) -> str:
+    """'beats' when FD is lower than the baseline's by more than the larger spread over training seeds,
+    with precision not lower; 'worse' when higher by as much; else 'tie'."""
+    (fd, sd, _), (bfd, bsd, _) = row["fd"], base["fd"]
+    margin = max(sd, bsd)
+    if len(row["training_seeds"]) < 2 or len(base["training_seeds"]) < 2:
+        return "one seed: no verdict"
+    if fd < bfd - margin and row["precision"][0] >= base["precision"][0] - base["precision"][1]:
+        return "beats"
+    if fd > bfd + margin:
+        return "worse"
+    return "tie"
+
+
+def table(spec: StudySpec, rows: list[dict]) -> str:
+    head = ("| variant | options | seeds | FD-MNIST ↓ | precision ↑ | recall ↑ | classifier score ↑ | label acc. ↑ "
+            "| s / run | vs MSE |")
+    lines = [head, "|" + "---|" * 10]
+    for r in rows:
+        def cell(k):
+            if k not in r:
+                return "-"
+            m, sd, ss = r[k]
+            return f"{m:.3f} ± {sd:.3f}" + (f" ({ss:.3f})" if len(r["sampling_seeds"]) > 1 else "")
+        opts = ", ".join(f"{k}={v}" for k, v in r["options"].items()) or "base"
+        secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
+        lines.append(f"| {r['variant']} | {opts} | {len(r['training_seeds'])} x {len(r['sampling_seeds'])} | "
+                     f"{cell('fd')} | {cell('precision')} | {cell('recall')} | {cell('classifier_score')} | "
+                     f"{cell('label_accuracy')} | {secs} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def swept_options(rows: list[dict]) -> dict[str, list[dict]]:
+    """Numeric options (base or variant) that take two or more values across variants, with the rows
+    that have them."""
+    out = {}
+    keys = {k for r in rows for k, v in r["effective"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    for k in sorted(keys):
+        having = [r for r in rows if k in r["effective"]]
+        if len({r["effective"][k] for r in having}) >= 2:
+            out[k] = having
+    return out
+
+
+def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    text = (f"# Study: {len(spec.variants)} variants of {spec.teacher}, {spec.steps} fine-tune steps each\n\n"
+            f"Base options: {spec.base or 'defaults'}. Training seeds {spec.training_seeds}, sampling seeds "
+            f"{spec.sampling_seeds}, {spec.samples} images per run and sampling seed, {spec.sample_steps} DDIM "
+            "steps, EMA weights. Each cell: mean ± standard deviation over training seeds (each seed averaged "
+            "over its sampling seeds; the spread over sampling seeds in brackets when there are several). "
+            "'vs MSE': 'beats' = FD lower than the MSE continuation's by more than the larger standard "
+            "deviation, with precision not lower.\n\n" + table(spec, rows) + "\n")
+    (out / "table.md").write_text(text)
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 2), 3.4), dpi=120)
+    ax.bar(range(len(rows)), [r["fd"][0] for r in rows], yerr=[r["fd"][1] for r in rows], capsize=3,
+           color=["C0" if r["verdict"] == "baseline" else "C3" for r in rows])
+    ax.set_xticks(range(len(rows)), [r["variant"] for r in rows], rotation=30, ha="right", fontsize=7)
+    ax.set_ylabel("FD-MNIST (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out / "fd_by_variant.png")
+    plt.close(fig)
+    for key, having in swept_options(rows).items():
+        fig, ax = plt.subplots(figsize=(4.5, 3.2), dpi=120)
+        xs = [r["effective"][key] for r in having]
+        ax.errorbar(xs, [r["fd"][0] for r in having], yerr=[r["fd"][1] for r in having], fmt="o", capsize=3)
+        for x, r in zip(xs, having):
+            ax.annotate(r["variant"], (x, r["fd"][0]), fontsize=6)
+        if all(x > 0 for x in xs) and max(xs) / min(xs) > 20:
+            ax.set_xscale("log")
+        ax.set_xlabel(key)
+        ax.set_ylabel("FD-MNIST")
+        fig.tight_layout()
+        fig.savefig(out / f"fd_vs_{key}.png")
+        plt.close(fig)
+    seed, sseed = spec.training_seeds[0], spec.sampling_seeds[0]
+    grids = [(r["variant"][:28], out / "runs" / slug(r["variant"]) / f"seed{seed}" / f"samples_seed{sseed}.png")
+             for r in rows]
+    grids = [(t, p) for t, p in grids if p.exists()]
+    if grids:
+        report.side_by_side(grids, out / "grids.png")
+    print(f"study: table in {out / 'table.md'}")

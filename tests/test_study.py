@@ -1,0 +1,105 @@
+"""`fastperc study`: a tiny study end to end (train, sample, evaluate, table, plots, grids), resuming
+without redoing work, and clear errors for bad specs."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from fastperc.cli import main
+from fastperc.study import BASELINE, aggregate, load_spec, verdict
+from fastperc.train import TrainConfig, train
+
+SPEC = """
+[study]
+teacher = "{teacher}"
+steps = 2
+training_seeds = [1, 2]
+sampling_seeds = [0]
+samples = 20
+sample_steps = 2
+classifier_epochs = 1
+base = {{ lr = 1e-4, batch_size = 8 }}
+
+[[variant]]
+name = "sp mid"
+objective = "self_perceptual"
+
+[[variant]]
+name = "sp mid, lr 3e-4, rms, low t'"
+objective = "self_perceptual"
+lr = 3e-4
+feature_norm = "channel_rms"
+t_prime_range = [0, 300]
+"""
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory):
+    out = tmp_path_factory.mktemp("teacher")
+    train(TrainConfig(out=str(out), conditional=True, block_channels=(8, 16), batch_size=8, max_steps=2, save_every=2,
+                      log_every=1, progress=False))
+    return out
+
+
+def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, capsys):
+    spec = tmp_path / "s.toml"
+    spec.write_text(SPEC.format(teacher=teacher))
+    out = tmp_path / "study"
+    assert main(["study", str(spec), "--out", str(out), "--no-progress"]) == 0
+    rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 * 2  # (baseline + 2 variants) x 2 training seeds x 1 sampling seed
+    assert {r["variant"] for r in rows} == {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'"}
+    table = (out / "table.md").read_text()
+    for name in ("| MSE continued |", "| sp mid |", "feature_norm=channel_rms", "| baseline |"):
+        assert name in table, table
+    assert (out / "fd_by_variant.png").exists() and (out / "fd_vs_lr.png").exists() and (out / "grids.png").exists()
+    run_log = out / "runs" / "sp_mid" / "seed1" / "log.jsonl"
+    before = run_log.read_text()
+    capsys.readouterr()
+    assert main(["study", str(spec), "--out", str(out), "--no-progress"]) == 0  # everything found on disk
+    assert "FD-MNIST" not in capsys.readouterr().out.replace("table", "")
+    assert len((out / "results.jsonl").read_text().splitlines()) == 6 and run_log.read_text() == before
+
+
+@pytest.mark.parametrize("body, message", [
+    ("[study]\nsteps = 2\n", "has no \\[study\\] teacher"),
+    ('[study]\nteacher = "x"\n[[variant]]\nname = "a"\nlearning_rate = 1\n', "unknown training options \\['learning_rate'\\]"),
+    ('[study]\nteacher = "x"\n[[variant]]\nobjective = "mse"\n', "variant 0: expected a name"),
+    ('[study]\nteacher = "x"\nsteps = 0\n', "steps: expected a positive integer"),
+    ('[study]\nteacher = "x"\nwhat = 1\n', "study: unknown keys \\['what'\\]"),
+    ('[study]\nteacher = "x"\n[[variant]]\nname = "a"\noptimizer = "lion"\n', "optimizer: expected 'adamw' or 'sgd'"),
+    ("[study\n", "not valid TOML"),
+])
+def test_bad_specs_are_clear_errors(tmp_path, body, message):
+    spec = tmp_path / "bad.toml"
+    spec.write_text(body)
+    with pytest.raises(ValueError, match=message):
+        load_spec(spec)
+
+
+def test_verdict_needs_a_margin_larger_than_the_seed_spread():
+    base = {"fd": (3.0, 0.2, 0.0), "precision": (0.55, 0.01, 0.0), "training_seeds": [1, 2, 3]}
+    row = lambda fd, sd, p: {"fd": (fd, sd, 0.0), "precision": (p, 0.01, 0.0), "training_seeds": [1, 2, 3]}  # noqa: E731
+    assert verdict(row(2.5, 0.1, 0.56), base) == "beats"
+    assert verdict(row(2.9, 0.1, 0.56), base) == "tie"       # inside the spread
+    assert verdict(row(2.5, 0.1, 0.40), base) == "tie"       # lower FD bought with precision
+    assert verdict(row(3.5, 0.1, 0.56), base) == "worse"
+    assert verdict({**row(2.0, 0.1, 0.6), "training_seeds": [1]}, base) == "one seed: no verdict"
+
+
+def test_aggregate_averages_sampling_seeds_then_spreads_over_training_seeds(tmp_path):
+    spec = load_spec(_write(tmp_path, '[study]\nteacher = "x"\n'))
+    results = [{"variant": BASELINE, "training_seed": s, "sampling_seed": ss, "fd": fd, "precision": 0.5, "n": 10,
+                "train_seconds": 1.0} for s, ss, fd in [(1, 0, 2.0), (1, 1, 4.0), (2, 0, 4.0), (2, 1, 6.0)]]
+    spec.training_seeds, spec.sampling_seeds = [1, 2], [0, 1]
+    (row,) = aggregate(spec, results)
+    mean, sd, sampling_spread = row["fd"]
+    assert mean == 4.0 and abs(sd - 2 ** 0.5) < 1e-12 and sampling_spread == 1.0  # seeds: 3.0 and 5.0
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "spec.toml"
+    p.write_text(text)
+    return p
