@@ -142,8 +142,8 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
     reference = metrics.embed(classifier, metrics.reference_set().images)[0]
     results_path = out / "results.jsonl"
     done = _read_results(results_path)
-    for name, opts in spec.variants:
-        for seed in spec.training_seeds:
+    for seed in spec.training_seeds:  # seed-major: one seed of every variant first, for an early first look
+        for name, opts in spec.variants:
             run_dir = out / "runs" / slug(name) / f"seed{seed}"
             cfg = TrainConfig(out=str(run_dir), seed=seed, max_steps=spec.steps, save_every=max(1, spec.steps // 2),
                               resume=True, progress=progress, **spec._train_options(opts))
