@@ -27,13 +27,13 @@ def check_tensor(name: str, x, *, ndim_min: int = 1, floating: bool = True) -> N
         raise ValueError(f"{name}: expected at least {ndim_min} dimension(s), got shape {tuple(x.shape)}")
 
 
-def check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
-    """x must match ref in shape, dtype and device."""
+def check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
+    """x must match ref in shape, device and (unless dtype=False) dtype."""
     if x.shape != ref.shape:
         raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(x.shape)}")
     if x.device != ref.device:
         raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {x.device}")
-    if x.dtype != ref.dtype:
+    if dtype and x.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
 
 

@@ -57,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--arch", choices=["unet", "diffusers-unet2d"], default="unet")
     tr.add_argument("--channels-per-level", type=_csv(int), default=(32, 64, 128), dest="block_channels")
     tr.add_argument("--conditional", action="store_true", help="class labels, 10%% dropped to the null class")
-    tr.add_argument("--prediction-type", choices=["v_prediction", "epsilon", "sample"], default="v_prediction")
+    tr.add_argument("--prediction-type", choices=["v_prediction", "epsilon", "sample"], default="v_prediction",
+                    help="what the model predicts; the schedule is SD's scaled-linear table rescaled to zero terminal "
+                         "SNR, except for epsilon (which cannot be converted where alpha = 0): the SD 1.5 table")
     tr.add_argument("--data", help="a folder of images (class sub-folders optional) or an .npz; default MNIST-5k")
     tr.add_argument("--image-size", type=_positive(int), default=32)
     tr.add_argument("--channels", type=int, choices=[1, 3], default=1)

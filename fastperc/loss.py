@@ -1,6 +1,10 @@
 """The self-perceptual objective (Lin & Yang, arXiv 2401.00110): schedule -> re-noise -> teacher -> feature MSE."""
 from __future__ import annotations
 
+import inspect
+import math
+import warnings
+import weakref
 from collections.abc import Sequence
 
 import torch
@@ -10,7 +14,7 @@ from ._validation import check_choice, check_finite, check_like, check_tensor, c
 from .ops import feature_mse, renoise
 from .ops.feature_mse import REDUCTIONS
 from .schedule import PREDICTION_TYPES, NoiseSchedule, TimestepDistribution
-from .teacher import FrozenTeacher
+from .teacher import FrozenTeacher, unwrap
 
 DEFAULT_LAYERS = ("mid_block",)
 FEATURE_NORMS = ("none", "channel_rms")
@@ -42,8 +46,81 @@ def _as_teacher(teacher, layers) -> FrozenTeacher:
         return teacher
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher: expected a FrozenTeacher or a torch.nn.Module, got {type(teacher).__name__}")
-    # A plain module is frozen in place (no copy per call); FrozenTeacher(model) keeps a copy instead.
+    trainable = [n for n, p in unwrap(teacher).named_parameters() if p.requires_grad]
+    if trainable:  # most likely the student itself: never freeze a caller's model behind its back
+        raise ValueError(
+            f"teacher: expected a frozen network, got a {type(teacher).__name__} whose parameters require grad "
+            f"({trainable[0]!r} and {len(trainable) - 1} more) - is it the student? Pass "
+            "fastperc.FrozenTeacher(mse_model) (a frozen copy, built once) or a model already frozen with "
+            ".requires_grad_(False)")
+    # A frozen plain module is used in place (no copy per call), in eval mode.
     return FrozenTeacher(teacher, layers if layers is not None else DEFAULT_LAYERS, copy=False)
+
+
+_converted = weakref.WeakKeyDictionary()
+
+
+def as_schedule(schedule) -> NoiseSchedule:
+    """A NoiseSchedule as it is, or a diffusers scheduler converted once (cached per scheduler object)."""
+    if isinstance(schedule, NoiseSchedule):
+        return schedule
+    if isinstance(getattr(schedule, "alphas_cumprod", None), torch.Tensor):
+        try:
+            return _converted[schedule]
+        except (KeyError, TypeError):
+            converted = NoiseSchedule.from_diffusers(schedule)
+            try:
+                _converted[schedule] = converted
+            except TypeError:  # not weak-referenceable: convert per call
+                pass
+            return converted
+    raise TypeError(f"schedule: expected a fastperc.NoiseSchedule or a diffusers scheduler (DDPMScheduler, ...), "
+                    f"got {type(schedule).__name__}; build one with NoiseSchedule.scaled_linear() or "
+                    "NoiseSchedule.from_diffusers(scheduler)")
+
+
+# Per-sample conditioning a teacher gets: each must have the batch size of model_output.
+_PER_SAMPLE_KWARGS = ("encoder_hidden_states", "class_labels", "timestep_cond", "pooled_projections", "text_embeds",
+                      "time_ids", "encoder_attention_mask")
+
+
+def _check_teacher_kwargs(kwargs: dict, batch: int, prefix: str = "teacher_kwargs") -> None:
+    for name, value in kwargs.items():
+        if isinstance(value, dict):
+            _check_teacher_kwargs(value, batch, f"{prefix}[{name!r}]")
+        elif name in _PER_SAMPLE_KWARGS and isinstance(value, torch.Tensor) and value.dim() >= 1 \
+                and value.shape[0] != batch:
+            raise ValueError(f"{prefix}[{name!r}]: expected batch size {batch} (as model_output), got shape "
+                             f"{tuple(value.shape)}")
+
+
+def _describe(kwargs: dict) -> str:
+    def one(v):
+        if isinstance(v, torch.Tensor):
+            return f"Tensor{tuple(v.shape)} {str(v.dtype).replace('torch.', '')}"
+        if isinstance(v, dict):
+            return "{" + ", ".join(f"{k}: {one(x)}" for k, x in v.items()) + "}"
+        return type(v).__name__
+    return "{" + ", ".join(f"{k}: {one(v)}" for k, v in kwargs.items()) + "}" if kwargs else "nothing"
+
+
+def _call_teacher(frozen: FrozenTeacher, sample, timesteps, kwargs: dict):
+    """The teacher's features; a failure in eager mode is re-raised naming teacher_kwargs, with what the
+    teacher got and what its forward takes (the usual cause: missing or wrong conditioning)."""
+    if torch.compiler.is_compiling():
+        return frozen(sample, timesteps, **kwargs)
+    try:
+        return frozen(sample, timesteps, **kwargs)
+    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
+        try:
+            takes = str(inspect.signature(frozen.model.forward))
+        except (TypeError, ValueError):
+            takes = "(unknown)"
+        raise ValueError(
+            f"teacher_kwargs: the teacher {type(frozen.model).__name__} failed on sample {tuple(sample.shape)} "
+            f"{str(sample.dtype).replace('torch.', '')} with {_describe(kwargs)}: {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. Its forward takes {takes}; pass the "
+            "conditioning the student got (encoder_hidden_states=..., class_labels=...)") from e
 
 
 def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
@@ -57,15 +134,19 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     both re-noised to a fresh timestep t'. Replaces `F.mse_loss(model_output, target)` in a step.
 
     Args:
-        teacher: a FrozenTeacher, or a plain nn.Module (frozen in place and tapped at `layers`,
-            default ("mid_block",)). Use a copy of the MSE-pretrained model, not its EMA.
-        model_output: the student's prediction at x_t = add_noise(x0, noise, timesteps), (B, ...).
+        teacher: a FrozenTeacher, or a plain nn.Module that is already frozen (no parameter requires
+            grad; used in place, in eval mode, tapped at `layers`, default ("mid_block",)); a module
+            with trainable parameters is refused (it is usually the student). Use the MSE-pretrained
+            model, not its EMA.
+        model_output: the student's prediction at x_t = add_noise(x0, noise, timesteps), (B, ...); it
+            may be bf16/fp16 while x0 and noise are fp32 (the re-noise runs in the widest dtype).
         x0, noise: the clean batch and the noise used to make x_t, same shape as model_output.
         timesteps: (B,) integer timesteps of x_t.
-        schedule: the NoiseSchedule used for training.
+        schedule: the NoiseSchedule used for training, or the diffusers scheduler itself (converted
+            once with NoiseSchedule.from_diffusers and cached).
         prediction_type: "epsilon", "v_prediction" or "sample"; default the schedule's (v_prediction).
         layers: layers to tap when `teacher` is a plain module (must match a FrozenTeacher's).
-        layer_weights: one weight per layer (default 1.0).
+        layer_weights: one finite weight >= 0 per layer (default 1.0).
         teacher_kwargs: passed to both teacher calls (encoder_hidden_states, class_labels, ...).
         timesteps_prime: (B,) re-noise timesteps t', or a TimestepDistribution to draw them from
             (a range, a logit-normal density); default uniform on 0..T-1, one per sample (the paper).
@@ -98,15 +179,20 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
 
     Reference: Lin & Yang, "Diffusion Model with Perceptual Loss", arXiv 2401.00110.
     """
-    if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule: expected a fastperc.NoiseSchedule, got {type(schedule).__name__}")
+    schedule = as_schedule(schedule)
     kind = prediction_type if prediction_type is not None else schedule.prediction_type
-    check_choice("prediction_type", kind, PREDICTION_TYPES)
+    schedule.check_prediction_type(kind)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("feature_norm", feature_norm, FEATURE_NORMS)
     check_tensor("model_output", model_output, ndim_min=2)
-    check_like("x0", x0, "model_output", model_output)
-    check_like("noise", noise, "model_output", model_output)
+    check_tensor("x0", x0)
+    check_like("x0", x0, "model_output", model_output, dtype=False)
+    check_tensor("noise", noise)
+    check_like("noise", noise, "x0", x0)
+    if model_output.shape[0] == 0:
+        raise ValueError(f"model_output: expected at least one sample, got shape {tuple(model_output.shape)}")
+    if layer_weights is not None:
+        layer_weights = check_layer_weights(layer_weights)
     if check_values:
         check_finite("x0", x0)
         check_finite("noise", noise)
@@ -125,16 +211,42 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
         raise ValueError(f"layer_weights: expected {len(frozen.layers)} values (one per layer in "
                          f"{frozen.layers}), got {len(layer_weights)}")
     kwargs = teacher_kwargs or {}
+    _check_teacher_kwargs(kwargs, batch)
 
-    coef_dtype = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    # Mixed precision as training scripts run it: a bf16/fp16 prediction with fp32 latents and noise is
+    # re-noised in the widest dtype (as F.mse_loss(pred.float(), target.float())); the teacher then
+    # casts its inputs to its own dtype.
+    wide = torch.promote_types(model_output.dtype, x0.dtype)
+    model_output, x0, noise = model_output.to(wide), x0.to(wide), noise.to(wide)
+    coef_dtype = torch.float64 if wide == torch.float64 else torch.float32
     a, b, ap, sp = schedule.renoise_coefficients(timesteps, timesteps_prime, kind, coef_dtype)
     x_t = schedule._add_noise(x0, noise, timesteps)  # arguments checked above
     fake, real = renoise(x_t, model_output, x0, noise, a, b, ap, sp, backend=backend)
     with torch.no_grad():  # the real branch keeps no graph
-        real_feats = frozen(real, timesteps_prime, **kwargs)
-    fake_feats = frozen(fake, timesteps_prime, **kwargs)
+        real_feats = _call_teacher(frozen, real, timesteps_prime, kwargs)
+    fake_feats = _call_teacher(frozen, fake, timesteps_prime, kwargs)
     real_feats, fake_feats = normalize_features(real_feats, fake_feats, feature_norm)
     return feature_mse(fake_feats, real_feats, layer_weights, reduction, backend=backend, consume_targets=True)
+
+
+def check_layer_weights(weights) -> list[float]:
+    w = [float(x) for x in weights]
+    if not all(math.isfinite(x) and x >= 0 for x in w):
+        raise ValueError(f"layer_weights: expected finite values >= 0 (one per layer), got {w}")
+    return w
+
+
+_warned_default = False
+
+
+def _warn_default_schedule() -> None:
+    global _warned_default
+    if not _warned_default:
+        _warned_default = True
+        warnings.warn("fastperc: SelfPerceptualLoss without a schedule assumes NoiseSchedule.scaled_linear(): "
+                      "Stable Diffusion's betas rescaled to zero terminal SNR, v-prediction (the paper's). Pass "
+                      "schedule=<your diffusers scheduler or NoiseSchedule> if you train with another one",
+                      RuntimeWarning, stacklevel=3)
 
 
 class SelfPerceptualLoss(nn.Module):
@@ -142,7 +254,9 @@ class SelfPerceptualLoss(nn.Module):
 
     Args:
         teacher: the MSE-pretrained model (copied and frozen unless it is already a FrozenTeacher).
-        schedule: NoiseSchedule (default NoiseSchedule.scaled_linear(): the paper's zero-SNR schedule).
+        schedule: NoiseSchedule or diffusers scheduler (default NoiseSchedule.scaled_linear(), the
+            paper's zero-terminal-SNR v-prediction table, with a one-time warning saying so: pass the
+            scheduler your training step uses).
         layers: layers to tap (default ("mid_block",)); layer_weights: one per layer.
         prediction_type, reduction, backend, check_values: as in self_perceptual_loss.
         teacher_dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16).
@@ -167,13 +281,15 @@ class SelfPerceptualLoss(nn.Module):
         else:
             teacher = FrozenTeacher(teacher, layers if layers is not None else DEFAULT_LAYERS, dtype=teacher_dtype)
         self.teacher = teacher
-        self.schedule = schedule if schedule is not None else NoiseSchedule.scaled_linear()
-        if not isinstance(self.schedule, NoiseSchedule):
-            raise TypeError(f"schedule: expected a fastperc.NoiseSchedule, got {type(self.schedule).__name__}")
+        if schedule is None:
+            _warn_default_schedule()
+            schedule = NoiseSchedule.scaled_linear()
+        self.schedule = as_schedule(schedule)
         if layer_weights is not None and len(layer_weights) != len(teacher.layers):
             raise ValueError(f"layer_weights: expected {len(teacher.layers)} values, got {len(layer_weights)}")
-        if prediction_type is not None:
-            check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if layer_weights is not None:
+            layer_weights = check_layer_weights(layer_weights)
+        self.schedule.check_prediction_type(prediction_type or self.schedule.prediction_type)
         check_choice("reduction", reduction, REDUCTIONS)
         self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
         self.prediction_type, self.reduction, self.backend = prediction_type, reduction, backend

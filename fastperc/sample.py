@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from .data import to_uint8
-from .models.factory import null_class, predict
+from .models.factory import null_class, predict, schedule_of
 from .schedule import NoiseSchedule
 
 
@@ -66,7 +66,7 @@ def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: f
         raise ValueError(f"n: expected >= 1, got {n}")
     device = torch.device(device)
     model = model.to(device).eval()
-    schedule = NoiseSchedule.scaled_linear(prediction_type=model_config["prediction_type"])
+    schedule = schedule_of(model_config)
     ncls = model_config.get("num_classes")
     labels = torch.arange(n) % ncls if ncls else torch.full((n,), -1)
     g = torch.Generator().manual_seed(seed)

@@ -6,13 +6,17 @@ cached per device. Names follow diffusers (`num_train_timesteps`, `prediction_ty
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
 
-from ._validation import check_choice, check_like, check_tensor, check_timesteps, tracing
+from ._validation import check_choice, check_like, check_tensor, check_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+# A conversion coefficient (1/alpha_t for epsilon, 1/sigma_t for sample) above this is warned about
+# once, when the table is checked: the re-noised prediction then multiplies the model's error by it.
+RENOISE_COEF_BOUND = 100.0
 
 
 def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -50,8 +54,13 @@ class NoiseSchedule:
             raise ValueError("alphas_cumprod: expected finite values in [0, 1]")
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         self.alphas_cumprod = ac
+        # Read once here, on the host: the per-step code never needs a device sync to refuse them.
+        self.alpha_zero_timesteps = tuple(int(i) for i in (ac == 0).nonzero().flatten())
+        self.sigma_zero_timesteps = tuple(int(i) for i in (ac == 1).nonzero().flatten())
+        self._checked: set[str] = set()
         self.prediction_type = prediction_type
         self._tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.check_prediction_type(prediction_type)
 
     # ---- constructors -------------------------------------------------------------------------
     @classmethod
@@ -101,6 +110,36 @@ class NoiseSchedule:
         config = getattr(scheduler, "config", None)
         prediction_type = getattr(config, "prediction_type", None) or "epsilon"
         return cls(ac, prediction_type)
+
+    def check_prediction_type(self, prediction_type: str) -> None:
+        """Refuse a prediction type this table cannot convert (a division by zero at some timestep),
+        and warn once when a conversion coefficient exceeds RENOISE_COEF_BOUND somewhere in the table.
+
+        "epsilon" needs alpha_t > 0 everywhere (x0 = (x_t - sigma*eps)/alpha): a zero-terminal-SNR table
+        has alpha = 0 at its last step, so epsilon is refused for it at build time, not mid-run when a
+        batch first draws that step. "sample" needs sigma_t > 0 (eps = (x_t - alpha*x0)/sigma).
+        """
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if prediction_type in self._checked:
+            return
+        zero, what, formula = {"epsilon": (self.alpha_zero_timesteps, "alpha", "x0 = (x_t - sigma*eps)/alpha"),
+                               "sample": (self.sigma_zero_timesteps, "sigma", "eps = (x_t - alpha*x0)/sigma")
+                               }.get(prediction_type, ((), "", ""))
+        if zero:
+            raise ValueError(
+                f"prediction_type: {prediction_type!r} cannot be converted where {what}_t = 0 ({formula} divides by "
+                f"zero), got a table with {what}_t = 0 at timesteps {list(zero[:8])}; use 'v_prediction' with a "
+                f"zero-terminal-SNR schedule, or a table without those steps")
+        if prediction_type in ("epsilon", "sample"):
+            ac = self.alphas_cumprod
+            c = (1.0 / ac.sqrt()) if prediction_type == "epsilon" else (1.0 / (1.0 - ac).sqrt())
+            big = (c > RENOISE_COEF_BOUND).nonzero().flatten()
+            if big.numel():
+                warnings.warn(
+                    f"fastperc: with prediction_type {prediction_type!r} this table's conversion coefficients reach "
+                    f"{float(c.max()):.0f} (> {RENOISE_COEF_BOUND:g}) at timesteps {int(big[0])}..{int(big[-1])}: the "
+                    "re-noised prediction amplifies the model's error there", RuntimeWarning, stacklevel=3)
+        self._checked.add(prediction_type)
 
     # ---- lookups --------------------------------------------------------------------------------
     @property
@@ -154,19 +193,17 @@ class NoiseSchedule:
                              dtype: torch.dtype = torch.float32):
         """Per-sample (c_x0, d_x0, c_eps, d_eps) with x0_hat = c_x0*x_t + d_x0*p and eps_hat = c_eps*x_t + d_eps*p.
 
-        Raises ValueError where the conversion divides by zero: "epsilon" at a timestep with
-        alpha_t = 0 (the last step of a zero-terminal-SNR schedule), "sample" where sigma_t = 0.
+        Raises ValueError when the table has a step where the conversion divides by zero: "epsilon"
+        with alpha_t = 0 (the last step of a zero-terminal-SNR schedule), "sample" with sigma_t = 0.
         """
         kind = prediction_type or self.prediction_type
-        check_choice("prediction_type", kind, PREDICTION_TYPES)
+        self.check_prediction_type(kind)  # from the table, on the host: no device sync
         a, s = self.alpha_sigma(timesteps, torch.float64)
         if kind == "v_prediction":
             c = (a, -s, s, a)
         elif kind == "epsilon":
-            _refuse_zero(a, timesteps, "alpha", "epsilon", "x0 = (x_t - sigma*eps)/alpha")
             c = (1.0 / a, -s / a, torch.zeros_like(a), torch.ones_like(a))
         else:
-            _refuse_zero(s, timesteps, "sigma", "sample", "eps = (x_t - alpha*x0)/sigma")
             c = (torch.zeros_like(a), torch.ones_like(a), 1.0 / s, -a / s)
         return tuple(ci.to(dtype) for ci in c)
 
@@ -212,18 +249,6 @@ def _coef_dtype(x: torch.Tensor) -> torch.dtype:
 
 def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return c.reshape(c.shape + (1,) * (like.dim() - c.dim()))
-
-
-def _refuse_zero(c: torch.Tensor, timesteps: torch.Tensor, what: str, kind: str, formula: str) -> None:
-    if tracing():
-        return
-    zero = c == 0
-    if bool(zero.any()):
-        bad = sorted(set(timesteps[zero].tolist()))
-        raise ValueError(
-            f"prediction_type: {kind!r} cannot be converted where {what}_t = 0 ({formula} divides by zero), "
-            f"got timesteps {bad[:8]}; use 'v_prediction' with a zero-terminal-SNR schedule, or draw "
-            f"timesteps below {min(bad)}")
 
 
 DENSITIES = ("uniform", "logit_normal")

@@ -27,6 +27,51 @@ def first_tensor(output) -> torch.Tensor:
                     "whose first element is a tensor")
 
 
+def unwrap(model):
+    """The plain module inside the wrappers training scripts put around a model: torch.compile's
+    OptimizedModule (`_orig_mod`), DistributedDataParallel / DataParallel / FSDP and
+    torch.optim.swa_utils.AveragedModel (`module`). Layer names then need no wrapper prefix, and the
+    truncated forwards recognise the architecture."""
+    for _ in range(8):  # wrappers may nest (a compiled DDP module, an AveragedModel of a compiled one)
+        if isinstance(model, FrozenTeacher):
+            model = model.model
+        elif type(model).__name__ == "OptimizedModule" and hasattr(model, "_orig_mod"):
+            model = model._orig_mod
+        elif type(model).__name__ in ("DistributedDataParallel", "DataParallel", "FullyShardedDataParallel",
+                                      "AveragedModel") and isinstance(getattr(model, "module", None), nn.Module):
+            model = model.module
+        else:
+            break
+    if type(model).__name__ == "EMAModel" and hasattr(model, "shadow_params"):
+        raise TypeError("model: a diffusers EMAModel holds weights, not a network; copy them into a model first "
+                        "(ema.copy_to(net.parameters())) and pass that model, or pass the raw MSE model as the "
+                        "paper does")
+    return model
+
+
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _strip_wrapper_prefix(name: str, modules: dict) -> str:
+    """`module.mid_block` or `_orig_mod.mid_block` (names copied from a wrapped model) -> `mid_block`."""
+    while name not in modules and name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name
+
+
+def cast_floating(value, dtype: torch.dtype):
+    """Every floating tensor in `value` (nested dicts, lists and tuples included) cast to `dtype`;
+    integer tensors (timesteps, labels, ids) and everything else unchanged. The one implementation the
+    teacher uses for its conditioning inputs."""
+    if isinstance(value, torch.Tensor):
+        return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
+    if isinstance(value, dict):
+        return {k: cast_floating(v, dtype) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(cast_floating(v, dtype) for v in value)
+    return value
+
+
 def nearest_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
     close = difflib.get_close_matches(name, names, n=n, cutoff=0.4)
     return close or [x for x in names if x and "." not in x][:n]
@@ -46,7 +91,12 @@ class FrozenTeacher(nn.Module):
         layers: submodule names to tap; default the midblock output, the paper's best choice.
         copy: deep-copy `model` so the caller's model stays trainable (default). With False the model
             itself is put in eval mode and frozen.
-        dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16); inputs are cast to it.
+        dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16); the sample and every
+            floating tensor in the keyword arguments are cast to it (integer timesteps, labels and ids
+            are left alone).
+
+    Wrapped models (torch.compile, DDP/FSDP, AveragedModel) are unwrapped, and layer names copied
+    from a wrapped model (`module.mid_block`, `_orig_mod.mid_block`) are accepted.
 
     Example:
         >>> import torch, fastperc
@@ -62,8 +112,7 @@ class FrozenTeacher(nn.Module):
     def __init__(self, model: nn.Module, layers: Sequence[str] = ("mid_block",), copy: bool = True,
                  dtype: torch.dtype | None = None):
         super().__init__()
-        if isinstance(model, FrozenTeacher):
-            model = model.model
+        model = unwrap(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if isinstance(layers, str):
@@ -71,9 +120,10 @@ class FrozenTeacher(nn.Module):
         layers = tuple(layers)
         if not layers or not all(isinstance(x, str) for x in layers):
             raise ValueError(f"layers: expected a non-empty sequence of submodule names, got {layers!r}")
+        modules = dict(model.named_modules())
+        layers = tuple(_strip_wrapper_prefix(name, modules) for name in layers)
         if len(set(layers)) != len(layers):
             raise ValueError(f"layers: expected distinct names, got {layers!r}")
-        modules = dict(model.named_modules())
         for name in layers:
             if name not in modules:
                 raise ValueError(f"layers: unknown layer {name!r} in {type(model).__name__}; nearest valid names: "
@@ -83,6 +133,9 @@ class FrozenTeacher(nn.Module):
 
         if copy:
             model = _copy.deepcopy(model)
+            # A copy is ours: no gradient checkpointing in a frozen network (it only costs recompute).
+            if hasattr(model, "disable_gradient_checkpointing") and getattr(model, "is_gradient_checkpointing", False):
+                model.disable_gradient_checkpointing()
         if dtype is not None:
             model = model.to(dtype)
         model.eval().requires_grad_(False)
@@ -117,6 +170,7 @@ class FrozenTeacher(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs) -> list[torch.Tensor]:
         if self.dtype is not None:
             sample = sample.to(self.dtype)
+            kwargs = cast_floating(kwargs, self.dtype)
         if self._adapter is not None and self._adapter.supports(kwargs):
             if not self._nested:
                 out = self._adapter.run(self.model, sample, timestep, frozenset(self.layers), self._stop, **kwargs)

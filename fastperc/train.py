@@ -24,8 +24,8 @@ from torch import nn
 
 from . import checkpoint, data
 from .loss import FEATURE_NORMS, self_perceptual_loss
-from .models.factory import ARCHS, build_model, null_class, predict
-from .schedule import PREDICTION_TYPES, NoiseSchedule, TimestepDistribution
+from .models.factory import ARCHS, build_model, null_class, predict, schedule_of
+from .schedule import PREDICTION_TYPES, TimestepDistribution
 from .teacher import FrozenTeacher
 
 OBJECTIVES = ("mse", "self_perceptual")
@@ -170,7 +170,7 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 def model_config_of(cfg: TrainConfig, num_classes: int | None) -> dict:
     return {"arch": cfg.arch, "in_channels": cfg.channels, "image_size": cfg.image_size,
             "block_channels": list(cfg.block_channels), "num_classes": num_classes if cfg.conditional else None,
-            "prediction_type": cfg.prediction_type}
+            "prediction_type": cfg.prediction_type, "zero_terminal_snr": cfg.prediction_type != "epsilon"}
 
 
 def load_model(path: str, use_ema: bool = False) -> tuple[nn.Module, dict]:
@@ -233,7 +233,7 @@ def train(cfg: TrainConfig) -> dict:
     if init is not None:
         model.load_state_dict(init["model"])
         ema.load_state_dict(init["ema"])
-    schedule = NoiseSchedule.scaled_linear(prediction_type=mconf["prediction_type"])
+    schedule = schedule_of(mconf)
     teacher = None
     if cfg.objective == "self_perceptual":
         tpath = cfg.teacher or cfg.init

@@ -52,7 +52,7 @@ def test_alpha_sigma_are_sqrt_abar_and_sqrt_one_minus():
 
 @pytest.mark.parametrize("ours, theirs", [("add_noise", "add_noise"), ("velocity", "get_velocity")])
 def test_noising_and_velocity_match_diffusers(ours, theirs):
-    sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
+    sched = DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True, prediction_type="v_prediction")
     s = NoiseSchedule.from_diffusers(sched)
     x0, eps = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
     t = torch.randint(0, 1000, (6,))
@@ -61,9 +61,9 @@ def test_noising_and_velocity_match_diffusers(ours, theirs):
 
 @pytest.mark.parametrize("kind", ["epsilon", "v_prediction", "sample"])
 def test_convert_recovers_x0_and_noise_from_exact_prediction(kind):
-    s = NoiseSchedule.scaled_linear()
+    s = NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=kind != "epsilon")  # epsilon needs alpha > 0
     x0, eps = torch.randn(8, 1, 4, 4, dtype=torch.float64), torch.randn(8, 1, 4, 4, dtype=torch.float64)
-    t = torch.randint(0, 999, (8,))  # below the terminal step, where epsilon is defined
+    t = torch.randint(0, 1000, (8,))
     x_t = s.add_noise(x0, eps, t)
     x0_hat, eps_hat = s.convert(x_t, s.target(x0, eps, t, kind), t, kind)
     assert torch.allclose(x0_hat, x0, atol=1e-8) and torch.allclose(eps_hat, eps, atol=1e-8)
@@ -76,16 +76,33 @@ def test_renoise_coefficients_are_identity_when_t_prime_equals_t():
     assert torch.allclose(a, torch.ones_like(a), atol=1e-12) and torch.allclose(b, torch.zeros_like(b), atol=1e-12)
 
 
-def test_epsilon_at_zero_alpha_is_refused_with_clear_error():
-    s = NoiseSchedule.scaled_linear()  # zero terminal SNR: alpha_999 = 0
-    with pytest.raises(ValueError, match="prediction_type.*'epsilon'.*alpha_t = 0.*999"):
-        s.renoise_coefficients(torch.tensor([5, 999]), torch.tensor([3, 4]), "epsilon")
+EPS_ON_ZERO_SNR = "prediction_type: 'epsilon' cannot be converted where alpha_t = 0 .* at timesteps \\[999\\]"
 
 
-def test_epsilon_below_terminal_step_is_accepted():
-    s = NoiseSchedule.scaled_linear()
-    a, b, _, _ = s.renoise_coefficients(torch.tensor([5, 998]), torch.tensor([3, 4]), "epsilon")
-    assert torch.isfinite(a).all() and torch.isfinite(b).all()
+def test_epsilon_on_a_zero_snr_table_is_refused_when_built_not_mid_run():
+    with pytest.raises(ValueError, match=EPS_ON_ZERO_SNR):
+        NoiseSchedule.scaled_linear(prediction_type="epsilon")
+    with pytest.raises(ValueError, match=EPS_ON_ZERO_SNR):  # a diffusers config users do write
+        NoiseSchedule.from_diffusers(DDPMScheduler(beta_schedule="scaled_linear", rescale_betas_zero_snr=True))
+    s = NoiseSchedule.scaled_linear()  # v-prediction: fine; asking it for epsilon is refused for any t
+    with pytest.raises(ValueError, match=EPS_ON_ZERO_SNR):
+        s.renoise_coefficients(torch.tensor([5, 6]), torch.tensor([3, 4]), "epsilon")
+
+
+def test_epsilon_on_sd15_table_is_finite_at_the_last_step():
+    s = NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=False, prediction_type="epsilon")
+    a, b, _, _ = s.renoise_coefficients(torch.tensor([5, 999]), torch.tensor([3, 4]), "epsilon")
+    assert torch.isfinite(a).all() and torch.isfinite(b).all() and float(a.abs().max()) < 20
+
+
+def test_large_conversion_coefficients_are_warned_once_when_checked():
+    ac = torch.linspace(0.9999, 1e-6, 100, dtype=torch.float64)  # alpha_min = 1e-3: 1/alpha = 1000
+    with pytest.warns(RuntimeWarning, match=r"conversion coefficients reach 1000 \(> 100\) at timesteps"):
+        s = NoiseSchedule(ac, prediction_type="epsilon")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        s.renoise_coefficients(torch.tensor([5, 99]), torch.tensor([3, 4]), "epsilon")  # no second warning
 
 
 @pytest.mark.parametrize("bad, exc, match", [

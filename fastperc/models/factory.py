@@ -29,6 +29,18 @@ def build_model(config: dict) -> nn.Module:
     raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
 
 
+def schedule_of(config: dict):
+    """The noise schedule a model was trained with, rebuilt from its config: SD's scaled-linear betas,
+    rescaled to zero terminal SNR (the paper's), except for epsilon prediction, which cannot be
+    converted where alpha = 0 and so trains on the plain SD 1.5 table. Stored in the checkpoint's model
+    config as `zero_terminal_snr`; training and sampling both read it from here."""
+    from ..schedule import NoiseSchedule
+
+    kind = config.get("prediction_type", "v_prediction")
+    zero_snr = config.get("zero_terminal_snr", kind != "epsilon")
+    return NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=zero_snr, prediction_type=kind)
+
+
 def null_class(config: dict) -> int | None:
     """The label meaning "no class" (classifier-free guidance), or None for unconditional models."""
     return config.get("num_classes")
