@@ -24,99 +24,132 @@ def _non_negative(kind):
     return parse
 
 
+def _unit_interval(s):
+    v = float(s)
+    if not 0 <= v < 1:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1), got {s}")
+    return v
+
+
 def _csv(kind):
     return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
 
 
+# Options that describe the model: with --init they come from the checkpoint, so an explicit value
+# that disagrees with it is an error (None here means "not given").
+MODEL_OPTIONS = {"conditional": False, "block_channels": (32, 64, 128), "prediction_type": "v_prediction"}
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default."""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastperc", description="Self-perceptual diffusion training")
+    from . import __version__
+    parser = argparse.ArgumentParser(prog="fastperc", description="Self-perceptual diffusion training",
+                                     formatter_class=_Help)
+    parser.add_argument("--version", action="version", version=f"fastperc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
+    _add = sub.add_parser
+    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=_Help, **k)  # every subcommand shows defaults
     sub.add_parser("info", help="versions, built kernels and the backend auto picks")
 
     tr = sub.add_parser("train", help="train with MSE or the self-perceptual objective")
     tr.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl")
-    tr.add_argument("--objective", choices=["mse", "self_perceptual"], default="mse")
+    tr.add_argument("--objective", choices=["mse", "self_perceptual"], default="mse",
+                    help="plain MSE, or the self-perceptual objective (needs --init or --teacher)")
     tr.add_argument("--mse-weight", type=_non_negative(float), default=0.0,
                     help="add this times the MSE loss to the self-perceptual loss")
     tr.add_argument("--init", help="start from this checkpoint (file or run folder)")
     tr.add_argument("--teacher", help="frozen perceptual network checkpoint (default: --init)")
     tr.add_argument("--layers", type=_csv(str), default=("mid_block",), help="comma-separated teacher layers")
-    tr.add_argument("--layer-weights", type=_csv(float), default=None)
+    tr.add_argument("--layer-weights", type=_csv(float), default=None, help="one weight >= 0 per layer (default 1)")
     tr.add_argument("--feature-norm", choices=["none", "channel_rms"], default="none",
                     help="scale each tapped channel by the real features' RMS (per sample), so taps weigh alike")
     tr.add_argument("--t-prime-range", type=_csv(int), default=None, metavar="LOW,HIGH",
                     help="draw the re-noise timestep t' from [LOW, HIGH] (default the whole table)")
-    tr.add_argument("--t-prime-density", choices=["uniform", "logit_normal"], default="uniform")
+    tr.add_argument("--t-prime-density", choices=["uniform", "logit_normal"], default="uniform",
+                    help="how t' is drawn over its range")
     tr.add_argument("--t-prime-loc", type=float, default=0.0, help="logit-normal location (< 0: low-noise t')")
     tr.add_argument("--t-prime-scale", type=_positive(float), default=1.0, help="logit-normal scale")
     tr.add_argument("--objective-t-range", type=_csv(int), default=None, metavar="LOW,HIGH",
                     help="use the self-perceptual objective where t is in [LOW, HIGH], plain MSE elsewhere")
     tr.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd uses --momentum")
-    tr.add_argument("--adam-eps", type=_positive(float), default=1e-8)
-    tr.add_argument("--momentum", type=_non_negative(float), default=0.9)
-    tr.add_argument("--arch", choices=["unet", "diffusers-unet2d"], default="unet")
-    tr.add_argument("--channels-per-level", type=_csv(int), default=(32, 64, 128), dest="block_channels")
-    tr.add_argument("--conditional", action="store_true", help="class labels, 10%% dropped to the null class")
-    tr.add_argument("--prediction-type", choices=["v_prediction", "epsilon", "sample"], default="v_prediction",
-                    help="what the model predicts; the schedule is SD's scaled-linear table rescaled to zero terminal "
-                         "SNR, except for epsilon (which cannot be converted where alpha = 0): the SD 1.5 table")
+    tr.add_argument("--adam-eps", type=_positive(float), default=1e-8, help="AdamW's epsilon")
+    tr.add_argument("--momentum", type=_unit_interval, default=0.9, help="SGD momentum in [0, 1)")
+    tr.add_argument("--arch", choices=["unet", "diffusers-unet2d"], default="unet", help="the denoiser")
+    tr.add_argument("--channels-per-level", type=_csv(int), default=None, dest="block_channels",
+                    help="UNet channels per resolution level (default 32,64,128; with --init: the checkpoint's)")
+    tr.add_argument("--conditional", action="store_true", default=None,
+                    help="class labels, 10%% dropped to the null class (with --init: the checkpoint's)")
+    tr.add_argument("--prediction-type", choices=["v_prediction", "epsilon", "sample"], default=None,
+                    help="what the model predicts (default v_prediction; with --init: the checkpoint's); the "
+                         "schedule is SD's scaled-linear table rescaled to zero terminal SNR, except for epsilon "
+                         "(which cannot be converted where alpha = 0): the SD 1.5 table")
     tr.add_argument("--data", help="a folder of images (class sub-folders optional) or an .npz; default MNIST-5k")
-    tr.add_argument("--image-size", type=_positive(int), default=32)
-    tr.add_argument("--channels", type=int, choices=[1, 3], default=1)
+    tr.add_argument("--image-size", type=_positive(int), default=32, help="images are resized to this square")
+    tr.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grey, 3: RGB")
     tr.add_argument("--batch-size", type=_positive(int), default=64, help="global batch per optimizer step")
-    tr.add_argument("--lr", type=_positive(float), default=2e-4)
-    tr.add_argument("--warmup-steps", type=_non_negative(int), default=100)
+    tr.add_argument("--lr", type=_positive(float), default=2e-4, help="peak learning rate")
+    tr.add_argument("--warmup-steps", type=_non_negative(int), default=100,
+                    help="linear learning-rate warm-up, capped at a fifth of --max-steps for short runs")
     tr.add_argument("--grad-clip", type=_non_negative(float), default=1.0, help="0 disables clipping")
-    tr.add_argument("--grad-accum", type=_positive(int), default=1)
-    tr.add_argument("--ema-decay", type=_non_negative(float), default=0.999)
-    tr.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
+    tr.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step")
+    tr.add_argument("--ema-decay", type=_unit_interval, default=0.999,
+                    help="EMA decay in [0, 1), warmed up as (1+step)/(10+step) from step 0")
+    tr.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast student and teacher")
     tr.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--max-steps", type=_non_negative(int), default=1000)
-    tr.add_argument("--save-every", type=_positive(int), default=500)
-    tr.add_argument("--log-every", type=_positive(int), default=10)
+    tr.add_argument("--seed", type=int, default=0, help="seeds every draw of every step (exact resume)")
+    tr.add_argument("--max-steps", type=_non_negative(int), default=1000, help="optimizer steps in all")
+    tr.add_argument("--save-every", type=_positive(int), default=500,
+                    help="checkpoint every N steps (the previous one is kept as checkpoint.prev.pt)")
+    tr.add_argument("--log-every", type=_positive(int), default=10, help="a log.jsonl line every N steps")
     tr.add_argument("--max-bad-steps", type=_positive(int), default=5,
                     help="stop after this many steps in a row with a NaN/Inf loss or gradient (each is skipped: "
                          "no optimizer, EMA or LR-schedule step); checked on logging steps")
-    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when present")
-    tr.add_argument("--no-progress", action="store_true")
+    run_mode = tr.add_mutually_exclusive_group()
+    run_mode.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when present")
+    run_mode.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run")
+    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     sa = sub.add_parser("sample", help="DDIM samples from a checkpoint to FILE.npz and FILE.png")
-    sa.add_argument("checkpoint")
-    sa.add_argument("--out", required=True, help="FILE.npz")
-    sa.add_argument("--n", type=_positive(int), default=100)
-    sa.add_argument("--steps", type=_positive(int), default=50)
-    sa.add_argument("--cfg-scale", type=_non_negative(float), default=1.0)
-    sa.add_argument("--guidance-rescale", type=_non_negative(float), default=0.0)
-    sa.add_argument("--seed", type=int, default=0)
-    sa.add_argument("--batch-size", type=_positive(int), default=250)
+    sa.add_argument("checkpoint", help="a checkpoint file or run folder")
+    sa.add_argument("--out", required=True, help="FILE.npz (a PNG grid is written beside it)")
+    sa.add_argument("--n", type=_positive(int), default=100, help="images (classes in turn for conditional models)")
+    sa.add_argument("--steps", type=_positive(int), default=50, help="DDIM steps (trailing spacing)")
+    sa.add_argument("--cfg-scale", type=_non_negative(float), default=1.0, help="classifier-free guidance (1: none)")
+    sa.add_argument("--guidance-rescale", type=_non_negative(float), default=0.0, help="CFG rescale (0: none)")
+    sa.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
+    sa.add_argument("--batch-size", type=_positive(int), default=250, help="images per forward pass")
     ema = sa.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
-    ema.add_argument("--no-ema", dest="ema", action="store_false")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
 
     tc = sub.add_parser("train-classifier", help="the feature network of the metrics (MNIST-5k)")
-    tc.add_argument("--out", default="runs/classifier")
-    tc.add_argument("--epochs", type=_positive(int), default=15)
-    tc.add_argument("--seed", type=int, default=0)
+    tc.add_argument("--out", default="runs/classifier", help="folder for classifier.pt")
+    tc.add_argument("--epochs", type=_positive(int), default=15, help="passes over the 4500 training digits")
+    tc.add_argument("--seed", type=int, default=0, help="initialisation and data order")
 
     ev = sub.add_parser("eval", help="FD-MNIST, classifier score, precision/recall of sample files")
     ev.add_argument("samples", nargs="+", help="FILE.npz from `fastperc sample` / the demo")
-    ev.add_argument("--classifier", default="runs/classifier", help="checkpoint from train-classifier")
+    ev.add_argument("--classifier", default=None,
+                    help="classifier from train-classifier (default: a classifier/ folder beside the samples or "
+                         "up to three folders above them, as the demo and study write it)")
     ev.add_argument("--k", type=_positive(int), default=3, help="neighbours for precision/recall")
 
     st = sub.add_parser("study", help="fine-tune variants of one MSE model with equal steps, sample, evaluate, "
                                       "tabulate over seeds")
     st.add_argument("spec", help="a TOML spec ([study] and [[variant]] tables; see `python -m pydoc fastperc.study`)")
     st.add_argument("--out", help="output folder (default: the spec's [study] out, else the spec's path without .toml)")
-    st.add_argument("--no-progress", action="store_true")
+    st.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     de = sub.add_parser("demo", help="the main job: MSE teacher, self-perceptual fine-tune, samples")
-    de.add_argument("--out", default="runs/demo")
+    de.add_argument("--out", default="runs/demo", help="output folder")
     de.add_argument("--preset", choices=["default", "quick", "long", "gpu", "full"], default="default",
                     help="full: the long preset once per training seed 0, 1, 2, with the spread (hours)")
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--seed", type=int, default=0, help="training and sampling seed")
     de.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run in --out")
-    de.add_argument("--no-progress", action="store_true")
+    de.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
 
 
@@ -135,6 +168,39 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+def _model_options_from_init(args) -> None:
+    """Fill the model options: from --init's checkpoint when given (an explicit value that disagrees is
+    an error naming it), else the defaults."""
+    given = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
+    if args.init:
+        from .checkpoint import load
+        mconf = load(args.init)["model_config"]
+        held = {"conditional": mconf.get("num_classes") is not None, "block_channels": tuple(mconf["block_channels"]),
+                "prediction_type": mconf["prediction_type"]}
+        flags = {"conditional": "--conditional", "block_channels": "--channels-per-level",
+                 "prediction_type": "--prediction-type"}
+        bad = [k for k, v in given.items() if (tuple(v) if isinstance(v, (list, tuple)) else v) != held[k]]
+        if bad:
+            raise ValueError("init: " + "; ".join(f"{flags[k]} {given[k]!r} disagrees with {args.init}, which holds "
+                                                  f"{held[k]!r}" for k in bad) + " (omit them: --init sets the model)")
+        values = held
+    else:
+        values = {**MODEL_OPTIONS, **given}
+    for k, v in values.items():
+        setattr(args, k, v)
+
+
+def _find_classifier(samples: list[str]) -> str:
+    """A classifier/ folder beside the first samples file or up to three folders above it."""
+    from pathlib import Path
+    here = Path(samples[0]).resolve().parent
+    for folder in [here, *here.parents][:4]:
+        if (folder / "classifier" / "classifier.pt").exists():
+            return str(folder / "classifier")
+    raise FileNotFoundError(f"classifier: none given and no classifier/ folder beside {samples[0]} or above it; "
+                            "train one with `fastperc train-classifier --out DIR` and pass --classifier DIR")
+
+
 def _dispatch(args) -> int:
     if args.command == "info":
         from .info import main as info
@@ -142,6 +208,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "train":
         from .train import TrainConfig, train
+        _model_options_from_init(args)
         cfg = TrainConfig(out=args.out, objective=args.objective, mse_weight=args.mse_weight, init=args.init,
                           teacher=args.teacher, layers=args.layers, layer_weights=args.layer_weights, arch=args.arch,
                           block_channels=args.block_channels, conditional=args.conditional,
@@ -150,7 +217,8 @@ def _dispatch(args) -> int:
                           warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                           ema_decay=args.ema_decay, precision=args.precision, compile=args.compile, seed=args.seed,
                           max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every,
-                          max_bad_steps=args.max_bad_steps, resume=args.resume, progress=not args.no_progress,
+                          max_bad_steps=args.max_bad_steps, resume=args.resume, overwrite=args.overwrite,
+                          progress=not args.no_progress,
                           feature_norm=args.feature_norm, t_prime_range=args.t_prime_range,
                           t_prime_density=args.t_prime_density, t_prime_loc=args.t_prime_loc,
                           t_prime_scale=args.t_prime_scale, objective_t_range=args.objective_t_range,
@@ -188,7 +256,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "eval":
         from .metrics import embed, evaluate, load_classifier, load_samples, reference_set
-        clf = load_classifier(args.classifier)
+        clf = load_classifier(args.classifier or _find_classifier(args.samples))
         ref = embed(clf, reference_set().images)[0]
         print(f"{'file':40s} {'n':>5s} {'FD-MNIST':>9s} {'cls-score':>9s} {'precision':>9s} {'recall':>7s} "
               f"{'label-acc':>9s}")

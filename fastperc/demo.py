@@ -111,7 +111,7 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
     base = TrainConfig(out="", objective="mse", conditional=True, block_channels=p["block_channels"],
                        batch_size=p["batch_size"], lr=p["lr"], warmup_steps=min(100, p["mse_steps"] // 10 + 1),
                        ema_decay=p["ema_decay"], seed=seed, log_every=max(1, min(20, p["mse_steps"] // 4)),
-                       resume=resume, progress=progress)
+                       resume=resume, overwrite=not resume, progress=progress)
     t_start = time.time()
     try:
         times = _train_pair(root, "", base, p, p["mse_steps"])

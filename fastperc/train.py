@@ -74,6 +74,7 @@ class TrainConfig:
     log_every: int = 10
     max_bad_steps: int = 5              # stop after this many non-finite steps in a row (each is skipped)
     resume: bool = False
+    overwrite: bool = False             # start over in an `out` that holds a run (else that is an error)
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form notes kept in the checkpoint
 
@@ -225,6 +226,8 @@ def train(cfg: TrainConfig) -> dict:
                          f"({cfg.channels}, {cfg.image_size}, {cfg.image_size}) (set --channels/--image-size)")
 
     resume = cfg.resume and ckpt_path.exists()
+    if not cfg.resume and rank == 0:
+        _refuse_or_clear_earlier_run(out, cfg.overwrite)
     state = checkpoint.load(ckpt_path) if resume else None
     init = checkpoint.load(cfg.init) if (cfg.init and not resume) else None
     mconf = (state or init or {}).get("model_config") or model_config_of(cfg, images.num_classes)
@@ -283,6 +286,7 @@ def train(cfg: TrainConfig) -> dict:
             return
         checkpoint.save({"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
                          "counters": {k: v.cpu() for k, v in counters.items()}, "step": step,
+                         "elapsed": time.time() - t0,
                          "rng": {"torch": torch.get_rng_state()}, "config": asdict(cfg), "model_config": mconf},
                         ckpt_path)
 
@@ -290,8 +294,13 @@ def train(cfg: TrainConfig) -> dict:
     if rank == 0 and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=start, desc=f"{cfg.objective} -> {out}", dynamic_ncols=True)
-    loss_value, t0, step = _last_logged_loss(log_path) if resume else None, time.time(), start
-    warm = max(1, int(cfg.warmup_steps))
+    loss_value, step = _last_logged_loss(log_path) if resume else None, start
+    t0 = time.time() - (state.get("elapsed", 0.0) if state is not None else 0.0)  # elapsed counts across resumes
+    if resume and rank == 0 and start < cfg.max_steps:
+        with open(log_path, "a") as f:
+            f.write(json.dumps({"step": start, "event": "resumed", "elapsed": round(time.time() - t0, 3)}) + "\n")
+    # Warm-up capped at a fifth of the run: a short run must leave it.
+    warm = max(1, min(int(cfg.warmup_steps), cfg.max_steps // 5))
     lr_now = opt.param_groups[0]["lr"]
     params = list(model.parameters())
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
@@ -373,8 +382,22 @@ class NonFiniteTraining(RuntimeError):
 
 
 def _last_logged_loss(path: Path) -> float | None:
-    lines = [ln for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-    return json.loads(lines[-1])["loss"] if lines else None
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return losses[-1] if losses else None
+
+
+def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
+    """A folder holding a run is never overwritten by accident: without resume it needs `overwrite`."""
+    found = [p for p in (out / "checkpoint.pt", checkpoint.previous(out / "checkpoint.pt"), out / "log.jsonl")
+             if p.exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
+                         "it or --overwrite to start over")
+    for p in found:
+        p.unlink()
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

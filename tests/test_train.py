@@ -23,7 +23,8 @@ TINY = dict(block_channels=(8, 16), batch_size=8, lr=1e-3, warmup_steps=1, log_e
 
 
 def losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "event" not in r]
 
 
 def cli(*args, timeout=300, env_extra=None):
@@ -120,7 +121,8 @@ def test_sigterm_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path):
     proc.communicate(timeout=60)
     assert proc.returncode == -signal.SIGKILL
     saved = checkpoint.load(out)["step"]
-    logged = max(json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines())
+    logged = max(json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()
+                 if "loss" in json.loads(ln))
     assert 0 <= logged - saved < 7, (logged, saved)  # lost at most the steps since the last save
 
     done = cli(*args, "--out", str(out), "--resume")
@@ -427,3 +429,74 @@ def test_the_progress_bar_never_shows_nan(tmp_path):
             "8,16", "--log-every", "3")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "loss=" in r.stderr and "nan" not in r.stderr.lower(), r.stderr[-2000:]
+
+
+def test_a_folder_holding_a_run_is_not_overwritten_without_resume_or_overwrite(tmp_path, capsys):
+    args = ["train", "--out", str(tmp_path / "r"), "--max-steps", "2", "--batch-size", "4", "--channels-per-level",
+            "8,16", "--no-progress", "--log-every", "1"]
+    assert main(args) == 0
+    before = (tmp_path / "r" / "checkpoint.pt").read_bytes()
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "holds a run (checkpoint.pt" in err and "pass --resume to continue it or --overwrite" in err
+    assert (tmp_path / "r" / "checkpoint.pt").read_bytes() == before
+    assert main(args + ["--overwrite", "--seed", "5"]) == 0
+    assert checkpoint.load(tmp_path / "r")["config"]["seed"] == 5
+    assert not checkpoint.previous(tmp_path / "r" / "checkpoint.pt").exists()  # the old run is gone entirely
+
+
+def test_init_fills_the_model_options_and_refuses_explicit_conflicts(mse_run, tmp_path, capsys):
+    base = ["train", "--init", str(mse_run), "--max-steps", "1", "--batch-size", "4", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "a")]) == 0  # conditional, 8,16 from the checkpoint
+    assert checkpoint.load(tmp_path / "a")["model_config"]["num_classes"] == 10
+    capsys.readouterr()
+    code = main(base + ["--out", str(tmp_path / "b"), "--channels-per-level", "32,64", "--prediction-type", "epsilon"])
+    err = capsys.readouterr().err
+    assert code == 2 and "--channels-per-level (32, 64) disagrees with" in err and "'v_prediction'" in err
+    assert main(base + ["--out", str(tmp_path / "c"), "--conditional", "--channels-per-level", "8,16"]) == 0
+
+
+def test_help_shows_defaults_and_version_prints(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.0002)" in text and "(default: 1000)" in text
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("fastperc ")
+
+
+def test_every_cli_option_has_help():
+    from fastperc.cli import build_parser
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    missing = [f"{name} {a.option_strings or a.dest}" for name, p in subs.choices.items() for a in p._actions
+               if not a.help and a.dest != "help"]
+    assert not missing, missing
+
+
+def test_a_short_run_leaves_its_warm_up(tmp_path):
+    train(TrainConfig(out=str(tmp_path / "r"), max_steps=20, save_every=20, **{**TINY, "warmup_steps": 100}))
+    rows = [json.loads(ln) for ln in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert rows[-1]["lr"] == pytest.approx(TINY["lr"])  # capped at max_steps // 5 = 4 steps
+
+
+def test_a_resumed_run_logs_the_resume_and_keeps_elapsed_monotonic(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "r"), max_steps=4, save_every=2, **TINY)
+    train(replace(cfg, max_steps=2))
+    train(replace(cfg, resume=True))
+    rows = [json.loads(ln) for ln in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert [r.get("event") for r in rows] == [None, None, "resumed", None, None] and rows[2]["step"] == 2
+    elapsed = [r["elapsed"] for r in rows]
+    assert elapsed == sorted(elapsed)
+
+
+def test_eval_finds_the_classifier_beside_the_samples(mse_run, tmp_path, capsys):
+    from fastperc import metrics
+    metrics.train_classifier(str(tmp_path / "classifier"), epochs=1, progress=False)
+    assert main(["sample", str(mse_run), "--out", str(tmp_path / "s" / "x.npz"), "--n", "10", "--steps", "2"]) == 0
+    assert main(["eval", str(tmp_path / "s" / "x.npz")]) == 0
+    assert "FD-MNIST" in capsys.readouterr().out
+    assert main(["eval", str(mse_run / "nowhere.npz")]) == 2
+    assert "classifier: none given and no classifier/ folder beside" in capsys.readouterr().err
