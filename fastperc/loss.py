@@ -133,6 +133,18 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     """Self-perceptual loss: compare a frozen teacher's features of the truth and of the prediction,
     both re-noised to a fresh timestep t'. Replaces `F.mse_loss(model_output, target)` in a step.
 
+    The math, per sample, with alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t) from `schedule`:
+
+        x_t            = alpha_t * x0 + sigma_t * noise
+        x0_hat, eps_hat = convert(x_t, model_output)     # v: x0_hat = alpha x_t - sigma p, eps_hat = sigma x_t + alpha p
+        t'             ~ uniform on 0..T-1 (or `timesteps_prime`)
+        real           = alpha_t' * x0     + sigma_t' * noise
+        fake           = alpha_t' * x0_hat + sigma_t' * eps_hat       (= a * x_t + b * model_output)
+        loss           = sum_l w_l * mean((F_l(fake, t') - F_l(real, t'))^2)
+
+    F_l is the output of tapped layer l of the frozen teacher; gradients reach model_output through
+    the fake branch only (the real branch runs without autograd; the teacher's weights get none).
+
     Args:
         teacher: a FrozenTeacher, or a plain nn.Module that is already frozen (no parameter requires
             grad; used in place, in eval mode, tapped at `layers`, default ("mid_block",)); a module
