@@ -22,16 +22,17 @@ FEATURE_NORMS = ("none", "channel_rms")
 
 def normalize_features(real: list[torch.Tensor], fake: list[torch.Tensor], how: str,
                        eps: float = 1e-6) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    """Scale both branches' features of each layer by 1 / RMS of the real features, per sample and per
-    channel (dim 1), over the remaining dimensions ("channel_rms"); the scale is a constant for
-    autograd. Every channel of every layer then weighs alike: without it a tap with large activations
-    dominates the sum (LPL normalises features for the same reason)."""
+    """Scale both branches' features of each layer by 1 / RMS of the real features: per sample and per
+    channel (dim 1) over the spatial dimensions for (B, C, ...) maps, per sample for (B, N) vectors
+    ("channel_rms"); the scale is a constant for autograd. Every channel of every layer then weighs
+    alike: without it a tap with large activations dominates the sum (LPL normalises features for the
+    same reason)."""
     if how == "none":
         return real, fake
     out_r, out_f = [], []
     for r, f in zip(real, fake):
-        dims = tuple(range(2, r.dim()))
-        ms = r.float().square().mean(dims, keepdim=True) if dims else r.float().square()
+        dims = tuple(range(2, r.dim())) if r.dim() > 2 else (1,)
+        ms = r.float().square().mean(dims, keepdim=True)
         scale = (ms + eps).rsqrt().to(r.dtype)
         out_r.append(r * scale)
         out_f.append(f * scale)
