@@ -317,4 +317,6 @@ def test_taps_that_return_one_tensor_match_the_reference_loss(backend, gen):
         results.append((loss.detach(), torch.autograd.grad(loss, v)[0]))
     (ref_loss, ref_grad), (loss, grad) = results
     assert_close(loss, ref_loss, rtol=1e-5, atol=1e-8, what="loss")
-    assert_close(grad, ref_grad, rtol=1e-4, atol=1e-7 * float(ref_grad.abs().max()), what="grad")
+    # Through the teacher's backward fp32 sums run in another order per path: compare the gradient as
+    # one vector (the aliasing bug was off by 126%; rounding is ~1e-6 of the norm).
+    assert float((grad - ref_grad).norm()) <= 1e-5 * float(ref_grad.norm()), "gradient of model_output"
