@@ -214,11 +214,13 @@ def aggregate(spec: StudySpec, results: list[dict]) -> list[dict]:
 
 def verdict(row: dict, base: dict) -> str:
     """'beats' when FD is lower than the baseline's by more than the larger spread over training seeds,
-    with precision not lower; 'worse' when higher by as much; else 'tie'."""
+    with precision not lower; 'worse' when higher by as much; else 'tie'. A spread needs at least three
+    training seeds on both sides; with fewer there is no verdict."""
     (fd, sd, _), (bfd, bsd, _) = row["fd"], base["fd"]
     margin = max(sd, bsd)
-    if len(row["training_seeds"]) < 2 or len(base["training_seeds"]) < 2:
-        return "one seed: no verdict"
+    seeds = min(len(row["training_seeds"]), len(base["training_seeds"]))
+    if seeds < 3:
+        return f"{seeds} seed{'s' if seeds > 1 else ''}: no verdict"
     if fd < bfd - margin and row["precision"][0] >= base["precision"][0] - base["precision"][1]:
         return "beats"
     if fd > bfd + margin:
@@ -267,7 +269,7 @@ def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
             f"{spec.sampling_seeds}, {spec.samples} images per run and sampling seed, {spec.sample_steps} DDIM "
             "steps, EMA weights. Each cell: mean ± standard deviation over training seeds (each seed averaged "
             "over its sampling seeds; the spread over sampling seeds in brackets when there are several). "
-            "'vs MSE': 'beats' = FD lower than the MSE continuation's by more than the larger standard "
+            "'vs MSE' (with three or more training seeds): 'beats' = FD lower than the MSE continuation's by more than the larger standard "
             "deviation, with precision not lower.\n\n" + table(spec, rows) + "\n")
     (out / "table.md").write_text(text)
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 2), 3.4), dpi=120)

@@ -52,7 +52,7 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     assert len(rows) == 3 * 2  # (baseline + 2 variants) x 2 training seeds x 1 sampling seed
     assert {r["variant"] for r in rows} == {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'"}
     table = (out / "table.md").read_text()
-    for name in ("| MSE continued |", "| sp mid |", "feature_norm=channel_rms", "| baseline |"):
+    for name in ("| MSE continued |", "| sp mid |", "feature_norm=channel_rms", "| baseline |", "2 seeds: no verdict"):
         assert name in table, table
     assert (out / "fd_by_variant.png").exists() and (out / "fd_vs_lr.png").exists() and (out / "grids.png").exists()
     run_log = out / "runs" / "sp_mid" / "seed1" / "log.jsonl"
@@ -86,7 +86,8 @@ def test_verdict_needs_a_margin_larger_than_the_seed_spread():
     assert verdict(row(2.9, 0.1, 0.56), base) == "tie"       # inside the spread
     assert verdict(row(2.5, 0.1, 0.40), base) == "tie"       # lower FD bought with precision
     assert verdict(row(3.5, 0.1, 0.56), base) == "worse"
-    assert verdict({**row(2.0, 0.1, 0.6), "training_seeds": [1]}, base) == "one seed: no verdict"
+    assert verdict({**row(2.0, 0.1, 0.6), "training_seeds": [1]}, base) == "1 seed: no verdict"
+    assert verdict({**row(2.0, 0.1, 0.6), "training_seeds": [1, 2]}, base) == "2 seeds: no verdict"
 
 
 def test_aggregate_averages_sampling_seeds_then_spreads_over_training_seeds(tmp_path):
