@@ -223,7 +223,14 @@ def _dispatch(args) -> int:
                           t_prime_density=args.t_prime_density, t_prime_loc=args.t_prime_loc,
                           t_prime_scale=args.t_prime_scale, objective_t_range=args.objective_t_range,
                           optimizer=args.optimizer, adam_eps=args.adam_eps, momentum=args.momentum)
-        result = train(cfg)
+        try:
+            result = train(cfg)
+        finally:
+            import torch.distributed as dist
+            if dist.is_available() and dist.is_initialized():
+                # Under torchrun: tear gloo/nccl down before exit (left to interpreter shutdown, gloo's
+                # threads can abort the process with "terminate called without an active exception").
+                dist.destroy_process_group()
         if result["interrupted"]:
             print(f"interrupted at step {result['step']}: checkpoint saved to {result['checkpoint']}; "
                   "continue with --resume", file=sys.stderr)
