@@ -40,18 +40,19 @@ def _csv(kind):
 MODEL_OPTIONS = {"conditional": False, "block_channels": (32, 64, 128), "prediction_type": "v_prediction"}
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter):
-    """--help shows every default."""
+class _Parser(argparse.ArgumentParser):
+    """Every (sub)command's --help shows every default."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    parser = argparse.ArgumentParser(prog="fastperc", description="Self-perceptual diffusion training",
-                                     formatter_class=_Help)
+    parser = _Parser(prog="fastperc", description="Self-perceptual diffusion training")
     parser.add_argument("--version", action="version", version=f"fastperc {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add = sub.add_parser
-    sub.add_parser = lambda *a, **k: _add(*a, formatter_class=_Help, **k)  # every subcommand shows defaults
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, built kernels and the backend auto picks")
 
     tr = sub.add_parser("train", help="train with MSE or the self-perceptual objective")
