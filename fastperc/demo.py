@@ -3,13 +3,15 @@ scale on the embedded MNIST-5k, sampled and measured.
 
 Training, for a conditional model (10% label dropout, for CFG) and for an unconditional one:
   1. `mse/` (`uncond_mse/`): plain MSE;
-  2. `sp/` (`uncond_sp/`): a copy fine-tuned with the self-perceptual objective, the frozen stage-1
-     model (raw weights, not EMA) as teacher;
-  3. `mse_cont/` (`uncond_mse_cont/`): stage 1 continued with MSE for as many steps (equal compute).
-Then `classifier/` (the metrics' feature network), samples (DDIM, trailing spacing):
-  samples_mse.npz, samples_mse_cfg.npz (CFG 3), samples_sp.npz, samples_uncond_{mse,sp}.npz with PNG
-  grids, a second sampling seed and a CFG sweep under `extra/`, and `report.md` with the table,
-  `grids.png` (side by side) and `fd_vs_cfg.png`.
+  2. `sp/` (`uncond_sp/`): a copy fine-tuned with the self-perceptual objective in the best
+     configuration the search found (SP_BEST: four taps down to full resolution, RMS-normalised
+     channels, t' in [0, 100]), the frozen stage-1 model (raw weights, not EMA) as teacher;
+  3. `sp_paper/` (and `uncond_sp_paper/` in the longer presets): the same fine-tune in the paper's
+     configuration (midblock tap, t' uniform);
+  4. `mse_cont/` (`uncond_mse_cont/`): stage 1 continued with MSE for as many steps (equal data).
+The fine-tunes run at the preset's `finetune_lr`. Then `classifier/` (the metrics' feature network),
+samples (DDIM, trailing spacing): samples_<row>.npz with PNG grids, a second sampling seed and a CFG
+sweep under `extra/`, and `report.md` with the table, `grids.png` (side by side) and `fd_vs_cfg.png`.
 Every stage resumes from its checkpoint or output when re-run (`--fresh` starts over).
 """
 from __future__ import annotations
@@ -26,36 +28,61 @@ from .checkpoint import load as load_checkpoint
 from .sample import generate, save_samples
 from .train import TrainConfig, load_model, train
 
+# The search's best self-perceptual configuration (docs/RESULTS.md, "The search"): it beats the
+# equal-step MSE continuation over three training seeds; the paper's (midblock, t' uniform) does not.
+SP_BEST = dict(layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"), feature_norm="channel_rms",
+               t_prime_range=(0, 100))
+SP_BEST_NAME = "4 taps, channel RMS, t' in [0, 100]"
+SP_PAPER_NAME = "the paper's: midblock, t' uniform"
+
 # "default" fits ~30 minutes on 2 CPU cores; "quick" is a smoke test; "long"/"gpu" train longer.
+# paper_rows: the model kinds ("" conditional, "uncond_") that also get the paper's configuration.
 PRESETS = {
     "default": dict(block_channels=(16, 32, 64), batch_size=64, lr=5e-4, mse_steps=900, uncond_mse_steps=700,
-                    finetune_steps=300, sample_steps=15, n=1000, n_extra=500, cfg_sweep=(1.5, 5.0),
-                    classifier_epochs=12, ema_decay=0.999),
+                    finetune_steps=300, finetune_lr=5e-5, paper_rows=("",), sample_steps=15, n=1000, n_extra=500,
+                    cfg_sweep=(1.5,), classifier_epochs=12, ema_decay=0.999),
     "quick": dict(block_channels=(8, 16), batch_size=8, lr=5e-4, mse_steps=4, uncond_mse_steps=4, finetune_steps=2,
-                  sample_steps=3, n=20, n_extra=20, cfg_sweep=(2.0,), classifier_epochs=1, ema_decay=0.9),
+                  finetune_lr=5e-4, paper_rows=("",), sample_steps=3, n=20, n_extra=20, cfg_sweep=(2.0,),
+                  classifier_epochs=1, ema_decay=0.9),
     "long": dict(block_channels=(32, 64, 128), batch_size=64, lr=3e-4, mse_steps=8000, uncond_mse_steps=8000,
-                 finetune_steps=4000, sample_steps=50, n=1000, n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5),
-                 classifier_epochs=15, ema_decay=0.999),
+                 finetune_steps=4000, finetune_lr=5e-5, paper_rows=("", "uncond_"), sample_steps=50, n=1000,
+                 n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5), classifier_epochs=15, ema_decay=0.999),
     "gpu": dict(block_channels=(64, 128, 256), batch_size=128, lr=2e-4, mse_steps=20000, uncond_mse_steps=20000,
-                finetune_steps=10000, sample_steps=50, n=1000, n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5),
-                classifier_epochs=15, ema_decay=0.9995),
+                finetune_steps=10000, finetune_lr=5e-5, paper_rows=("", "uncond_"), sample_steps=50, n=1000,
+                n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5), classifier_epochs=15, ema_decay=0.9995),
 }
 PRESETS["full"] = dict(PRESETS["long"], training_seeds=(0, 1, 2))  # hours: the whole job per training seed
 CFG_SCALE = 3.0
-ROWS = (("mse", "conditional: MSE, no guidance"), ("mse_cfg", f"conditional: MSE + CFG {CFG_SCALE:g}"),
-        ("sp", "conditional: self-perceptual, no guidance"), ("uncond_mse", "unconditional: MSE"),
-        ("uncond_sp", "unconditional: self-perceptual"))
+
+
+def rows_of(p: dict) -> list[tuple[str, str]]:
+    """(sample set, table title) of every row the preset reports, in table order."""
+    rows = [("mse", "conditional: MSE, no guidance"), ("mse_cfg", f"conditional: MSE + CFG {CFG_SCALE:g}"),
+            ("sp", f"conditional: self-perceptual ({SP_BEST_NAME}), no guidance"),
+            ("sp_paper", f"conditional: self-perceptual ({SP_PAPER_NAME}), no guidance"),
+            ("uncond_mse", "unconditional: MSE"), ("uncond_sp", f"unconditional: self-perceptual ({SP_BEST_NAME})"),
+            ("uncond_sp_paper", f"unconditional: self-perceptual ({SP_PAPER_NAME})")]
+    return [(k, t) for k, t in rows if not k.endswith("sp_paper") or k[:-len("sp_paper")] in p["paper_rows"]]
+
+
+def _source_of(row: str) -> tuple[str, float]:
+    """(run folder, CFG scale) a row samples: the MSE rows sample the equal-step continuation."""
+    if row == "mse_cfg":
+        return "mse_cont", CFG_SCALE
+    return (f"{row}_cont" if row.endswith("mse") else row), 1.0
 
 
 def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: int) -> dict:
-    """Stage 1 (MSE), then the self-perceptual fine-tune and the MSE continuation from it."""
+    """Stage 1 (MSE), then the self-perceptual fine-tunes and the MSE continuation from it."""
     first = replace(base, out=str(root / f"{prefix}mse"), max_steps=mse_steps, save_every=max(1, mse_steps // 4))
     fine = dict(init=first.out, max_steps=p["finetune_steps"], save_every=max(1, p["finetune_steps"] // 2),
-                warmup_steps=1, seed=base.seed + 1)
+                warmup_steps=1, lr=p["finetune_lr"], seed=base.seed + 1)
+    sp = dict(objective="self_perceptual", teacher=first.out, **fine)
     stages = {f"{prefix}mse": first,
-              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), objective="self_perceptual",
-                                     teacher=first.out, **fine),
-              f"{prefix}mse_cont": replace(base, out=str(root / f"{prefix}mse_cont"), **fine)}
+              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), **sp, **SP_BEST)}
+    if prefix in p["paper_rows"]:
+        stages[f"{prefix}sp_paper"] = replace(base, out=str(root / f"{prefix}sp_paper"), **sp)
+    stages[f"{prefix}mse_cont"] = replace(base, out=str(root / f"{prefix}mse_cont"), **fine)
     times = {}
     for name, cfg in stages.items():
         t0 = time.time()
@@ -90,7 +117,7 @@ def _run_training_seeds(out: str, preset: str, p: dict, progress: bool, resume: 
             return r
         results[s] = r
     rows = []
-    for key, title in ROWS:
+    for key, title in rows_of(p):
         per_seed = [{m: v[0] for m, v in results[s]["summary"][key].items() if isinstance(v, tuple)} | {"n": 0}
                     for s in results]
         agg = report.summarize(per_seed)
@@ -102,7 +129,7 @@ def _run_training_seeds(out: str, preset: str, p: dict, progress: bool, resume: 
             + report.table(rows) + "\n")
     Path(out, "report.md").write_text(text)
     print(f"done: report over {len(results)} training seeds in {out}/report.md")
-    return {"summary": dict(zip((k for k, _ in ROWS), (r for _, r in rows))), "per_seed": results}
+    return {"summary": dict(zip((k for k, _ in rows_of(p)), (r for _, r in rows))), "per_seed": results}
 
 
 def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: bool) -> dict:
@@ -143,9 +170,7 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
         imgs, labels = metrics.load_samples(str(path))
         return metrics.evaluate(imgs, labels, classifier, reference)
 
-    sets = {  # name: (checkpoint, CFG scale)
-        "mse": ("mse_cont", 1.0), "mse_cfg": ("mse_cont", CFG_SCALE), "sp": ("sp", 1.0),
-        "uncond_mse": ("uncond_mse_cont", 1.0), "uncond_sp": ("uncond_sp", 1.0)}
+    sets = {name: _source_of(name) for name, _ in rows_of(p)}
     results: dict[str, list[dict]] = {}
     for name, (ckpt, scale) in sets.items():
         results[name] = [sample_and_eval(root / f"samples_{name}.npz", ckpt, scale, seed, p["n"]),
@@ -169,30 +194,45 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
 
 
 def _write_report(root, p, preset, seed, acc, summary, sweep, best, times) -> None:
-    rows = [(title, summary[key]) for key, title in ROWS]
+    rows = [(title, summary[key]) for key, title in rows_of(p)]
     rows.insert(2, (f"conditional: MSE + CFG {best:g} (best FD of the sweep)", sweep[best]))
-    report.side_by_side([("MSE", root / "samples_mse.png"), (f"MSE + CFG {CFG_SCALE:g}", root / "samples_mse_cfg.png"),
-                         ("self-perceptual", root / "samples_sp.png"), ("uncond. MSE", root / "samples_uncond_mse.png"),
-                         ("uncond. self-perceptual", root / "samples_uncond_sp.png")], root / "grids.png")
+    panels = {"mse": "MSE", "mse_cfg": f"MSE + CFG {CFG_SCALE:g}", "sp": "self-perceptual (best)",
+              "sp_paper": "self-perceptual (paper)", "uncond_mse": "uncond. MSE",
+              "uncond_sp": "uncond. self-perceptual (best)", "uncond_sp_paper": "uncond. self-perceptual (paper)"}
+    report.side_by_side([(panels[k], root / f"samples_{k}.png") for k, _ in rows_of(p)], root / "grids.png")
     scales = sorted(sweep)
     report.fd_vs_cfg_plot(scales, [sweep[s]["fd"] for s in scales], summary["sp"]["fd"], root / "fd_vs_cfg.png")
-    verdict = lambda a, b: "lower" if a < b else "not lower"  # noqa: E731
+
+    def versus(sp: str, mse: str) -> str:
+        a, b = summary[sp]["fd"][0], summary[mse]["fd"][0]
+        pa, pb = summary[sp]["precision"][0], summary[mse]["precision"][0]
+        return (f"{a:.3f} vs {b:.3f} ({'lower' if a < b else 'not lower'}; precision {pa:.3f} vs {pb:.3f})")
+
+    lines = [f"- conditional, {SP_BEST_NAME}: {versus('sp', 'mse')}"]
+    lines += [f"- conditional, {SP_PAPER_NAME}: {versus('sp_paper', 'mse')}"] if "sp_paper" in summary else []
+    lines += [f"- unconditional, {SP_BEST_NAME}: {versus('uncond_sp', 'uncond_mse')}"]
+    lines += ([f"- unconditional, {SP_PAPER_NAME}: {versus('uncond_sp_paper', 'uncond_mse')}"]
+              if "uncond_sp_paper" in summary else [])
+    best_taps = ", ".join(SP_BEST["layers"])
     text = f"""# fastperc demo report
 
 Preset `{preset}`, seed {seed}: UNet {tuple(p['block_channels'])}, batch {p['batch_size']}, MSE stage
-{p['mse_steps']} steps (unconditional: {p['uncond_mse_steps']}), then {p['finetune_steps']} steps of the
-self-perceptual fine-tune and as many MSE steps on the other copy (equal compute); EMA weights;
-{p['sample_steps']} DDIM steps (trailing). Metrics on the held-out 500 real images with the
-classifier trained here (held-out accuracy {acc:.4f}); FD-MNIST is a Frechet distance on that
-classifier's features, not FID. Mean ± half-range over 2 sampling seeds
-({p['n']} and {p['n_extra']} images).
+{p['mse_steps']} steps at lr {p['lr']:g} (unconditional: {p['uncond_mse_steps']}), then
+{p['finetune_steps']} fine-tune steps at lr {p['finetune_lr']:g} from it: the self-perceptual
+objective ({SP_BEST_NAME}: taps {best_taps}; and {SP_PAPER_NAME}) and, on another copy, as many MSE
+steps (the equal-data baseline the MSE rows sample); EMA weights; {p['sample_steps']} DDIM steps
+(trailing). Metrics on the held-out 500 real images with the classifier trained here (held-out
+accuracy {acc:.4f}); FD-MNIST is a Frechet distance on that classifier's features, not FID. Mean ±
+half-range over 2 sampling seeds ({p['n']} and {p['n_extra']} images) of one training seed.
 
 {report.table(rows)}
 
-Self-perceptual vs MSE without guidance, FD-MNIST: conditional {summary['sp']['fd'][0]:.3f} vs
-{summary['mse']['fd'][0]:.3f} ({verdict(summary['sp']['fd'][0], summary['mse']['fd'][0])}), unconditional
-{summary['uncond_sp']['fd'][0]:.3f} vs {summary['uncond_mse']['fd'][0]:.3f}
-({verdict(summary['uncond_sp']['fd'][0], summary['uncond_mse']['fd'][0])}).
+Self-perceptual vs the MSE continuation without guidance, FD-MNIST (lower is better):
+
+{chr(10).join(lines)}
+
+One training seed: a difference smaller than the spread over training seeds (about 0.1 FD-MNIST
+here) is not a result. `fastperc study` repeats such a comparison over several training seeds.
 
 CFG sweep on the MSE model (FD-MNIST): {', '.join(f"{s:g}: {sweep[s]['fd'][0]:.3f}" for s in scales)}.
 

@@ -229,6 +229,8 @@ def train(cfg: TrainConfig) -> dict:
     if not cfg.resume and rank == 0:
         _refuse_or_clear_earlier_run(out, cfg.overwrite)
     state = checkpoint.load(ckpt_path) if resume else None
+    if state is not None:
+        _refuse_changed_options(state.get("config", {}), cfg, ckpt_path)
     init = checkpoint.load(cfg.init) if (cfg.init and not resume) else None
     mconf = (state or init or {}).get("model_config") or model_config_of(cfg, images.num_classes)
     model = build_model(mconf).to(device)
@@ -398,6 +400,26 @@ def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
                          "it or --overwrite to start over")
     for p in found:
         p.unlink()
+
+
+# Options a resumed run may change: where and how long it runs and how it reports, not what it learns.
+_RESUMABLE_CHANGES = {"out", "init", "max_steps", "save_every", "log_every", "max_bad_steps", "resume", "overwrite",
+                      "progress", "compile", "extra"}
+
+
+def _refuse_changed_options(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """Resuming with other training options would silently mix two runs (e.g. a stale fine-tune reused
+    under a new learning rate); name what differs instead."""
+    now = asdict(cfg)
+    changed = [f"{k}: checkpoint {_plain(saved[k])!r}, now {_plain(now[k])!r}" for k in saved
+               if k in now and k not in _RESUMABLE_CHANGES and _plain(saved[k]) != _plain(now[k])]
+    if changed:
+        raise ValueError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
+                         "same options, or start over (`fastperc train --overwrite`, `fastperc demo --fresh`)")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

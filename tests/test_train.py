@@ -338,15 +338,27 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_demo_quick_preset_writes_samples_report_and_pictures(tmp_path):
-    from fastperc.demo import run
+    from fastperc.demo import PRESETS, SP_BEST, run
     result = run(str(tmp_path), "quick", progress=False)
-    for name in ("samples_mse", "samples_mse_cfg", "samples_sp", "samples_uncond_mse", "samples_uncond_sp"):
+    for name in ("samples_mse", "samples_mse_cfg", "samples_sp", "samples_sp_paper", "samples_uncond_mse",
+                 "samples_uncond_sp"):
         with np.load(tmp_path / f"{name}.npz") as f:
             assert f["images"].shape == (20, 32, 32)
         assert (tmp_path / f"{name}.png").exists()
-    assert set(result["seconds"]) >= {"mse", "sp", "mse_cont", "uncond_mse", "uncond_sp", "classifier"}
+    assert not (tmp_path / "samples_uncond_sp_paper.npz").exists()  # the quick preset's paper_rows: conditional
+    assert set(result["seconds"]) >= {"mse", "sp", "sp_paper", "mse_cont", "uncond_mse", "uncond_sp", "classifier"}
+    # the fine-tunes: the search's best configuration, the paper's, and the MSE continuation, all at finetune_lr
+    configs = {k: checkpoint.load(tmp_path / k)["config"] for k in ("sp", "sp_paper", "mse_cont", "uncond_sp")}
+    assert {k: c["lr"] for k, c in configs.items()} == dict.fromkeys(configs, PRESETS["quick"]["finetune_lr"])
+    for k in ("sp", "uncond_sp"):
+        assert configs[k]["objective"] == "self_perceptual" and configs[k]["teacher"].endswith(k.replace("sp", "mse"))
+        assert {o: configs[k][o] for o in SP_BEST} == SP_BEST
+    assert tuple(configs["sp_paper"]["layers"]) == ("mid_block",) and configs["sp_paper"]["t_prime_range"] is None
+    assert configs["mse_cont"]["objective"] == "mse"
     text = (tmp_path / "report.md").read_text()
-    assert "conditional: self-perceptual, no guidance" in text and "unconditional: MSE" in text
+    assert "conditional: self-perceptual (4 taps, channel RMS, t' in [0, 100]), no guidance" in text
+    assert "conditional: self-perceptual (the paper's: midblock, t' uniform), no guidance" in text
+    assert "unconditional: MSE" in text
     assert "FD-MNIST" in text and "FID" not in text.replace("not FID", "")
     for png in ("grids.png", "fd_vs_cfg.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -366,7 +378,7 @@ def test_full_preset_reports_the_spread_over_training_seeds(tmp_path, monkeypatc
     result = demo.run(str(tmp_path), "full", progress=False)
     assert (tmp_path / "seed0" / "report.md").exists() and (tmp_path / "seed1" / "report.md").exists()
     text = (tmp_path / "report.md").read_text()
-    assert "training seeds [0, 1]" in text and "conditional: self-perceptual, no guidance" in text
+    assert "training seeds [0, 1]" in text and "conditional: self-perceptual (4 taps" in text
     assert result["summary"]["sp"]["seeds"] == 2
 
 
@@ -500,3 +512,15 @@ def test_eval_finds_the_classifier_beside_the_samples(mse_run, tmp_path, capsys)
     assert "FD-MNIST" in capsys.readouterr().out
     assert main(["eval", str(mse_run / "nowhere.npz")]) == 2
     assert "classifier: none given and no classifier/ folder beside" in capsys.readouterr().err
+
+
+def test_resuming_with_other_training_options_is_refused_naming_them(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "r"), max_steps=2, save_every=2, **TINY)
+    train(cfg)
+    with pytest.raises(ValueError, match=r"resume: .*checkpoint.pt was trained with other options "
+                                         r"\(layers: checkpoint \['mid_block'\], now \['conv_in'\]; "
+                                         r"lr: checkpoint 0.001, now 0.0005\)"):
+        train(replace(cfg, resume=True, max_steps=4, lr=5e-4, layers=("conv_in",)))
+    # where and how long a run goes may change
+    result = train(replace(cfg, resume=True, max_steps=3, save_every=3, log_every=3))
+    assert result["step"] == 3
