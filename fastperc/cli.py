@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
                          "schedule is SD's scaled-linear table rescaled to zero terminal SNR, except for epsilon "
                          "(which cannot be converted where alpha = 0): the SD 1.5 table")
     tr.add_argument("--data", help="a folder of images (class sub-folders optional) or an .npz; default MNIST-5k")
+    tr.add_argument("--latent", metavar="AE",
+                    help="train in the latent space of this autoencoder (`fastperc train-autoencoder`); the "
+                         "checkpoint keeps it, and samples are decoded by it")
     tr.add_argument("--image-size", type=_positive(int), default=32, help="images are resized to this square")
     tr.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grey, 3: RGB")
     tr.add_argument("--batch-size", type=_positive(int), default=64, help="global batch per optimizer step")
@@ -130,6 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
     tc.add_argument("--out", default="runs/classifier", help="folder for classifier.pt")
     tc.add_argument("--epochs", type=_positive(int), default=15, help="passes over the 4500 training digits")
     tc.add_argument("--seed", type=int, default=0, help="initialisation and data order")
+
+    au = sub.add_parser("train-autoencoder", help="the latent space of a latent diffusion run (train --latent)")
+    au.add_argument("--out", default="runs/autoencoder", help="folder for autoencoder.pt")
+    au.add_argument("--steps", type=_positive(int), default=2000, help="optimizer steps at batch 64")
+    au.add_argument("--width", type=_positive(int), default=32, help="channels of the inner convolutions")
+    au.add_argument("--latent-channels", type=_positive(int), default=4, help="latent channels (at 1/4 resolution)")
+    au.add_argument("--data", help="as for train (default MNIST-5k); the held-out split is never seen")
+    au.add_argument("--image-size", type=_positive(int), default=32, help="images are resized to this square")
+    au.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grey, 3: RGB")
+    au.add_argument("--seed", type=int, default=0, help="initialisation and data order")
 
     ev = sub.add_parser("eval", help="FD-MNIST, classifier score, precision/recall of sample files")
     ev.add_argument("samples", nargs="+", help="FILE.npz from `fastperc sample` / the demo")
@@ -213,8 +226,8 @@ def _dispatch(args) -> int:
         cfg = TrainConfig(out=args.out, objective=args.objective, mse_weight=args.mse_weight, init=args.init,
                           teacher=args.teacher, layers=args.layers, layer_weights=args.layer_weights, arch=args.arch,
                           block_channels=args.block_channels, conditional=args.conditional,
-                          prediction_type=args.prediction_type, data=args.data, image_size=args.image_size,
-                          channels=args.channels, batch_size=args.batch_size, lr=args.lr,
+                          prediction_type=args.prediction_type, data=args.data, latent=args.latent,
+                          image_size=args.image_size, channels=args.channels, batch_size=args.batch_size, lr=args.lr,
                           warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
                           ema_decay=args.ema_decay, precision=args.precision, compile=args.compile, seed=args.seed,
                           max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every,
@@ -261,6 +274,14 @@ def _dispatch(args) -> int:
         from .metrics import train_classifier
         result = train_classifier(args.out, epochs=args.epochs, seed=args.seed)
         print(f"held-out accuracy {result['accuracy']:.4f}; checkpoint {result['checkpoint']}")
+        return 0
+    if args.command == "train-autoencoder":
+        from .latent import train_autoencoder
+        result = train_autoencoder(args.out, steps=args.steps, width=args.width, latent_channels=args.latent_channels,
+                                   seed=args.seed, data_path=args.data, image_size=args.image_size,
+                                   channels=args.channels)
+        print(f"held-out reconstruction MSE {result['held_out_mse']:.5f}, latent scale {result['scale']:.4f}; "
+              f"checkpoint {result['checkpoint']}")
         return 0
     if args.command == "eval":
         from .metrics import embed, evaluate, load_classifier, load_samples, reference_set

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import latent
 from .data import to_uint8
 from .models.factory import null_class, predict, schedule_of
 from .schedule import NoiseSchedule
@@ -22,8 +23,8 @@ def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
 @torch.no_grad()
 def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int = 50,
                 labels: torch.Tensor | None = None, null_label: int | None = None, cfg_scale: float = 1.0,
-                guidance_rescale: float = 0.0) -> torch.Tensor:
-    """Denoise `noise` (B, C, H, W) to images in [-1, 1].
+                guidance_rescale: float = 0.0, clip: bool = True) -> torch.Tensor:
+    """Denoise `noise` (B, C, H, W) to images in [-1, 1] (`clip=False`: unclipped, for latents).
 
     With labels and cfg_scale != 1, each step evaluates the conditional and the null-class prediction
     in one batch and mixes them: p = p_uncond + s * (p_cond - p_uncond), then rescales p towards the
@@ -55,13 +56,14 @@ def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: i
         else:
             a_prev = float(ac[ts[i + 1]]) ** 0.5
             x = a_prev * x0 + (1 - a_prev**2) ** 0.5 * eps
-    return x.clamp(-1, 1)
+    return x.clamp(-1, 1) if clip else x
 
 
 def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: float = 1.0,
              guidance_rescale: float = 0.0, seed: int = 0, batch_size: int = 250,
              device: torch.device | str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """n images as uint8 (N, H, W) or (N, H, W, C), and int64 labels (balanced; -1 if unconditional)."""
+    """n images as uint8 (N, H, W) or (N, H, W, C), and int64 labels (balanced; -1 if unconditional).
+    A latent model's samples are decoded by the autoencoder stored in its model config."""
     if n < 1:
         raise ValueError(f"n: expected >= 1, got {n}")
     device = torch.device(device)
@@ -71,12 +73,18 @@ def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: f
     labels = torch.arange(n) % ncls if ncls else torch.full((n,), -1)
     g = torch.Generator().manual_seed(seed)
     shape = (model_config["in_channels"], model_config["image_size"], model_config["image_size"])
+    ae = latent.of_model_config(model_config)
+    ae = ae.to(device) if ae is not None else None
     noise = torch.randn((n, *shape), generator=g)
     out = []
     for s in range(0, n, batch_size):
         lab = labels[s:s + batch_size].to(device) if ncls else None
         x = ddim_sample(model, schedule, noise[s:s + batch_size].to(device), steps=steps, labels=lab,
-                        null_label=null_class(model_config), cfg_scale=cfg_scale, guidance_rescale=guidance_rescale)
+                        null_label=null_class(model_config), cfg_scale=cfg_scale, guidance_rescale=guidance_rescale,
+                        clip=ae is None)
+        if ae is not None:
+            with torch.no_grad():
+                x = ae.decode(x)
         out.append(to_uint8(x).cpu())
     imgs = torch.cat(out).permute(0, 2, 3, 1).numpy()
     return (imgs[..., 0] if imgs.shape[-1] == 1 else imgs), labels.numpy().astype(np.int64)

@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from . import checkpoint, data
+from . import checkpoint, data, latent
 from .loss import FEATURE_NORMS, self_perceptual_loss
 from .models.factory import ARCHS, build_model, null_class, predict, schedule_of
 from .schedule import PREDICTION_TYPES, TimestepDistribution
@@ -52,6 +52,7 @@ class TrainConfig:
     label_dropout: float = 0.1
     prediction_type: str = "v_prediction"
     data: str | None = None             # None: embedded MNIST-5k
+    latent: str | None = None           # an autoencoder (`fastperc train-autoencoder`): train on its latents
     image_size: int = 32
     channels: int = 1
     held_out: int = 500
@@ -169,9 +170,19 @@ def _step_generator(seed: int, step: int) -> torch.Generator:
 
 
 def model_config_of(cfg: TrainConfig, num_classes: int | None) -> dict:
-    return {"arch": cfg.arch, "in_channels": cfg.channels, "image_size": cfg.image_size,
-            "block_channels": list(cfg.block_channels), "num_classes": num_classes if cfg.conditional else None,
-            "prediction_type": cfg.prediction_type, "zero_terminal_snr": cfg.prediction_type != "epsilon"}
+    mconf = {"arch": cfg.arch, "in_channels": cfg.channels, "image_size": cfg.image_size,
+             "block_channels": list(cfg.block_channels), "num_classes": num_classes if cfg.conditional else None,
+             "prediction_type": cfg.prediction_type, "zero_terminal_snr": cfg.prediction_type != "epsilon"}
+    if cfg.latent:
+        # The autoencoder travels inside the model config: samples decode with exactly these weights.
+        ae = latent.load_autoencoder(cfg.latent)
+        channels, size, _ = ae.latent_shape(cfg.image_size)
+        if ae.config["in_channels"] != cfg.channels:
+            raise ValueError(f"latent: {cfg.latent} encodes {ae.config['in_channels']}-channel images, the data "
+                             f"has {cfg.channels} (--channels)")
+        mconf |= {"in_channels": channels, "image_size": size,
+                  "autoencoder": {"autoencoder": ae.state_dict(), "config": ae.config}}
+    return mconf
 
 
 def load_model(path: str, use_ema: bool = False) -> tuple[nn.Module, dict]:
@@ -233,6 +244,10 @@ def train(cfg: TrainConfig) -> dict:
         _refuse_changed_options(state.get("config", {}), cfg, ckpt_path)
     init = checkpoint.load(cfg.init) if (cfg.init and not resume) else None
     mconf = (state or init or {}).get("model_config") or model_config_of(cfg, images.num_classes)
+    if cfg.latent and init is not None:
+        raise ValueError(f"latent: --init {cfg.init} sets the model and its space (a latent checkpoint keeps its "
+                         "autoencoder); omit --latent")
+    ae = latent.of_model_config(mconf)
     model = build_model(mconf).to(device)
     ema = copy.deepcopy(model).eval().requires_grad_(False)
     if init is not None:
@@ -271,7 +286,8 @@ def train(cfg: TrainConfig) -> dict:
     if world > 1:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
 
-    x_all = data.to_model_range(train_set.images).to(device)
+    x_all = data.to_model_range(train_set.images)
+    x_all = (latent.encode_images(ae, x_all) if ae is not None else x_all).to(device)  # encoded once
     y_all = train_set.labels.to(device) if (mconf["num_classes"] is not None) else None
     null = null_class(mconf)
     per_rank, micro = cfg.batch_size // world, cfg.batch_size // world // cfg.grad_accum
