@@ -20,7 +20,7 @@ $(STAMP): $(SOURCES)
 	@$(PY) -c "import triton" 2>/dev/null || $(PY) -m pip install "$(TRITON_SPEC)" || echo "triton unavailable: the triton backend stays off"
 	@$(PY) -c "import torch; print('torch==' + torch.__version__)" > $(VENV)/keep-torch.txt
 	$(PY) -m pip install -c $(VENV)/keep-torch.txt -r requirements-dev.txt
-	$(PY) -m pip install -c $(VENV)/keep-torch.txt --no-build-isolation -e .
+	$(PY) -m pip install -c $(VENV)/keep-torch.txt --no-build-isolation -e ".[test]"
 	@$(PY) -m fastperc.info
 	@touch $(STAMP)
 

@@ -19,7 +19,7 @@ def report() -> str:
         lines.append(f"_C       built: {_ext.ext.build_info()} ({_ext.ext.__file__})")
     else:
         lines.append(f"_C       not built ({_ext.load_error})")
-    lines.append(f"TRITON_INTERPRET={'1' if _backend.triton_interpreting() else '0'}")
+    lines.append(f"TRITON_INTERPRET={'1' if _backend.TRITON_INTERPRETING else '0'}")
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
     for dev in ("cpu", "cuda"):
         avail = [b for b in _backend.BACKENDS[1:] if _backend.why_unavailable(b, dev) is None]

@@ -10,10 +10,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from ._per_sample import accumulation_dtype
 from ._validation import check_choice, check_finite, check_like, check_tensor, check_timesteps
 from .ops import feature_mse, renoise
 from .ops.feature_mse import REDUCTIONS
-from .schedule import PREDICTION_TYPES, NoiseSchedule, TimestepDistribution
+from .schedule import NoiseSchedule, TimestepDistribution
 from .teacher import FrozenTeacher, unwrap
 
 DEFAULT_LAYERS = ("mid_block",)
@@ -193,8 +194,8 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     Reference: Lin & Yang, "Diffusion Model with Perceptual Loss", arXiv 2401.00110.
     """
     schedule = as_schedule(schedule)
-    kind = prediction_type if prediction_type is not None else schedule.prediction_type
-    schedule.check_prediction_type(kind)
+    prediction_type = prediction_type if prediction_type is not None else schedule.prediction_type
+    schedule.check_prediction_type(prediction_type)
     check_choice("reduction", reduction, REDUCTIONS)
     check_choice("feature_norm", feature_norm, FEATURE_NORMS)
     check_tensor("model_output", model_output, ndim_min=2)
@@ -231,10 +232,11 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     # casts its inputs to its own dtype.
     wide = torch.promote_types(model_output.dtype, x0.dtype)
     model_output, x0, noise = model_output.to(wide), x0.to(wide), noise.to(wide)
-    coef_dtype = torch.float64 if wide == torch.float64 else torch.float32
-    a, b, ap, sp = schedule.renoise_coefficients(timesteps, timesteps_prime, kind, coef_dtype)
+    coef_dtype = accumulation_dtype(wide)
+    a, b, alpha_prime, sigma_prime = schedule.renoise_coefficients(timesteps, timesteps_prime, prediction_type,
+                                                                   coef_dtype)
     x_t = schedule._add_noise(x0, noise, timesteps)  # arguments checked above
-    fake, real = renoise(x_t, model_output, x0, noise, a, b, ap, sp, backend=backend)
+    fake, real = renoise(x_t, model_output, x0, noise, a, b, alpha_prime, sigma_prime, backend=backend)
     with torch.no_grad():  # the real branch keeps no graph
         real_feats = _call_teacher(frozen, real, timesteps_prime, kwargs)
     fake_feats = _call_teacher(frozen, fake, timesteps_prime, kwargs)

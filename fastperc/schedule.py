@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ._per_sample import accumulation_dtype, per_sample
 from ._validation import check_choice, check_like, check_tensor, check_timesteps
 
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
@@ -169,22 +170,22 @@ class NoiseSchedule:
 
     def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """add_noise for arguments the caller has already checked (no device sync)."""
-        a, s = self.alpha_sigma(timesteps, _coef_dtype(x0))
-        return (_bcast(a, x0) * x0 + _bcast(s, x0) * noise).to(x0.dtype)
+        a, s = self.alpha_sigma(timesteps, accumulation_dtype(x0.dtype))
+        return (per_sample(a, x0) * x0 + per_sample(s, x0) * noise).to(x0.dtype)
 
     def velocity(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The v-prediction target v = alpha_t * noise - sigma_t * x0."""
-        a, s = self.alpha_sigma(timesteps, _coef_dtype(x0))
-        return (_bcast(a, x0) * noise - _bcast(s, x0) * x0).to(x0.dtype)
+        a, s = self.alpha_sigma(timesteps, accumulation_dtype(x0.dtype))
+        return (per_sample(a, x0) * noise - per_sample(s, x0) * x0).to(x0.dtype)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
                prediction_type: str | None = None) -> torch.Tensor:
         """What a model with `prediction_type` should output at x_t (the plain MSE target)."""
-        kind = prediction_type or self.prediction_type
-        check_choice("prediction_type", kind, PREDICTION_TYPES)
-        if kind == "epsilon":
+        prediction_type = prediction_type or self.prediction_type
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        if prediction_type == "epsilon":
             return noise
-        if kind == "sample":
+        if prediction_type == "sample":
             return x0
         return self.velocity(x0, noise, timesteps)
 
@@ -196,12 +197,12 @@ class NoiseSchedule:
         Raises ValueError when the table has a step where the conversion divides by zero: "epsilon"
         with alpha_t = 0 (the last step of a zero-terminal-SNR schedule), "sample" with sigma_t = 0.
         """
-        kind = prediction_type or self.prediction_type
-        self.check_prediction_type(kind)  # from the table, on the host: no device sync
+        prediction_type = prediction_type or self.prediction_type
+        self.check_prediction_type(prediction_type)  # from the table, on the host: no device sync
         a, s = self.alpha_sigma(timesteps, torch.float64)
-        if kind == "v_prediction":
+        if prediction_type == "v_prediction":
             c = (a, -s, s, a)
-        elif kind == "epsilon":
+        elif prediction_type == "epsilon":
             c = (1.0 / a, -s / a, torch.zeros_like(a), torch.ones_like(a))
         else:
             c = (torch.zeros_like(a), torch.ones_like(a), 1.0 / s, -a / s)
@@ -210,8 +211,8 @@ class NoiseSchedule:
     def convert(self, x_t: torch.Tensor, model_output: torch.Tensor, timesteps: torch.Tensor,
                 prediction_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(x0_hat, eps_hat) implied by a model prediction at x_t."""
-        c_x0, d_x0, c_eps, d_eps = (_bcast(c, x_t) for c in
-                                    self.convert_coefficients(timesteps, prediction_type, _coef_dtype(x_t)))
+        c_x0, d_x0, c_eps, d_eps = (per_sample(c, x_t) for c in
+                                    self.convert_coefficients(timesteps, prediction_type, accumulation_dtype(x_t.dtype)))
         return (c_x0 * x_t + d_x0 * model_output).to(x_t.dtype), (c_eps * x_t + d_eps * model_output).to(x_t.dtype)
 
     def renoise_coefficients(self, timesteps: torch.Tensor, timesteps_prime: torch.Tensor,
@@ -224,13 +225,10 @@ class NoiseSchedule:
         Computed in float64 so that t' = t gives exactly a = 1, b = 0 for v-prediction up to rounding.
         """
         c_x0, d_x0, c_eps, d_eps = self.convert_coefficients(timesteps, prediction_type, torch.float64)
-        ap, sp = self.alpha_sigma(timesteps_prime, torch.float64)
-        a = ap * c_x0 + sp * c_eps
-        b = ap * d_x0 + sp * d_eps
-        return a.to(dtype), b.to(dtype), ap.to(dtype), sp.to(dtype)
-
-    def to_diffusers_config(self) -> dict:
-        return {"num_train_timesteps": self.num_train_timesteps, "prediction_type": self.prediction_type}
+        alpha_prime, sigma_prime = self.alpha_sigma(timesteps_prime, torch.float64)
+        a = alpha_prime * c_x0 + sigma_prime * c_eps
+        b = alpha_prime * d_x0 + sigma_prime * d_eps
+        return a.to(dtype), b.to(dtype), alpha_prime.to(dtype), sigma_prime.to(dtype)
 
     def __repr__(self) -> str:
         ac = self.alphas_cumprod
@@ -241,14 +239,6 @@ class NoiseSchedule:
 def _check_T(num_train_timesteps) -> None:
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps: expected an int >= 2, got {num_train_timesteps!r}")
-
-
-def _coef_dtype(x: torch.Tensor) -> torch.dtype:
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _bcast(c: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return c.reshape(c.shape + (1,) * (like.dim() - c.dim()))
 
 
 DENSITIES = ("uniform", "logit_normal")

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .models.adapters import find_adapter
+from .truncated_forwards import find_adapter
 
 
 class _StopForward(Exception):

@@ -1,7 +1,7 @@
 import subprocess
 import sys
 
-from fastperc.cli import main
+from fastperc.recipes.cli import main
 
 
 def test_info_reports_versions_and_auto_choice(capsys):

@@ -5,12 +5,14 @@ import numpy as np
 import pytest
 import torch
 
-from fastperc import checkpoint, data
-from fastperc.cli import main
-from fastperc.latent import encode_images, load_autoencoder, of_model_config, train_autoencoder
-from fastperc.sample import ddim_sample, generate
-from fastperc.models.factory import null_class, schedule_of
-from fastperc.train import TrainConfig, load_model, train
+from fastperc.recipes import checkpoint, data
+from fastperc.recipes.cli import main
+from fastperc.recipes.latent import encode_images, load_autoencoder, of_model_config, train_autoencoder
+from fastperc.recipes.sample import ddim_sample, generate
+from fastperc.recipes.models import null_class, schedule_of
+from fastperc.recipes.config import TrainConfig
+from fastperc.recipes.models import load_model
+from fastperc.recipes.train import train
 
 TINY = dict(block_channels=(8, 16), batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, progress=False)
 

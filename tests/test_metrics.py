@@ -3,9 +3,9 @@ import numpy as np
 import pytest
 import torch
 
-from fastperc import checkpoint, metrics
-from fastperc.cli import main
-from fastperc.data import mnist5k
+from fastperc.recipes import checkpoint, metrics
+from fastperc.recipes.cli import main
+from fastperc.recipes.data import mnist5k
 
 
 def test_frechet_distance_matches_closed_form_for_commuting_gaussians():

@@ -10,9 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from fastperc import FrozenTeacher, NoiseSchedule, TimestepDistribution, self_perceptual_loss
-from fastperc import checkpoint
+from fastperc.recipes import checkpoint
 from fastperc.loss import normalize_features
-from fastperc.train import TrainConfig, _objective, train
+from fastperc.recipes.train import TrainConfig, _objective, train
 
 from .helpers import tiny_unet
 
@@ -122,7 +122,7 @@ def test_sgd_fine_tune_with_every_option_trains_and_skips_bad_steps(mse_model, t
     first = checkpoint.load(tmp_path / "a")
     assert "momentum_buffer" in next(iter(first["optimizer"]["state"].values()))
     # The same run whose last two steps are NaN ends where the 3-step run ended: SGD skips them too.
-    import fastperc.train as train_mod
+    import fastperc.recipes.train as train_mod
     real, calls = train_mod._objective, {"n": 0}
 
     def poisoned(*a, **k):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from fastperc.cli import main
-from fastperc.study import BASELINE, aggregate, load_spec, verdict
-from fastperc.train import TrainConfig, train
+from fastperc.recipes.cli import main
+from fastperc.recipes.study import BASELINE, aggregate, load_spec, verdict
+from fastperc.recipes.train import TrainConfig, train
 
 SPEC = """
 [study]
@@ -69,7 +69,7 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     ('[study]\nteacher = "x"\n[[variant]]\nobjective = "mse"\n', "variant 0: expected a name"),
     ('[study]\nteacher = "x"\nsteps = 0\n', "steps: expected a positive integer"),
     ('[study]\nteacher = "x"\nwhat = 1\n', "study: unknown keys \\['what'\\]"),
-    ('[study]\nteacher = "x"\n[[variant]]\nname = "a"\noptimizer = "lion"\n', "optimizer: expected 'adamw' or 'sgd'"),
+    ('[study]\nteacher = "x"\n[[variant]]\nname = "a"\noptimizer = "lion"\n', "optimizer: expected one of \\['adamw', 'sgd'\\]"),
     ("[study\n", "not valid TOML"),
 ])
 def test_bad_specs_are_clear_errors(tmp_path, body, message):

@@ -62,7 +62,7 @@ def test_loss_runs_under_cuda_sync_debug_mode_error():
 
 def test_training_steps_add_no_host_sync(tmp_path):
     """Only logging steps read values (one read of the loss and counters); the steps between are sync-free."""
-    from fastperc.train import TrainConfig, train
+    from fastperc.recipes.train import TrainConfig, train
     tiny = dict(conditional=True, block_channels=(8, 16), batch_size=4, save_every=100, log_every=100, progress=False)
     train(TrainConfig(out=str(tmp_path / "mse"), max_steps=1, **tiny))
     counts = []

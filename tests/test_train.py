@@ -14,9 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from fastperc import checkpoint
-from fastperc.cli import main
-from fastperc.train import TrainConfig, load_model, train
+from fastperc.recipes import checkpoint
+from fastperc.recipes.cli import main
+from fastperc.recipes.config import TrainConfig
+from fastperc.recipes.models import load_model
+from fastperc.recipes.train import train
 
 TINY = dict(block_channels=(8, 16), batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, progress=False,
             held_out=500)
@@ -146,7 +148,7 @@ def test_a_corrupt_checkpoint_names_the_file_and_the_kept_previous_one(tmp_path)
 
 def _poison_steps(monkeypatch, bad_steps: set[int]):
     """Make the loss of the given (0-based) steps NaN, as a diverging batch would."""
-    import fastperc.train as train_mod
+    import fastperc.recipes.train as train_mod
     real, calls = train_mod._objective, {"n": 0}
 
     def objective(*a, **k):
@@ -247,7 +249,7 @@ def test_sample_writes_npz_and_png(mse_run, tmp_path):
 
 
 def test_sampling_is_reproducible_by_seed(mse_run):
-    from fastperc.sample import generate
+    from fastperc.recipes.sample import generate
     model, conf = load_model(str(mse_run), use_ema=True)
     a, _ = generate(model, conf, 4, steps=3, seed=5)
     b, _ = generate(model, conf, 4, steps=3, seed=5)
@@ -256,7 +258,7 @@ def test_sampling_is_reproducible_by_seed(mse_run):
 
 
 def test_trailing_timesteps_start_at_the_last_step():
-    from fastperc.sample import trailing_timesteps
+    from fastperc.recipes.sample import trailing_timesteps
     ts = trailing_timesteps(1000, 50)
     assert ts[0] == 999 and ts[-1] == 19 and len(ts) == 50 and ts == sorted(ts, reverse=True)
 
@@ -276,7 +278,7 @@ def test_data_folder_with_class_subfolders_trains(tmp_path):
 
 
 def test_data_npz_is_read(tmp_path):
-    from fastperc.data import load
+    from fastperc.recipes.data import load
     imgs = np.random.default_rng(0).integers(0, 255, (10, 32, 32), dtype=np.uint8)
     np.savez(tmp_path / "d.npz", images=imgs, labels=np.arange(10) % 3)
     s = load(str(tmp_path / "d.npz"))
@@ -284,7 +286,7 @@ def test_data_npz_is_read(tmp_path):
 
 
 def test_mnist5k_is_padded_scaled_and_split_deterministically():
-    from fastperc.data import mnist5k, to_model_range
+    from fastperc.recipes.data import mnist5k, to_model_range
     d = mnist5k()
     assert d.images.shape == (5000, 1, 32, 32) and d.images.dtype == torch.uint8 and d.num_classes == 10
     x = to_model_range(d.images)
@@ -338,7 +340,7 @@ def test_checkpoint_save_is_atomic(tmp_path, monkeypatch):
 
 
 def test_demo_quick_preset_writes_samples_report_and_pictures(tmp_path):
-    from fastperc.demo import PRESETS, SP_BEST, run
+    from fastperc.recipes.demo import PRESETS, SP_BEST, run
     result = run(str(tmp_path), "quick", progress=False)
     for name in ("samples_mse", "samples_mse_cfg", "samples_sp", "samples_sp_paper", "samples_uncond_mse",
                  "samples_uncond_sp"):
@@ -373,7 +375,7 @@ def test_bf16_self_perceptual_step_runs_and_is_finite(mse_run, tmp_path):
 
 
 def test_full_preset_reports_the_spread_over_training_seeds(tmp_path, monkeypatch):
-    from fastperc import demo
+    from fastperc.recipes import demo
     monkeypatch.setitem(demo.PRESETS, "full", dict(demo.PRESETS["quick"], training_seeds=(0, 1)))
     result = demo.run(str(tmp_path), "full", progress=False)
     assert (tmp_path / "seed0" / "report.md").exists() and (tmp_path / "seed1" / "report.md").exists()
@@ -384,7 +386,7 @@ def test_full_preset_reports_the_spread_over_training_seeds(tmp_path, monkeypatc
 
 def _record_teacher(monkeypatch):
     """Records what the training loop gives the teacher: its weights and its keyword arguments."""
-    import fastperc.train as train_mod
+    import fastperc.recipes.train as train_mod
     seen = {"weights": None, "kwargs": [], "student_labels": []}
     real_teacher, real_predict = train_mod.FrozenTeacher, train_mod.predict
 
@@ -480,7 +482,7 @@ def test_help_shows_defaults_and_version_prints(capsys):
 
 
 def test_every_cli_option_has_help():
-    from fastperc.cli import build_parser
+    from fastperc.recipes.cli import build_parser
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
     missing = [f"{name} {a.option_strings or a.dest}" for name, p in subs.choices.items() for a in p._actions
@@ -505,7 +507,7 @@ def test_a_resumed_run_logs_the_resume_and_keeps_elapsed_monotonic(tmp_path):
 
 
 def test_eval_finds_the_classifier_beside_the_samples(mse_run, tmp_path, capsys):
-    from fastperc import metrics
+    from fastperc.recipes import metrics
     metrics.train_classifier(str(tmp_path / "classifier"), epochs=1, progress=False)
     assert main(["sample", str(mse_run), "--out", str(tmp_path / "s" / "x.npz"), "--n", "10", "--steps", "2"]) == 0
     assert main(["eval", str(tmp_path / "s" / "x.npz")]) == 0

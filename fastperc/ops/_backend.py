@@ -17,11 +17,7 @@ AUTO_ORDER = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "reference
 # Read once at import: torch.compile traces `resolve`, and must not trace file-system or env lookups.
 # (Triton itself reads TRITON_INTERPRET when kernels are defined, so it must be set before import.)
 _HAS_TRITON = importlib.util.find_spec("triton") is not None
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-def triton_interpreting() -> bool:
-    return _INTERPRET
+TRITON_INTERPRETING = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def cuda_build_runs_on(capability: tuple[int, int], sass: list[int], ptx: int) -> bool:
@@ -73,7 +69,7 @@ def why_unavailable(backend: str, device_type: str, device_index: int | None = N
     if backend == "triton":
         if not _HAS_TRITON:
             return "triton is not installed"
-        if device_type == "cuda" or (device_type == "cpu" and _INTERPRET):
+        if device_type == "cuda" or (device_type == "cpu" and TRITON_INTERPRETING):
             return None
         return f"triton runs on CUDA tensors (CPU tensors only under TRITON_INTERPRET=1), got {device_type} tensors"
     return f"unknown backend {backend!r}"

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._per_sample import accumulation_dtype
 from .._validation import check_choice
 from . import _backend, _ext, reference
 from ._layout import as_same_layout, batch_major_dense, empty_like_layout, overlaps, same_layout
@@ -34,7 +35,7 @@ def _run(preds: list[Tensor], targets: list[Tensor], grads: list[Tensor], weight
     (which may be `targets`). Inputs must already share a kernel-readable layout (see _layout)."""
     p0 = preds[0]
     if per_sample is None:
-        per_sample = torch.empty(p0.shape[0], dtype=reference.acc_dtype(p0.dtype), device=p0.device)
+        per_sample = torch.empty(p0.shape[0], dtype=accumulation_dtype(p0.dtype), device=p0.device)
     if backend == "cpu":
         _ext.ext.feature_mse_cpu(preds, targets, grads, weights, per_sample)
     elif backend == "cuda":
@@ -42,18 +43,14 @@ def _run(preds: list[Tensor], targets: list[Tensor], grads: list[Tensor], weight
     elif backend == "triton":
         from ._triton import feature_mse as tri
         tri.forward(preds, targets, grads, weights, per_sample)
-    else:  # reference, with the same outputs as the fused kernels
-        per_sample.copy_(reference.feature_mse_per_sample(preds, targets, weights))
-        for p, t, g, w in zip(preds, targets, grads, weights):
-            n = p[0].numel() if p.shape[0] else 1
-            acc = reference.acc_dtype(p.dtype)
-            g.copy_((p.to(acc) - t.to(acc)) * (2.0 * w / n))
+    else:  # the reference is plain autograd over reference.py (feature_mse below), never a custom op
+        raise ValueError(f"backend: the fused op runs 'cpu', 'cuda' or 'triton', got {backend!r}")
     return per_sample
 
 
 def _scale_rows(grads: list[Tensor], scale: Tensor, outs: list[Tensor]) -> None:
     """outs[l][b, ...] = grads[l][b, ...] * scale[b]; `outs` may be `grads` (in place)."""
-    scale = scale.to(reference.acc_dtype(grads[0].dtype)).contiguous()
+    scale = scale.to(accumulation_dtype(grads[0].dtype)).contiguous()
     if (scale.device.type == "cpu" and _ext.has("scale_rows_cpu")
             and all(batch_major_dense(g) and o.stride() == g.stride() for g, o in zip(grads, outs))):
         _ext.ext.scale_rows_cpu(list(grads), scale, list(outs))  # torch's mixed-dtype mul is slow for bf16 on CPU
@@ -88,7 +85,7 @@ def _feature_mse_op(preds: list[Tensor], targets: list[Tensor], weights: list[fl
 @_feature_mse_op.register_fake
 def _(preds, targets, weights, backend):
     p0 = preds[0]
-    per_sample = p0.new_empty((p0.shape[0],), dtype=reference.acc_dtype(p0.dtype))
+    per_sample = p0.new_empty((p0.shape[0],), dtype=accumulation_dtype(p0.dtype))
     return per_sample, [empty_like_layout(p, same_layout(p, t)) for p, t in zip(preds, targets)]
 
 
@@ -113,7 +110,7 @@ def _feature_mse_inplace_op(preds: list[Tensor], targets: list[Tensor], weights:
 @_feature_mse_inplace_op.register_fake
 def _(preds, targets, weights, backend):
     p0 = preds[0]
-    return p0.new_empty((p0.shape[0],), dtype=reference.acc_dtype(p0.dtype))
+    return p0.new_empty((p0.shape[0],), dtype=accumulation_dtype(p0.dtype))
 
 
 class _ConsumeTargets(torch.autograd.Function):

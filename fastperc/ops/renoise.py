@@ -12,15 +12,12 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .._per_sample import accumulation_dtype, per_sample
 from .._validation import check_like, check_tensor
 from . import _backend, _ext, reference
 from ._layout import as_same_layout, empty_like_layout, same_layout
 
 COEF_NAMES = ("a", "b", "alpha_prime", "sigma_prime")
-
-
-def _col(c: Tensor, like: Tensor) -> Tensor:
-    return c.reshape((-1,) + (1,) * (like.dim() - 1))
 
 
 def _run(x_t: Tensor, p: Tensor, x0: Tensor, noise: Tensor, coefs: Tensor, fake: Tensor, real: Tensor,
@@ -35,10 +32,8 @@ def _run(x_t: Tensor, p: Tensor, x0: Tensor, noise: Tensor, coefs: Tensor, fake:
     elif backend == "triton":
         from ._triton import renoise as tri
         tri.forward(x_t, p, x0, noise, coefs, fake, real)
-    else:
-        f, r = reference.renoise(x_t, p, x0, noise, *coefs.unbind(0))
-        fake.copy_(f)
-        real.copy_(r)
+    else:  # the reference is plain autograd over reference.py (renoise below), never a custom op
+        raise ValueError(f"backend: the fused op runs 'cpu', 'cuda' or 'triton', got {backend!r}")
 
 
 @torch.library.custom_op("fastperc::renoise", mutates_args=())
@@ -68,7 +63,7 @@ def _backward(ctx, grad_fake, grad_real):
     def scaled(g, row, like_needed):
         if not like_needed or g is None:
             return None
-        return (g * _col(coefs[row], g)).to(g.dtype)
+        return (g * per_sample(coefs[row], g)).to(g.dtype)
 
     return (scaled(grad_fake, 0, need[0]), scaled(grad_fake, 1, need[1]), scaled(grad_real, 2, need[2]),
             scaled(grad_real, 3, need[3]), None, None)
@@ -115,5 +110,7 @@ def renoise(x_t: Tensor, model_output: Tensor, x0: Tensor, noise: Tensor, a: Ten
     coefs = (a, b, alpha_prime, sigma_prime)
     _check(x_t, model_output, x0, noise, coefs)
     name = _backend.resolve(backend, model_output.device)
-    coef = torch.stack([c.detach() for c in coefs]).to(reference.acc_dtype(model_output.dtype))
+    coef = torch.stack([c.detach() for c in coefs]).to(accumulation_dtype(model_output.dtype))
+    if name == "reference":  # plain PyTorch autograd: the truth the fused op is tested against
+        return reference.renoise(x_t, model_output, x0, noise, *coef.unbind(0))
     return _renoise_op(x_t, model_output, x0, noise, coef, name)

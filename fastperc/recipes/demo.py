@@ -26,7 +26,9 @@ import torch
 from . import metrics, report
 from .checkpoint import load as load_checkpoint
 from .sample import generate, save_samples
-from .train import TrainConfig, load_model, train
+from .config import TrainConfig
+from .models import load_model
+from .train import train
 
 # The search's best self-perceptual configuration (docs/RESULTS.md, "The search"): it beats the
 # equal-step MSE continuation over three training seeds; the paper's (midblock, t' uniform) does not.
@@ -161,8 +163,8 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
     def sample_and_eval(path: Path, ckpt: str, scale: float, sample_seed: int, n: int) -> dict:
         if not (resume and path.exists()):
             t0 = time.time()
-            model, mconf = load_model(str(root / ckpt), use_ema=True)
-            imgs, labels = generate(model, mconf, n, steps=p["sample_steps"], cfg_scale=scale, seed=sample_seed,
+            model, model_config = load_model(str(root / ckpt), use_ema=True)
+            imgs, labels = generate(model, model_config, n, steps=p["sample_steps"], cfg_scale=scale, seed=sample_seed,
                                     device=device)
             save_samples(imgs, labels, path)
             times[str(path.relative_to(root))] = round(time.time() - t0, 1)

@@ -5,142 +5,63 @@ import argparse
 import os
 import sys
 
-
-def _positive(kind):
-    def parse(s):
-        v = kind(s)
-        if v <= 0:
-            raise argparse.ArgumentTypeError(f"expected a value > 0, got {s}")
-        return v
-    return parse
+from .config import MODEL_OPTIONS, add_train_options, bounded, config_from_args
 
 
-def _non_negative(kind):
-    def parse(s):
-        v = kind(s)
-        if v < 0:
-            raise argparse.ArgumentTypeError(f"expected a value >= 0, got {s}")
-        return v
-    return parse
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default unless it is None, the flag is required or a switch-off, or the help
+    already says it."""
 
-
-def _unit_interval(s):
-    v = float(s)
-    if not 0 <= v < 1:
-        raise argparse.ArgumentTypeError(f"expected a value in [0, 1), got {s}")
-    return v
-
-
-def _csv(kind):
-    return lambda s: tuple(kind(x) for x in s.split(",") if x.strip())
-
-
-# Options that describe the model: with --init they come from the checkpoint, so an explicit value
-# that disagrees with it is an error (None here means "not given").
-MODEL_OPTIONS = {"conditional": False, "block_channels": (32, 64, 128), "prediction_type": "v_prediction"}
+    def _get_help_string(self, action):
+        if (action.default is None or action.required or isinstance(action, argparse._StoreFalseAction)
+                or "default" in (action.help or "")):
+            return action.help
+        return super()._get_help_string(action)
 
 
 class _Parser(argparse.ArgumentParser):
     """Every (sub)command's --help shows every default."""
 
     def __init__(self, *args, **kwargs):
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Formatter)
         super().__init__(*args, **kwargs)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__
+    from .. import __version__
     parser = _Parser(prog="fastperc", description="Self-perceptual diffusion training")
     parser.add_argument("--version", action="version", version=f"fastperc {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     sub.add_parser("info", help="versions, built kernels and the backend auto picks")
 
     tr = sub.add_parser("train", help="train with MSE or the self-perceptual objective")
-    tr.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl")
-    tr.add_argument("--objective", choices=["mse", "self_perceptual"], default="mse",
-                    help="plain MSE, or the self-perceptual objective (needs --init or --teacher)")
-    tr.add_argument("--mse-weight", type=_non_negative(float), default=0.0,
-                    help="add this times the MSE loss to the self-perceptual loss")
-    tr.add_argument("--init", help="start from this checkpoint (file or run folder)")
-    tr.add_argument("--teacher", help="frozen perceptual network checkpoint (default: --init)")
-    tr.add_argument("--layers", type=_csv(str), default=("mid_block",), help="comma-separated teacher layers")
-    tr.add_argument("--layer-weights", type=_csv(float), default=None, help="one weight >= 0 per layer (default 1)")
-    tr.add_argument("--feature-norm", choices=["none", "channel_rms"], default="none",
-                    help="scale each tapped channel by the real features' RMS (per sample), so taps weigh alike")
-    tr.add_argument("--t-prime-range", type=_csv(int), default=None, metavar="LOW,HIGH",
-                    help="draw the re-noise timestep t' from [LOW, HIGH] (default the whole table)")
-    tr.add_argument("--t-prime-density", choices=["uniform", "logit_normal"], default="uniform",
-                    help="how t' is drawn over its range")
-    tr.add_argument("--t-prime-loc", type=float, default=0.0, help="logit-normal location (< 0: low-noise t')")
-    tr.add_argument("--t-prime-scale", type=_positive(float), default=1.0, help="logit-normal scale")
-    tr.add_argument("--objective-t-range", type=_csv(int), default=None, metavar="LOW,HIGH",
-                    help="use the self-perceptual objective where t is in [LOW, HIGH], plain MSE elsewhere")
-    tr.add_argument("--optimizer", choices=["adamw", "sgd"], default="adamw", help="sgd uses --momentum")
-    tr.add_argument("--adam-eps", type=_positive(float), default=1e-8, help="AdamW's epsilon")
-    tr.add_argument("--momentum", type=_unit_interval, default=0.9, help="SGD momentum in [0, 1)")
-    tr.add_argument("--arch", choices=["unet", "diffusers-unet2d"], default="unet", help="the denoiser")
-    tr.add_argument("--channels-per-level", type=_csv(int), default=None, dest="block_channels",
-                    help="UNet channels per resolution level (default 32,64,128; with --init: the checkpoint's)")
-    tr.add_argument("--conditional", action="store_true", default=None,
-                    help="class labels, 10%% dropped to the null class (with --init: the checkpoint's)")
-    tr.add_argument("--prediction-type", choices=["v_prediction", "epsilon", "sample"], default=None,
-                    help="what the model predicts (default v_prediction; with --init: the checkpoint's); the "
-                         "schedule is SD's scaled-linear table rescaled to zero terminal SNR, except for epsilon "
-                         "(which cannot be converted where alpha = 0): the SD 1.5 table")
-    tr.add_argument("--data", help="a folder of images (class sub-folders optional) or an .npz; default MNIST-5k")
-    tr.add_argument("--latent", metavar="AE",
-                    help="train in the latent space of this autoencoder (`fastperc train-autoencoder`); the "
-                         "checkpoint keeps it, and samples are decoded by it")
-    tr.add_argument("--image-size", type=_positive(int), default=32, help="images are resized to this square")
-    tr.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grey, 3: RGB")
-    tr.add_argument("--batch-size", type=_positive(int), default=64, help="global batch per optimizer step")
-    tr.add_argument("--lr", type=_positive(float), default=2e-4, help="peak learning rate")
-    tr.add_argument("--warmup-steps", type=_non_negative(int), default=100,
-                    help="linear learning-rate warm-up, capped at a fifth of --max-steps for short runs")
-    tr.add_argument("--grad-clip", type=_non_negative(float), default=1.0, help="0 disables clipping")
-    tr.add_argument("--grad-accum", type=_positive(int), default=1, help="micro-batches per optimizer step")
-    tr.add_argument("--ema-decay", type=_unit_interval, default=0.999,
-                    help="EMA decay in [0, 1), warmed up as (1+step)/(10+step) from step 0")
-    tr.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast student and teacher")
-    tr.add_argument("--compile", action="store_true", help="torch.compile the student and the teacher")
-    tr.add_argument("--seed", type=int, default=0, help="seeds every draw of every step (exact resume)")
-    tr.add_argument("--max-steps", type=_non_negative(int), default=1000, help="optimizer steps in all")
-    tr.add_argument("--save-every", type=_positive(int), default=500,
-                    help="checkpoint every N steps (the previous one is kept as checkpoint.prev.pt)")
-    tr.add_argument("--log-every", type=_positive(int), default=10, help="a log.jsonl line every N steps")
-    tr.add_argument("--max-bad-steps", type=_positive(int), default=5,
-                    help="stop after this many steps in a row with a NaN/Inf loss or gradient (each is skipped: "
-                         "no optimizer, EMA or LR-schedule step); checked on logging steps")
-    run_mode = tr.add_mutually_exclusive_group()
-    run_mode.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt when present")
-    run_mode.add_argument("--overwrite", action="store_true", help="start over in an OUT that holds a run")
-    tr.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_train_options(tr)
 
     sa = sub.add_parser("sample", help="DDIM samples from a checkpoint to FILE.npz and FILE.png")
     sa.add_argument("checkpoint", help="a checkpoint file or run folder")
     sa.add_argument("--out", required=True, help="FILE.npz (a PNG grid is written beside it)")
-    sa.add_argument("--n", type=_positive(int), default=100, help="images (classes in turn for conditional models)")
-    sa.add_argument("--steps", type=_positive(int), default=50, help="DDIM steps (trailing spacing)")
-    sa.add_argument("--cfg-scale", type=_non_negative(float), default=1.0, help="classifier-free guidance (1: none)")
-    sa.add_argument("--guidance-rescale", type=_non_negative(float), default=0.0, help="CFG rescale (0: none)")
+    sa.add_argument("--n", type=bounded(int, "positive"), default=100, help="images (classes in turn for conditional models)")
+    sa.add_argument("--steps", type=bounded(int, "positive"), default=50, help="DDIM steps (trailing spacing)")
+    sa.add_argument("--cfg-scale", type=bounded(float, "non_negative"), default=1.0, help="classifier-free guidance (1: none)")
+    sa.add_argument("--guidance-rescale", type=bounded(float, "non_negative"), default=0.0, help="CFG rescale (0: none)")
     sa.add_argument("--seed", type=int, default=0, help="seed of the initial noise")
-    sa.add_argument("--batch-size", type=_positive(int), default=250, help="images per forward pass")
+    sa.add_argument("--batch-size", type=bounded(int, "positive"), default=250, help="images per forward pass")
     ema = sa.add_mutually_exclusive_group()
     ema.add_argument("--ema", dest="ema", action="store_true", default=True, help="use the EMA weights (default)")
     ema.add_argument("--no-ema", dest="ema", action="store_false", help="use the raw weights")
 
     tc = sub.add_parser("train-classifier", help="the feature network of the metrics (MNIST-5k)")
     tc.add_argument("--out", default="runs/classifier", help="folder for classifier.pt")
-    tc.add_argument("--epochs", type=_positive(int), default=15, help="passes over the 4500 training digits")
+    tc.add_argument("--epochs", type=bounded(int, "positive"), default=15, help="passes over the 4500 training digits")
     tc.add_argument("--seed", type=int, default=0, help="initialisation and data order")
 
     au = sub.add_parser("train-autoencoder", help="the latent space of a latent diffusion run (train --latent)")
     au.add_argument("--out", default="runs/autoencoder", help="folder for autoencoder.pt")
-    au.add_argument("--steps", type=_positive(int), default=2000, help="optimizer steps at batch 64")
-    au.add_argument("--width", type=_positive(int), default=32, help="channels of the inner convolutions")
-    au.add_argument("--latent-channels", type=_positive(int), default=4, help="latent channels (at 1/4 resolution)")
+    au.add_argument("--steps", type=bounded(int, "positive"), default=2000, help="optimizer steps at batch 64")
+    au.add_argument("--width", type=bounded(int, "positive"), default=32, help="channels of the inner convolutions")
+    au.add_argument("--latent-channels", type=bounded(int, "positive"), default=4, help="latent channels (at 1/4 resolution)")
     au.add_argument("--data", help="as for train (default MNIST-5k); the held-out split is never seen")
-    au.add_argument("--image-size", type=_positive(int), default=32, help="images are resized to this square")
+    au.add_argument("--image-size", type=bounded(int, "positive"), default=32, help="images are resized to this square")
     au.add_argument("--channels", type=int, choices=[1, 3], default=1, help="1: grey, 3: RGB")
     au.add_argument("--seed", type=int, default=0, help="initialisation and data order")
 
@@ -149,11 +70,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--classifier", default=None,
                     help="classifier from train-classifier (default: a classifier/ folder beside the samples or "
                          "up to three folders above them, as the demo and study write it)")
-    ev.add_argument("--k", type=_positive(int), default=3, help="neighbours for precision/recall")
+    ev.add_argument("--k", type=bounded(int, "positive"), default=3, help="neighbours for precision/recall")
 
     st = sub.add_parser("study", help="fine-tune variants of one MSE model with equal steps, sample, evaluate, "
                                       "tabulate over seeds")
-    st.add_argument("spec", help="a TOML spec ([study] and [[variant]] tables; see `python -m pydoc fastperc.study`)")
+    st.add_argument("spec", help="a TOML spec ([study] and [[variant]] tables; see `python -m pydoc fastperc.recipes.study`)")
     st.add_argument("--out", help="output folder (default: the spec's [study] out, else the spec's path without .toml)")
     st.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -167,11 +88,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Modules of the application's extra (`pip install fastperc[train]`): the library itself needs only
+# torch and numpy, so a plain install reaches them only when a command runs.
+TRAIN_EXTRA = {"scipy": "scipy", "PIL": "Pillow", "matplotlib": "matplotlib", "mlxtend": "mlxtend", "tqdm": "tqdm"}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return _dispatch(args)
+    except ModuleNotFoundError as e:
+        top = (e.name or "").split(".")[0]
+        if top not in TRAIN_EXTRA or os.environ.get("FASTPERC_DEBUG"):
+            raise
+        print(f"fastperc {args.command}: error: needs {TRAIN_EXTRA[top]}, which is not installed; install the "
+              "application's extra: pip install 'fastperc[train]'", file=sys.stderr)
+        return 2
     # Expected failures: bad values found after parsing (data, checkpoints, combinations), missing
     # files, a checkpoint that does not fit the model, a run that diverged. One line, exit code 2.
     except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
@@ -188,9 +121,9 @@ def _model_options_from_init(args) -> None:
     given = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     if args.init:
         from .checkpoint import load
-        mconf = load(args.init)["model_config"]
-        held = {"conditional": mconf.get("num_classes") is not None, "block_channels": tuple(mconf["block_channels"]),
-                "prediction_type": mconf["prediction_type"]}
+        model_config = load(args.init)["model_config"]
+        held = {"conditional": model_config.get("num_classes") is not None, "block_channels": tuple(model_config["block_channels"]),
+                "prediction_type": model_config["prediction_type"]}
         flags = {"conditional": "--conditional", "block_channels": "--channels-per-level",
                  "prediction_type": "--prediction-type"}
         bad = [k for k, v in given.items() if (tuple(v) if isinstance(v, (list, tuple)) else v) != held[k]]
@@ -217,26 +150,13 @@ def _find_classifier(samples: list[str]) -> str:
 
 def _dispatch(args) -> int:
     if args.command == "info":
-        from .info import main as info
+        from ..info import main as info
         info()
         return 0
     if args.command == "train":
-        from .train import TrainConfig, train
+        from .train import train
         _model_options_from_init(args)
-        cfg = TrainConfig(out=args.out, objective=args.objective, mse_weight=args.mse_weight, init=args.init,
-                          teacher=args.teacher, layers=args.layers, layer_weights=args.layer_weights, arch=args.arch,
-                          block_channels=args.block_channels, conditional=args.conditional,
-                          prediction_type=args.prediction_type, data=args.data, latent=args.latent,
-                          image_size=args.image_size, channels=args.channels, batch_size=args.batch_size, lr=args.lr,
-                          warmup_steps=args.warmup_steps, grad_clip=args.grad_clip, grad_accum=args.grad_accum,
-                          ema_decay=args.ema_decay, precision=args.precision, compile=args.compile, seed=args.seed,
-                          max_steps=args.max_steps, save_every=args.save_every, log_every=args.log_every,
-                          max_bad_steps=args.max_bad_steps, resume=args.resume, overwrite=args.overwrite,
-                          progress=not args.no_progress,
-                          feature_norm=args.feature_norm, t_prime_range=args.t_prime_range,
-                          t_prime_density=args.t_prime_density, t_prime_loc=args.t_prime_loc,
-                          t_prime_scale=args.t_prime_scale, objective_t_range=args.objective_t_range,
-                          optimizer=args.optimizer, adam_eps=args.adam_eps, momentum=args.momentum)
+        cfg = config_from_args(args)
         try:
             result = train(cfg)
         finally:
@@ -260,11 +180,11 @@ def _dispatch(args) -> int:
         import torch
 
         from .sample import generate, save_samples
-        from .train import load_model
-        model, mconf = load_model(args.checkpoint, use_ema=args.ema)
-        if args.cfg_scale != 1.0 and mconf.get("num_classes") is None:
+        from .models import load_model
+        model, model_config = load_model(args.checkpoint, use_ema=args.ema)
+        if args.cfg_scale != 1.0 and model_config.get("num_classes") is None:
             raise ValueError("cfg-scale: guidance needs a conditional model (trained with --conditional)")
-        imgs, labels = generate(model, mconf, args.n, steps=args.steps, cfg_scale=args.cfg_scale,
+        imgs, labels = generate(model, model_config, args.n, steps=args.steps, cfg_scale=args.cfg_scale,
                                 guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
                                 device="cuda" if torch.cuda.is_available() else "cpu")
         npz, png = save_samples(imgs, labels, args.out)

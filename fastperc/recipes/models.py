@@ -4,7 +4,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .unet import UNet
+from ..models.unet import UNet
+from . import checkpoint, latent
 
 ARCHS = ("unet", "diffusers-unet2d")
 
@@ -36,9 +37,9 @@ def schedule_of(config: dict):
     config as `zero_terminal_snr`; training and sampling both read it from here."""
     from ..schedule import NoiseSchedule
 
-    kind = config.get("prediction_type", "v_prediction")
-    zero_snr = config.get("zero_terminal_snr", kind != "epsilon")
-    return NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=zero_snr, prediction_type=kind)
+    prediction_type = config.get("prediction_type", "v_prediction")
+    zero_snr = config.get("zero_terminal_snr", prediction_type != "epsilon")
+    return NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=zero_snr, prediction_type=prediction_type)
 
 
 def null_class(config: dict) -> int | None:
@@ -50,3 +51,29 @@ def predict(model: nn.Module, x: torch.Tensor, t: torch.Tensor, labels: torch.Te
     """model(x, t, class_labels) as a tensor, for fastperc and diffusers models alike."""
     out = model(x, t, class_labels=labels) if labels is not None else model(x, t)
     return out.sample if hasattr(out, "sample") else out
+
+
+def model_config_of(cfg, num_classes: int | None) -> dict:
+    """The serialisable description of the model a TrainConfig trains (stored in its checkpoints)."""
+    model_config = {"arch": cfg.arch, "in_channels": cfg.channels, "image_size": cfg.image_size,
+                    "block_channels": list(cfg.block_channels),
+                    "num_classes": num_classes if cfg.conditional else None,
+                    "prediction_type": cfg.prediction_type, "zero_terminal_snr": cfg.prediction_type != "epsilon"}
+    if cfg.latent:
+        # The autoencoder travels inside the model config: samples decode with exactly these weights.
+        ae = latent.load_autoencoder(cfg.latent)
+        channels, size, _ = ae.latent_shape(cfg.image_size)
+        if ae.config["in_channels"] != cfg.channels:
+            raise ValueError(f"latent: {cfg.latent} encodes {ae.config['in_channels']}-channel images, the data "
+                             f"has {cfg.channels} (--channels)")
+        model_config |= {"in_channels": channels, "image_size": size,
+                         "autoencoder": {"autoencoder": ae.state_dict(), "config": ae.config}}
+    return model_config
+
+
+def load_model(path: str, use_ema: bool = False) -> tuple[nn.Module, dict]:
+    """The model (or its EMA) stored in a checkpoint, and its model config."""
+    ckpt = checkpoint.load(path)
+    model = build_model(ckpt["model_config"])
+    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    return model, ckpt["model_config"]

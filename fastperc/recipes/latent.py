@@ -11,7 +11,7 @@ every later fine-tune, sample and evaluation of that checkpoint decodes with the
 Example (a tiny autoencoder, a few steps):
 
     >>> import tempfile, torch
-    >>> from fastperc.latent import train_autoencoder, load_autoencoder
+    >>> from fastperc.recipes.latent import train_autoencoder, load_autoencoder
     >>> out = tempfile.mkdtemp()
     >>> r = train_autoencoder(out, steps=2, batch_size=8, width=8, progress=False)
     >>> ae = load_autoencoder(out)

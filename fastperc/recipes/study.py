@@ -46,7 +46,9 @@ import torch
 
 from . import metrics, report
 from .sample import generate, save_samples
-from .train import TrainConfig, load_model, train
+from .config import TrainConfig
+from .models import load_model
+from .train import train
 
 BASELINE = "MSE continued"
 METRICS = ("fd", "classifier_score", "precision", "recall", "label_accuracy")
@@ -158,8 +160,8 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
                     continue
                 npz = run_dir / f"samples_seed{sseed}.npz"
                 if not npz.exists():
-                    model, mconf = load_model(str(run_dir), use_ema=True)
-                    imgs, labels = generate(model, mconf, spec.samples, steps=spec.sample_steps, seed=sseed,
+                    model, model_config = load_model(str(run_dir), use_ema=True)
+                    imgs, labels = generate(model, model_config, spec.samples, steps=spec.sample_steps, seed=sseed,
                                             device=device)
                     save_samples(imgs, labels, npz)
                 imgs, labels = metrics.load_samples(str(npz))

@@ -9,8 +9,8 @@ import torch
 
 from . import latent
 from .data import to_uint8
-from .models.factory import null_class, predict, schedule_of
-from .schedule import NoiseSchedule
+from .models import null_class, predict, schedule_of
+from ..schedule import NoiseSchedule
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -30,7 +30,6 @@ def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: i
     in one batch and mixes them: p = p_uncond + s * (p_cond - p_uncond), then rescales p towards the
     conditional prediction's std by `guidance_rescale`.
     """
-    kind = schedule.prediction_type
     ts = trailing_timesteps(schedule.num_train_timesteps, steps)
     ac = schedule.alphas_cumprod
     x = noise
@@ -50,7 +49,7 @@ def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: i
                 p = guidance_rescale * (p * ratio) + (1 - guidance_rescale) * p
         else:
             p = predict(model, x, tt, labels).float()
-        x0, eps = schedule.convert(x, p, tt, kind)
+        x0, eps = schedule.convert(x, p, tt, schedule.prediction_type)
         if i + 1 == len(ts):
             x = x0
         else:

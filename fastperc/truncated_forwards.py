@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .unet import UNet
+from .models.unet import UNet
 
 
 class Adapter(ABC):

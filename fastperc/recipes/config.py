@@ -1,0 +1,216 @@
+"""The training options, each defined once: default, type, bounds and help. `TrainConfig.validate`
+checks them, `fastperc train` builds its flags from them (`add_train_options`), and `fastperc study`
+accepts any of them in a variant, so the three never disagree."""
+from __future__ import annotations
+
+import argparse
+from dataclasses import MISSING, Field, dataclass, field, fields
+
+from ..loss import FEATURE_NORMS
+from ..schedule import DENSITIES, PREDICTION_TYPES, TimestepDistribution
+from .models import ARCHS
+
+OBJECTIVES = ("mse", "self_perceptual")
+
+# name -> (test, what the error says was expected)
+BOUNDS = {
+    "positive": (lambda v: v > 0, "a value > 0"),
+    "non_negative": (lambda v: v >= 0, "a value >= 0"),
+    "unit_interval": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+}
+
+
+def option(default, help: str, *, type=None, bound: str | None = None, choices=None, flag: str | None = None,
+           metavar: str | None = None, model: bool = False, group: str | None = None, cli: bool = True) -> Field:
+    """A TrainConfig field with what the CLI and the checks need. `type`: int, float, str, bool, or a
+    1-tuple (int,) / (float,) / (str,) for a comma-separated list. `model`: an option that describes the
+    model, taken from the checkpoint with --init. `group`: flags of one group exclude each other."""
+    meta = dict(help=help, type=type, bound=bound, choices=choices, flag=flag, metavar=metavar, model=model,
+                group=group, cli=cli)
+    if isinstance(default, dict):
+        return field(default_factory=dict, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainConfig:
+    out: str = option(MISSING, "run folder: checkpoint.pt, log.jsonl", type=str)
+    objective: str = option("mse", "plain MSE, or the self-perceptual objective (needs --init or --teacher)",
+                            type=str, choices=OBJECTIVES)
+    mse_weight: float = option(0.0, "add this times the MSE loss to the self-perceptual loss", type=float,
+                               bound="non_negative")
+    init: str | None = option(None, "start from this checkpoint's model and EMA weights (file or run folder)",
+                              type=str)
+    teacher: str | None = option(None, "frozen perceptual network checkpoint (default: --init)", type=str)
+    layers: tuple[str, ...] = option(("mid_block",), "comma-separated teacher layers", type=(str,))
+    layer_weights: tuple[float, ...] | None = option(None, "one weight >= 0 per layer (default 1 each)",
+                                                     type=(float,), bound="non_negative")
+    feature_norm: str = option("none", "scale each tapped channel by the real features' RMS (per sample), so "
+                               "taps weigh alike", type=str, choices=FEATURE_NORMS)
+    t_prime_range: tuple[int, int] | None = option(None, "draw the re-noise timestep t' from [LOW, HIGH] "
+                                                   "(default the whole table)", type=(int,), bound="non_negative",
+                                                   metavar="LOW,HIGH")
+    t_prime_density: str = option("uniform", "how t' is drawn over its range", type=str, choices=DENSITIES)
+    t_prime_loc: float = option(0.0, "logit-normal location (< 0: low-noise t')", type=float)
+    t_prime_scale: float = option(1.0, "logit-normal scale", type=float, bound="positive")
+    objective_t_range: tuple[int, int] | None = option(None, "use the self-perceptual objective where t is in "
+                                                       "[LOW, HIGH], plain MSE elsewhere", type=(int,),
+                                                       bound="non_negative", metavar="LOW,HIGH")
+    arch: str = option("unet", "the denoiser", type=str, choices=ARCHS)
+    block_channels: tuple[int, ...] = option((32, 64, 128), "UNet channels per resolution level", type=(int,),
+                                             bound="positive", flag="--channels-per-level", model=True)
+    conditional: bool = option(False, "class labels, 10% dropped to the null class", type=bool, model=True)
+    label_dropout: float = option(0.1, "share of labels replaced by the null class (for CFG)", type=float,
+                                  bound="unit_interval")
+    prediction_type: str = option("v_prediction", "what the model predicts; the schedule is SD's scaled-linear "
+                                  "table rescaled to zero terminal SNR, except for epsilon (which cannot be "
+                                  "converted where alpha = 0): the SD 1.5 table", type=str,
+                                  choices=PREDICTION_TYPES, model=True)
+    data: str | None = option(None, "a folder of images (class sub-folders optional) or an .npz; default "
+                              "MNIST-5k", type=str)
+    latent: str | None = option(None, "train in the latent space of this autoencoder (`fastperc "
+                                "train-autoencoder`); the checkpoint keeps it, and samples are decoded by it",
+                                type=str, metavar="AE")
+    image_size: int = option(32, "images are resized to this square", type=int, bound="positive")
+    channels: int = option(1, "1: grey, 3: RGB", type=int, choices=(1, 3))
+    held_out: int = option(500, "images kept out of training (the evaluation split)", type=int,
+                           bound="non_negative")
+    split_seed: int = option(0, "seed of the train/held-out split (fixed, whatever the training seed)", type=int)
+    batch_size: int = option(64, "global batch per optimizer step", type=int, bound="positive")
+    lr: float = option(2e-4, "peak learning rate", type=float, bound="positive")
+    optimizer: str = option("adamw", "sgd uses --momentum", type=str, choices=("adamw", "sgd"))
+    adam_eps: float = option(1e-8, "AdamW's epsilon", type=float, bound="positive")
+    momentum: float = option(0.9, "SGD momentum", type=float, bound="unit_interval")
+    warmup_steps: int = option(100, "linear learning-rate warm-up, capped at a fifth of --max-steps for short "
+                               "runs", type=int, bound="non_negative")
+    weight_decay: float = option(0.0, "AdamW's decoupled weight decay", type=float, bound="non_negative")
+    grad_clip: float = option(1.0, "gradient-norm clip; 0 disables clipping", type=float, bound="non_negative")
+    grad_accum: int = option(1, "micro-batches per optimizer step", type=int, bound="positive")
+    ema_decay: float = option(0.999, "EMA decay, warmed up as (1+step)/(10+step) from step 0", type=float,
+                              bound="unit_interval")
+    precision: str = option("fp32", "bf16: autocast student and teacher", type=str, choices=("fp32", "bf16"))
+    compile: bool = option(False, "torch.compile the student and the teacher", type=bool)
+    seed: int = option(0, "seeds every draw of every step (exact resume)", type=int)
+    max_steps: int = option(1000, "optimizer steps in all", type=int, bound="non_negative")
+    save_every: int = option(500, "checkpoint every N steps (the previous one is kept as checkpoint.prev.pt)",
+                             type=int, bound="positive")
+    log_every: int = option(10, "a log.jsonl line every N steps", type=int, bound="positive")
+    max_bad_steps: int = option(5, "stop after this many steps in a row with a NaN/Inf loss or gradient (each is "
+                                "skipped: no optimizer, EMA or LR-schedule step); checked on logging steps",
+                                type=int, bound="positive")
+    resume: bool = option(False, "continue from OUT/checkpoint.pt when present (with the same options)",
+                          type=bool, group="run_mode")
+    overwrite: bool = option(False, "start over in an OUT that holds a run (else that is an error)", type=bool,
+                             group="run_mode")
+    progress: bool = option(True, "no progress bar", type=bool, flag="--no-progress")
+    extra: dict = option({}, "free-form notes kept in the checkpoint", cli=False)
+
+    def validate(self) -> None:
+        """Every option against its definition, then the combinations; a ValueError names the option."""
+        def bad(name, expected, got):
+            raise ValueError(f"{name}: expected {expected}, got {got!r}")
+
+        for f in fields(self):
+            value, meta = getattr(self, f.name), f.metadata
+            if value is None or meta.get("type") is None:
+                continue
+            declared = meta["type"]
+            is_list = isinstance(declared, tuple)
+            elem = declared[0] if is_list else declared
+            if is_list and not isinstance(value, (tuple, list)):
+                bad(f.name, f"a sequence of {elem.__name__}", value)
+            for v in (tuple(value) if is_list else (value,)):
+                if elem is int and (isinstance(v, bool) or not isinstance(v, int)):
+                    bad(f.name, "integers" if is_list else "an integer", value)
+                if elem is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                    bad(f.name, "a number", value)
+                if meta["choices"] is not None and v not in meta["choices"]:
+                    bad(f.name, f"one of {list(meta['choices'])}", value)
+                if meta["bound"] is not None and not BOUNDS[meta["bound"]][0](v):
+                    bad(f.name, BOUNDS[meta["bound"]][1], value)
+        self.t_prime_distribution()  # range order, density, loc and scale
+        for name in ("t_prime_range", "objective_t_range"):
+            r = getattr(self, name)
+            if r is not None and not (len(r) == 2 and r[0] <= r[1]):
+                bad(name, "two timesteps low <= high", r)
+        if self.objective == "self_perceptual" and not (self.teacher or self.init):
+            raise ValueError("teacher: the self_perceptual objective needs a frozen MSE-trained network; "
+                             "pass --teacher CKPT or --init CKPT")
+        if self.layer_weights is not None and len(self.layer_weights) != len(self.layers):
+            bad("layer_weights", f"{len(self.layers)} values (one per layer)", self.layer_weights)
+        if self.resume and self.overwrite:
+            raise ValueError("resume: --resume and --overwrite exclude each other")
+
+    def t_prime_distribution(self) -> TimestepDistribution:
+        low, high = self.t_prime_range if self.t_prime_range is not None else (0, None)
+        return TimestepDistribution(int(low), None if high is None else int(high), self.t_prime_density,
+                                    float(self.t_prime_loc), float(self.t_prime_scale))
+
+
+# Options that describe the model: with --init they come from the checkpoint.
+MODEL_OPTIONS = {f.name: f.default for f in fields(TrainConfig) if f.metadata.get("model")}
+
+
+def bounded(kind: type, bound: str | None = None):
+    """An argparse type: `kind` (int, float, str) within `bound` (a BOUNDS name), with the message
+    TrainConfig.validate gives."""
+    test, expected = BOUNDS[bound] if bound else (None, None)
+
+    def parse(s: str):
+        v = kind(s.strip())
+        if test is not None and not test(v):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {s}")
+        return v
+    return parse
+
+
+def _argparse_type(meta):
+    """The flag's parser: the field's type (a comma-separated list for tuples) and its bound."""
+    declared = meta["type"]
+    if isinstance(declared, tuple):
+        one = bounded(declared[0], meta["bound"])
+        return lambda s: tuple(one(x) for x in s.split(",") if x.strip())
+    return bounded(declared, meta["bound"])
+
+
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig option: --name-with-dashes, its type, bound, choices and help. Model
+    options default to None (filled from --init's checkpoint, else their defaults)."""
+    groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
+    for f in fields(TrainConfig):
+        meta = f.metadata
+        if not meta.get("cli"):
+            continue
+        flag = meta["flag"] or "--" + f.name.replace("_", "-")
+        help_text = meta["help"].replace("%", "%%")
+        target = parser
+        if meta["group"]:
+            if meta["group"] not in groups:
+                groups[meta["group"]] = parser.add_mutually_exclusive_group()
+            target = groups[meta["group"]]
+        kw = dict(dest=f.name, help=help_text)
+        if isinstance(f.default, tuple) and not meta["model"]:
+            kw["help"] = f"{help_text} (default: {','.join(map(str, f.default))})"
+        if meta["model"]:
+            default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            kw["help"] = f"{help_text} (default: {default}; with --init: the checkpoint's)"
+            kw["default"] = None
+        if meta["type"] is bool:
+            kw.setdefault("default", f.default)
+            kw["action"] = "store_false" if f.default is True else "store_true"
+        else:
+            kw["type"] = _argparse_type(meta)
+            if f.default is MISSING:
+                kw["required"] = True
+            else:
+                kw.setdefault("default", f.default)
+            if meta["choices"] is not None:
+                kw["choices"] = list(meta["choices"])
+            if meta["metavar"]:
+                kw["metavar"] = meta["metavar"]
+        target.add_argument(flag, **kw)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of parsed `fastperc train` flags."""
+    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("cli")})

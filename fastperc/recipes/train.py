@@ -1,0 +1,426 @@
+"""The training loop: plain MSE or the self-perceptual objective, EMA, bf16 autocast, torch.compile,
+atomic checkpoints with exact resume, DDP under torchrun, and a JSONL log.
+
+Every random draw of step k (batch indices, noise, t, t', label dropout) comes from a generator
+seeded by (seed, k) and is made for the whole global batch on every rank, each rank taking its
+slice: a resumed run repeats the uninterrupted one, and N processes match one with the same batch.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from ..loss import self_perceptual_loss
+from ..schedule import NoiseSchedule
+from ..teacher import FrozenTeacher
+from . import checkpoint, data, latent
+from .config import TrainConfig
+from .models import build_model, load_model, model_config_of, null_class, predict, schedule_of
+
+# ---- distributed --------------------------------------------------------------------------------
+def _setup_distributed() -> tuple[int, int, torch.device]:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return rank, world, device
+
+
+def _all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
+    if world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= world
+    return x
+
+
+# ---- pieces ---------------------------------------------------------------------------------------
+@torch.no_grad()
+def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tensor | None = None) -> None:
+    """ema += (1 - decay) * (model - ema). `apply`, a 0-d device tensor (1 or 0), gates the update
+    without a host sync: a skipped (non-finite) step leaves the EMA as it was."""
+    ema_p, p = list(ema.parameters()), list(model.parameters())
+    if apply is None:
+        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
+    else:
+        delta = torch._foreach_sub(p, ema_p)
+        torch._foreach_mul_(delta, apply.to(ema_p[0].dtype) * (1.0 - decay))
+        torch._foreach_add_(ema_p, delta)
+    for eb, b in zip(ema.buffers(), model.buffers()):
+        eb.copy_(b)
+
+
+def _step_generator(seed: int, step: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+
+
+class _StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+# ---- building a run --------------------------------------------------------------------------------
+@dataclass
+class Run:
+    """What a training job holds: built once by `build_run`, advanced by `train_step`."""
+    cfg: TrainConfig
+    rank: int
+    world: int
+    device: torch.device
+    model: nn.Module            # the student's parameters (checkpointed)
+    net: nn.Module              # what a step calls: the model, compiled and/or DDP-wrapped
+    ema: nn.Module
+    teacher: FrozenTeacher | None
+    opt: torch.optim.Optimizer
+    schedule: NoiseSchedule
+    model_config: dict
+    counters: dict              # device tensors: good steps, skipped steps, skipped in a row
+    x_all: torch.Tensor         # the training images (or latents), in model range, on the device
+    y_all: torch.Tensor | None
+    start: int                  # the step this attempt starts at (> 0 when resumed)
+    resumed: bool
+    elapsed: float              # seconds spent by earlier attempts
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self, step: int, t0: float) -> None:
+        if self.rank != 0:
+            return
+        checkpoint.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
+                         "optimizer": self.opt.state_dict(),
+                         "counters": {k: v.cpu() for k, v in self.counters.items()}, "step": step,
+                         "elapsed": time.time() - t0, "rng": {"torch": torch.get_rng_state()},
+                         "config": asdict(self.cfg), "model_config": self.model_config}, self.checkpoint_path)
+
+
+def _training_images(cfg: TrainConfig) -> data.ImageSet:
+    images = data.load(cfg.data, cfg.image_size, cfg.channels)
+    if cfg.conditional and images.labels is None:
+        raise ValueError("conditional: the data has no labels (use class sub-folders or an .npz with 'labels')")
+    if images.images.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):
+        raise ValueError(f"data: images are {tuple(images.images.shape[1:])}, expected "
+                         f"({cfg.channels}, {cfg.image_size}, {cfg.image_size}) (set --channels/--image-size)")
+    return images
+
+
+def _frozen_teacher(cfg: TrainConfig, model_config: dict, device: torch.device) -> FrozenTeacher | None:
+    if cfg.objective != "self_perceptual":
+        return None
+    path = cfg.teacher or cfg.init
+    model, teacher_config = load_model(path, use_ema=False)  # the raw MSE model, not its EMA (as the paper)
+    if (teacher_config["arch"], teacher_config["in_channels"]) != (model_config["arch"], model_config["in_channels"]):
+        raise ValueError(f"teacher: {path} holds a {teacher_config['arch']} with {teacher_config['in_channels']} "
+                         f"channels, the student is a {model_config['arch']} with {model_config['in_channels']}")
+    return FrozenTeacher(model.to(device), cfg.layers, copy=False)
+
+
+def build_run(cfg: TrainConfig) -> Run:
+    """Validate, set up the processes, load the data, and build the model, EMA, teacher and optimizer,
+    from `init` or from the checkpoint being resumed."""
+    cfg.validate()
+    rank, world, device = _setup_distributed()
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise ValueError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
+                         f"got {cfg.batch_size}")
+    out = Path(cfg.out)
+    torch.manual_seed(cfg.seed)
+    images = _training_images(cfg)
+    train_set, _ = images.split(min(cfg.held_out, len(images) // 10), cfg.split_seed)
+
+    resumed = cfg.resume and (out / "checkpoint.pt").exists()
+    if not cfg.resume and rank == 0:
+        _refuse_or_clear_earlier_run(out, cfg.overwrite)
+    state = checkpoint.load(out / "checkpoint.pt") if resumed else None
+    if state is not None:
+        _refuse_changed_options(state.get("config", {}), cfg, out / "checkpoint.pt")
+    init = checkpoint.load(cfg.init) if (cfg.init and not resumed) else None
+    if cfg.latent and init is not None:
+        raise ValueError(f"latent: --init {cfg.init} sets the model and its space (a latent checkpoint keeps its "
+                         "autoencoder); omit --latent")
+    model_config = (state or init or {}).get("model_config") or model_config_of(cfg, images.num_classes)
+    model = build_model(model_config).to(device)
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    start = state or init
+    if start is not None:
+        model.load_state_dict(start["model"])
+        ema.load_state_dict(start["ema"])
+    teacher = _frozen_teacher(cfg, model_config, device)
+    opt = _optimizer(cfg, model, device)
+    counters = {name: torch.zeros((), dtype=torch.int64, device=device) for name in ("good", "bad", "bad_in_row")}
+    if state is not None:
+        opt.load_state_dict(state["optimizer"])
+        for k, v in state.get("counters", {}).items():
+            counters[k].copy_(v)
+        opt.param_groups[0]["lr"] = torch.tensor(cfg.lr, device=device)  # checkpoints load to CPU
+        torch.set_rng_state(state["rng"]["torch"])
+
+    net = model
+    if cfg.compile:
+        net.compile()
+        if teacher is not None:
+            teacher.compile()
+    if world > 1:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    ae = latent.of_model_config(model_config)
+    x_all = data.to_model_range(train_set.images)
+    x_all = (latent.encode_images(ae, x_all) if ae is not None else x_all).to(device)  # encoded once
+    y_all = train_set.labels.to(device) if model_config["num_classes"] is not None else None
+    schedule = schedule_of(model_config)
+    cfg.t_prime_distribution().bounds(schedule.num_train_timesteps)
+    return Run(cfg=cfg, rank=rank, world=world, device=device, model=model, net=net, ema=ema, teacher=teacher,
+               opt=opt, schedule=schedule, model_config=model_config, counters=counters, x_all=x_all, y_all=y_all,
+               start=state["step"] if state is not None else 0, resumed=resumed,
+               elapsed=state.get("elapsed", 0.0) if state is not None else 0.0)
+
+
+# ---- one step ----------------------------------------------------------------------------------------
+def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
+    """One optimizer step (with gradient accumulation); returns the mean loss as a device tensor. All
+    draws of the step come from (seed, step) for the global batch; each rank takes its slice. A
+    NaN/Inf in the loss or any gradient (after DDP's all-reduce, so every rank agrees) skips the whole
+    update: the optimizer, the EMA and the warm-up counter. No host sync."""
+    cfg, device, world, schedule = run.cfg, run.device, run.world, run.schedule
+    B, T = cfg.batch_size, schedule.num_train_timesteps
+    g = _step_generator(cfg.seed, step)
+    idx = torch.randint(0, run.x_all.shape[0], (B,), generator=g)
+    noise_all = torch.randn((B, *run.x_all.shape[1:]), generator=g)
+    t_all = torch.randint(0, T, (B,), generator=g)
+    t_prime_all = cfg.t_prime_distribution().sample(B, T, generator=g)
+    drop_all = torch.rand(B, generator=g) < cfg.label_dropout
+
+    per_rank = B // world
+    micro = per_rank // cfg.grad_accum
+    first = run.rank * per_rank
+    lr = run.opt.param_groups[0]["lr"]
+    lr.copy_(cfg.lr * torch.clamp((run.counters["good"] + 1).double() / warmup, max=1.0))
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    total = torch.zeros((), device=device)
+    for k in range(cfg.grad_accum):
+        sl = slice(first + k * micro, first + (k + 1) * micro)
+        rows = idx[sl].to(device)
+        x0 = run.x_all[rows]
+        noise, t, t_prime = noise_all[sl].to(device), t_all[sl].to(device), t_prime_all[sl].to(device)
+        labels = None
+        if run.y_all is not None:
+            labels = torch.where(drop_all[sl].to(device), torch.full_like(t, null_class(run.model_config)),
+                                 run.y_all[rows])
+        last = k == cfg.grad_accum - 1
+        with (run.net.no_sync() if world > 1 and not last else contextlib.nullcontext()):
+            with autocast:  # bf16: the student and the teacher; losses accumulate in fp32
+                pred = predict(run.net, schedule._add_noise(x0, noise, t), t, labels).float()
+                loss = _objective(cfg, run.teacher, schedule, pred, x0, noise, t, t_prime, labels)
+            (loss / cfg.grad_accum).backward()
+        total += loss.detach() / cfg.grad_accum
+
+    params = list(run.model.parameters())
+    norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    ok = torch.isfinite(norm) & torch.isfinite(total)
+    run.opt.found_inf = (~ok).float()
+    run.opt.step()
+    run.opt.zero_grad(set_to_none=True)
+    run.counters["good"] += ok
+    run.counters["bad"] += ~ok
+    run.counters["bad_in_row"] = (run.counters["bad_in_row"] + 1) * (~ok)
+    ema_update(run.ema, run.model, min(cfg.ema_decay, (1 + step) / (10 + step)), ok)  # warm-up from step 0
+    return total
+
+
+# ---- the loop ----------------------------------------------------------------------------------------
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) one training job; returns {"step", "steps_run", "loss", "finished", "interrupted",
+    "checkpoint"}."""
+    run = build_run(cfg)
+    log_path = run.out / "log.jsonl"
+    if run.rank == 0:
+        run.out.mkdir(parents=True, exist_ok=True)
+        _trim_log(log_path, run.start)
+    t0 = time.time() - run.elapsed  # elapsed counts across resumes
+    if run.resumed and run.rank == 0 and run.start < cfg.max_steps:
+        _log(log_path, {"step": run.start, "event": "resumed", "elapsed": round(time.time() - t0, 3)})
+    bar = None
+    if run.rank == 0 and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"{cfg.objective} -> {run.out}", dynamic_ncols=True)
+    loss_value = _last_logged_loss(log_path) if run.resumed else None
+    warmup = max(1, min(int(cfg.warmup_steps), cfg.max_steps // 5))  # capped: a short run must leave it
+    step = run.start
+    with _StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
+        for step in range(run.start, cfg.max_steps):
+            total = train_step(run, step, warmup)
+            done = step + 1
+            if done % cfg.log_every == 0 or done == cfg.max_steps:
+                loss_value = _log_step(run, log_path, done, total, t0)
+            if bar is not None:
+                bar.update(1)
+                if loss_value is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
+            signum = _agreed_stop(stop.signum, run.world, run.device)
+            if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
+                run.save(done, t0)
+            if signum:
+                step = done
+                break
+        else:
+            step = cfg.max_steps
+            if run.start == cfg.max_steps and not run.resumed:
+                run.save(step, t0)
+    if run.world > 1:
+        dist.barrier()
+    return {"step": step, "steps_run": step - run.start, "loss": loss_value, "finished": step >= cfg.max_steps,
+            "interrupted": _agreed_stop(stop.signum, 1, run.device), "checkpoint": str(run.checkpoint_path)}
+
+
+def _log(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def _log_step(run: Run, log_path: Path, done: int, total: torch.Tensor, t0: float) -> float:
+    """A log line (one host sync for all values); stops the run after too many skipped steps in a row."""
+    cfg = run.cfg
+    read = torch.stack([_all_mean(total, run.world).double(), run.counters["bad_in_row"].double(),
+                        run.counters["bad"].double(), run.opt.param_groups[0]["lr"].double()]).tolist()
+    loss_value, bad_in_row, bad = read[0], int(read[1]), int(read[2])
+    if run.rank == 0:
+        _log(log_path, {"step": done, "loss": loss_value, "lr": read[3], "bad_steps": bad,
+                        "elapsed": round(time.time() - t0, 3)})
+    if bad_in_row > cfg.max_bad_steps:
+        run.save(done, t0)
+        raise NonFiniteTraining(
+            f"loss: {bad_in_row} steps in a row up to step {done} had a NaN/Inf loss or gradient (more than "
+            f"--max-bad-steps {cfg.max_bad_steps}); each was skipped, so the weights in {run.checkpoint_path} are "
+            "those of the last good step. Lower --lr or check the data.")
+    return loss_value
+
+
+class NonFiniteTraining(RuntimeError):
+    """Raised when more than `max_bad_steps` steps in a row had a non-finite loss or gradient."""
+
+
+def _last_logged_loss(path: Path) -> float | None:
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return losses[-1] if losses else None
+
+
+def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
+    """A folder holding a run is never overwritten by accident: without resume it needs `overwrite`."""
+    found = [p for p in (out / "checkpoint.pt", checkpoint.previous(out / "checkpoint.pt"), out / "log.jsonl")
+             if p.exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise ValueError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
+                         "it or --overwrite to start over")
+    for p in found:
+        p.unlink()
+
+
+# Options a resumed run may change: where and how long it runs and how it reports, not what it learns.
+_RESUMABLE_CHANGES = {"out", "init", "max_steps", "save_every", "log_every", "max_bad_steps", "resume", "overwrite",
+                      "progress", "compile", "extra"}
+
+
+def _refuse_changed_options(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """Resuming with other training options would silently mix two runs (e.g. a stale fine-tune reused
+    under a new learning rate); name what differs instead."""
+    now = asdict(cfg)
+    changed = [f"{k}: checkpoint {_plain(saved[k])!r}, now {_plain(now[k])!r}" for k in saved
+               if k in now and k not in _RESUMABLE_CHANGES and _plain(saved[k]) != _plain(now[k])]
+    if changed:
+        raise ValueError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
+                         "same options, or start over (`fastperc train --overwrite`, `fastperc demo --fresh`)")
+
+
+def _plain(v):
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
+    """Fused AdamW or SGD with a device-resident learning rate: a non-finite step is skipped on the
+    device (found_inf leaves the parameters and the optimizer state untouched) and the warm-up counts
+    good steps on the device, so neither needs a host sync."""
+    lr = torch.tensor(cfg.lr, device=device)
+    if cfg.optimizer == "sgd":
+        opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              fused=True)
+        if cfg.momentum > 0:  # fused SGD leaves a new buffer uninitialised when its first step is skipped
+            for p in model.parameters():
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
+        return opt
+    return torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
+
+
+def _objective(cfg, teacher, schedule, pred, x0, noise, t, t_prime, labels) -> torch.Tensor:
+    target = schedule.target(x0, noise, t, schedule.prediction_type)
+    if cfg.objective == "mse":
+        return F.mse_loss(pred, target)
+    kwargs = {"class_labels": labels} if labels is not None else {}
+    per_sample = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
+                                      teacher_kwargs=kwargs, timesteps_prime=t_prime, reduction="none",
+                                      feature_norm=cfg.feature_norm)
+    if cfg.objective_t_range is not None:  # the objective on a band of t, plain MSE on the rest
+        mse = (pred - target).square().flatten(1).mean(1)
+        inside = (t >= cfg.objective_t_range[0]) & (t <= cfg.objective_t_range[1])
+        per_sample = torch.where(inside, per_sample, mse)
+    loss = per_sample.mean()
+    if cfg.mse_weight > 0:
+        loss = loss + cfg.mse_weight * F.mse_loss(pred, target)
+    return loss
+
+
+def _agreed_stop(signum: int, world: int, device) -> int:
+    """All ranks stop at the same step when any of them got a signal."""
+    if world <= 1:
+        return signum
+    flag = torch.tensor([signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
+
+
+def _trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
