@@ -59,3 +59,27 @@ def test_config_refuses_wrong_types_naming_the_option():
         TrainConfig(out="x", channels=2).validate()
     with pytest.raises(ValueError, match="resume: --resume and --overwrite exclude each other"):
         TrainConfig(out="x", resume=True, overwrite=True).validate()
+
+
+def test_the_schedule_is_stored_in_the_model_config_and_rebuilt_from_it():
+    import torch
+
+    from fastperc import NoiseSchedule
+    from fastperc.recipes.models import model_config_of, schedule_of
+
+    for prediction_type, zero_snr in (("v_prediction", True), ("epsilon", False)):
+        config = model_config_of(TrainConfig(out="x", prediction_type=prediction_type), num_classes=None)
+        assert config["schedule"]["kind"] == "scaled_linear"
+        assert config["schedule"]["rescale_zero_terminal_snr"] is zero_snr
+        rebuilt = schedule_of(config)
+        want = NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=zero_snr, prediction_type=prediction_type)
+        assert rebuilt.prediction_type == prediction_type
+        assert torch.equal(rebuilt.alphas_cumprod, want.alphas_cumprod)
+    # Another table stored in a checkpoint is what sampling and training rebuild.
+    cosine = schedule_of({"schedule": {"kind": "cosine", "num_train_timesteps": 50, "prediction_type": "epsilon"}})
+    assert torch.equal(cosine.alphas_cumprod, NoiseSchedule.cosine(50, prediction_type="epsilon").alphas_cumprod)
+    # Checkpoints from before the schedule was stored describe the same scaled-linear table.
+    old = schedule_of({"prediction_type": "v_prediction", "zero_terminal_snr": True})
+    assert torch.equal(old.alphas_cumprod, NoiseSchedule.scaled_linear().alphas_cumprod)
+    with pytest.raises(ValueError, match="schedule: expected a kind"):
+        schedule_of({"schedule": {"kind": "sigmoid"}})

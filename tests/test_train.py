@@ -526,3 +526,17 @@ def test_resuming_with_other_training_options_is_refused_naming_them(tmp_path):
     # where and how long a run goes may change
     result = train(replace(cfg, resume=True, max_steps=3, save_every=3, log_every=3))
     assert result["step"] == 3
+
+
+def test_a_stage_interrupted_by_a_signal_stops_the_demo_with_that_signal(tmp_path, monkeypatch):
+    from fastperc.recipes import demo
+    stages = []
+
+    def interrupted_at_the_second_stage(cfg):
+        stages.append(Path(cfg.out).name)
+        signum = 15 if len(stages) == 2 else 0
+        return {"interrupted": signum, "step": 1, "steps_run": 1, "loss": 0.5, "finished": not signum}
+
+    monkeypatch.setattr(demo, "train", interrupted_at_the_second_stage)
+    result = demo.run(str(tmp_path), "quick", 0, progress=False, resume=False)
+    assert result == {"interrupted": 15} and stages == ["mse", "sp"]  # nothing after the interrupted stage

@@ -74,8 +74,9 @@ def _source_of(row: str) -> tuple[str, float]:
     return (f"{row}_cont" if row.endswith("mse") else row), 1.0
 
 
-def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: int) -> dict:
-    """Stage 1 (MSE), then the self-perceptual fine-tunes and the MSE continuation from it."""
+def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: int) -> tuple[dict, int]:
+    """Stage 1 (MSE), then the self-perceptual fine-tunes and the MSE continuation from it. Returns the
+    wall time per stage and the signal that interrupted a stage (0 when none did)."""
     first = replace(base, out=str(root / f"{prefix}mse"), max_steps=mse_steps, save_every=max(1, mse_steps // 4))
     fine = dict(init=first.out, max_steps=p["finetune_steps"], save_every=max(1, p["finetune_steps"] // 2),
                 warmup_steps=1, lr=p["finetune_lr"], seed=base.seed + 1)
@@ -89,14 +90,14 @@ def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: 
     for name, cfg in stages.items():
         t0 = time.time()
         result = train(cfg)
-        if result["interrupted"]:
-            raise KeyboardInterrupt(result["interrupted"])
+        if result["interrupted"]:  # the stage saved its checkpoint; a re-run resumes it
+            return times, result["interrupted"]
         times[name] = round(time.time() - t0, 1)
         if result["steps_run"] == 0:
             print(f"stage {name}: already trained ({result['step']} steps in {cfg.out})")
         else:
             print(f"stage {name}: {result['step']} steps, last loss {result['loss']:.4f}, {times[name]} s")
-    return times
+    return times, 0
 
 
 def run(out: str = "runs/demo", preset: str = "default", seed: int = 0, progress: bool = True,
@@ -142,11 +143,13 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
                        ema_decay=p["ema_decay"], seed=seed, log_every=max(1, min(20, p["mse_steps"] // 4)),
                        resume=resume, overwrite=not resume, progress=progress)
     t_start = time.time()
-    try:
-        times = _train_pair(root, "", base, p, p["mse_steps"])
-        times |= _train_pair(root, "uncond_", replace(base, conditional=False), p, p["uncond_mse_steps"])
-    except KeyboardInterrupt as stop:
-        return {"interrupted": int(stop.args[0]) if stop.args else 2}
+    times, interrupted = _train_pair(root, "", base, p, p["mse_steps"])
+    if interrupted:
+        return {"interrupted": interrupted}
+    more, interrupted = _train_pair(root, "uncond_", replace(base, conditional=False), p, p["uncond_mse_steps"])
+    if interrupted:
+        return {"interrupted": interrupted}
+    times |= more
 
     clf_path = root / "classifier" / "classifier.pt"
     t0 = time.time()

@@ -30,16 +30,33 @@ def build_model(config: dict) -> nn.Module:
     raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
 
 
+SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine")
+
+
+def schedule_config(prediction_type: str) -> dict:
+    """The schedule a new model trains with, as stored in its checkpoint's model config: SD's
+    scaled-linear betas rescaled to zero terminal SNR (the paper's), except for epsilon prediction,
+    which cannot be converted where alpha = 0 and so trains on the plain SD 1.5 table."""
+    return {"kind": "scaled_linear", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
+            "rescale_zero_terminal_snr": prediction_type != "epsilon", "prediction_type": prediction_type}
+
+
 def schedule_of(config: dict):
-    """The noise schedule a model was trained with, rebuilt from its config: SD's scaled-linear betas,
-    rescaled to zero terminal SNR (the paper's), except for epsilon prediction, which cannot be
-    converted where alpha = 0 and so trains on the plain SD 1.5 table. Stored in the checkpoint's model
-    config as `zero_terminal_snr`; training and sampling both read it from here."""
+    """The noise schedule a model was trained with, rebuilt from its model config (`schedule`: the
+    NoiseSchedule constructor's name and arguments); training, sampling and evaluation all read it
+    from here. Checkpoints written before the schedule was stored hold only `prediction_type` and
+    `zero_terminal_snr`, which described the same scaled-linear table."""
     from ..schedule import NoiseSchedule
 
-    prediction_type = config.get("prediction_type", "v_prediction")
-    zero_snr = config.get("zero_terminal_snr", prediction_type != "epsilon")
-    return NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=zero_snr, prediction_type=prediction_type)
+    stored = config.get("schedule")
+    if stored is None:
+        prediction_type = config.get("prediction_type", "v_prediction")
+        stored = schedule_config(prediction_type) | {
+            "rescale_zero_terminal_snr": config.get("zero_terminal_snr", prediction_type != "epsilon")}
+    kind = stored.get("kind")
+    if kind not in SCHEDULE_KINDS:
+        raise ValueError(f"schedule: expected a kind in {list(SCHEDULE_KINDS)}, got {kind!r}")
+    return getattr(NoiseSchedule, kind)(**{k: v for k, v in stored.items() if k != "kind"})
 
 
 def null_class(config: dict) -> int | None:
@@ -58,7 +75,7 @@ def model_config_of(cfg, num_classes: int | None) -> dict:
     model_config = {"arch": cfg.arch, "in_channels": cfg.channels, "image_size": cfg.image_size,
                     "block_channels": list(cfg.block_channels),
                     "num_classes": num_classes if cfg.conditional else None,
-                    "prediction_type": cfg.prediction_type, "zero_terminal_snr": cfg.prediction_type != "epsilon"}
+                    "prediction_type": cfg.prediction_type, "schedule": schedule_config(cfg.prediction_type)}
     if cfg.latent:
         # The autoencoder travels inside the model config: samples decode with exactly these weights.
         ae = latent.load_autoencoder(cfg.latent)
