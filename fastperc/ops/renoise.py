@@ -110,7 +110,7 @@ def renoise(x_t: Tensor, model_output: Tensor, x0: Tensor, noise: Tensor, a: Ten
     coefs = (a, b, alpha_prime, sigma_prime)
     _check(x_t, model_output, x0, noise, coefs)
     name = _backend.resolve(backend, model_output.device)
-    coef = torch.stack([c.detach() for c in coefs]).to(accumulation_dtype(model_output.dtype))
     if name == "reference":  # plain PyTorch autograd: the truth the fused op is tested against
-        return reference.renoise(x_t, model_output, x0, noise, *coef.unbind(0))
+        return reference.renoise(x_t, model_output, x0, noise, *(c.detach() for c in coefs))
+    coef = torch.stack([c.detach() for c in coefs]).to(accumulation_dtype(model_output.dtype))
     return _renoise_op(x_t, model_output, x0, noise, coef, name)

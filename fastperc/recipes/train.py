@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loss import self_perceptual_loss
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, TimestepDistribution
 from ..teacher import FrozenTeacher
 from . import checkpoint, data, latent
 from .config import TrainConfig
@@ -111,6 +111,7 @@ class Run:
     counters: dict              # device tensors: good steps, skipped steps, skipped in a row
     x_all: torch.Tensor         # the training images (or latents), in model range, on the device
     y_all: torch.Tensor | None
+    t_prime: TimestepDistribution
     start: int                  # the step this attempt starts at (> 0 when resumed)
     resumed: bool
     elapsed: float              # seconds spent by earlier attempts
@@ -206,10 +207,11 @@ def build_run(cfg: TrainConfig) -> Run:
     x_all = (latent.encode_images(ae, x_all) if ae is not None else x_all).to(device)  # encoded once
     y_all = train_set.labels.to(device) if model_config["num_classes"] is not None else None
     schedule = schedule_of(model_config)
-    cfg.t_prime_distribution().bounds(schedule.num_train_timesteps)
+    t_prime = cfg.t_prime_distribution()
+    t_prime.bounds(schedule.num_train_timesteps)
     return Run(cfg=cfg, rank=rank, world=world, device=device, model=model, net=net, ema=ema, teacher=teacher,
                opt=opt, schedule=schedule, model_config=model_config, counters=counters, x_all=x_all, y_all=y_all,
-               start=state["step"] if state is not None else 0, resumed=resumed,
+               t_prime=t_prime, start=state["step"] if state is not None else 0, resumed=resumed,
                elapsed=state.get("elapsed", 0.0) if state is not None else 0.0)
 
 
@@ -225,7 +227,7 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
     idx = torch.randint(0, run.x_all.shape[0], (B,), generator=g)
     noise_all = torch.randn((B, *run.x_all.shape[1:]), generator=g)
     t_all = torch.randint(0, T, (B,), generator=g)
-    t_prime_all = cfg.t_prime_distribution().sample(B, T, generator=g)
+    t_prime_all = run.t_prime.sample(B, T, generator=g)
     drop_all = torch.rand(B, generator=g) < cfg.label_dropout
 
     per_rank = B // world
