@@ -5,12 +5,15 @@
 # The default run fits in 4 minutes, so a second run fits in the same 10-minute job.
 #
 #   bash benchmarks/gpu_check.sh            build, parity, op table
-#   bash benchmarks/gpu_check.sh --step     ... and the training-step table (up to 3 more minutes)
+#   bash benchmarks/gpu_check.sh --step     ... and the training-step table (up to 3 more minutes): an
+#                                           SD-sized UNet, bf16 autocast, every objective incl. compiled
 #   bash benchmarks/gpu_check.sh --dry-run  the same stages on this CPU with tiny shapes (make test runs it)
 #
 # Output folder: $GPU_CHECK_OUT, else $OUT (the device tool's), else benchmarks/gpu_out. Each stage
 # writes <stage>.log there as it runs, so a timeout still leaves what ran; summary.md lists the stages.
 # A failed CUDA build does not stop the rest: the triton checks and the table still run.
+# FASTPERC_WHEELS=DIR: wheels to install first (no index), e.g. diffusers on a machine without network;
+# without diffusers the step stage uses fastperc's own UNet at the SD block widths.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -26,7 +29,7 @@ for arg in "$@"; do
 done
 
 # Stage time limits (s). The default stages must fit the 240 s budget and --step its 180 s: checked below.
-L_ENV=15 L_BUILD=100 L_INFO=15 L_PARITY=70 L_OPS=40 L_STEP=180
+L_ENV=15 L_BUILD=80 L_INFO=15 L_PARITY=70 L_OPS=60 L_STEP=180
 BUDGET=$((L_ENV + L_BUILD + L_INFO + L_PARITY + L_OPS))
 if [ $BUDGET -gt 240 ] || [ $L_STEP -gt 180 ]; then
   echo "gpu_check: stage limits add up to ${BUDGET}s (+${L_STEP}s step), over the 240s (+180s) budget" >&2
@@ -40,6 +43,11 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 SUMMARY="$DEST/summary.md"
 T0=$(date +%s)
 FAILED=0
+if [ -n "${FASTPERC_WHEELS:-}" ]; then
+  SITE=$(mktemp -d)
+  $PY -m pip install -q --no-index --no-deps --no-compile --target "$SITE" "$FASTPERC_WHEELS"/*.whl \
+    && export PYTHONPATH=$PYTHONPATH:$SITE || echo "gpu_check: could not install $FASTPERC_WHEELS/*.whl" >&2
+fi
 printf '# gpu_check %s\n\n| stage | exit code | seconds | log |\n|---|---|---|---|\n' \
   "$([ $DRY = 1 ] && echo '(dry run on CPU)')" > "$SUMMARY"
 
@@ -65,8 +73,8 @@ if [ $DRY = 1 ]; then
   stage build $((4 * L_BUILD)) echo "dry run: would run FASTPERC_CUDA=1 FASTPERC_CUDA_ARCHS=<this GPU> $PY setup.py build_ext --inplace"
   stage info $((4 * L_INFO)) $PY -m fastperc.info
   stage parity $((4 * L_PARITY)) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py
-  stage op_table $((4 * L_OPS)) $PY benchmarks/bench_ops.py --device cpu --markdown --quick --min-time 0.01 --no-step
-  [ $STEP = 1 ] && stage step_table $L_STEP $PY benchmarks/bench_ops.py --device cpu --markdown --quick --min-time 0.01 --no-ops
+  stage op_table $((4 * L_OPS)) $PY benchmarks/bench_ops.py --device cpu --markdown --quick --min-time 0.01
+  [ $STEP = 1 ] && stage step_table $L_STEP $PY benchmarks/bench_step.py --device cpu --quick --model default,sd-like
 else
   stage env $L_ENV bash -c "nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv; \
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)'"
@@ -76,8 +84,8 @@ else
     $PY setup.py build_ext --inplace
   stage info $L_INFO $PY -m fastperc.info
   stage parity $L_PARITY $PY -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py
-  stage op_table $L_OPS $PY benchmarks/bench_ops.py --markdown --min-time 0.05 --no-step
-  [ $STEP = 1 ] && stage step_table $L_STEP $PY benchmarks/bench_ops.py --markdown --min-time 0.2 --no-ops
+  stage op_table $L_OPS $PY benchmarks/bench_ops.py --markdown --min-time 0.05
+  [ $STEP = 1 ] && stage step_table $L_STEP $PY benchmarks/bench_step.py --model sd --dtypes bf16 --batch 8 --steps 5
 fi
 
 echo "" >> "$SUMMARY"

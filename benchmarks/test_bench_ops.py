@@ -1,12 +1,12 @@
-"""pytest-benchmark suite (`make bench`): fused vs reference per op, and the training step vs plain MSE.
+"""pytest-benchmark suite (`make bench`): fused vs reference per op, and the training step per objective.
 
 Timings are reported, never asserted. GB/s of necessary traffic is attached as extra_info.
 """
 import pytest
 import torch
 
-from cases import (DTYPES, FEATURE_CASES, RENOISE_CASES, backends_for, feature_mse_case,  # noqa: E402
-                   loss_step_case, renoise_case)
+from cases import DTYPES, FEATURE_CASES, RENOISE_CASES, backends_for, feature_mse_case, renoise_case  # noqa: E402
+from step_cases import OBJECTIVES, build, make_step  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = backends_for(DEVICE)
@@ -39,7 +39,15 @@ def test_renoise(benchmark, backend, case, dtype):
     _record(benchmark, nbytes)
 
 
-@pytest.mark.parametrize("objective", ["mse", "sp-reference", "sp-fused", "sp-untruncated"])
-def test_training_step(benchmark, objective):
-    benchmark.group = "training step (default UNet, batch 32)"
-    benchmark.pedantic(loss_step_case(objective, DEVICE), rounds=3, warmup_rounds=1)
+@pytest.fixture(scope="module")
+def default_unet():
+    return build("default", DEVICE, batch=32)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("objective", OBJECTIVES)
+def test_training_step(benchmark, default_unet, objective, dtype):
+    """Peak memory and host syncs are bench_step.py's; this times the step (compile in the warm-up)."""
+    benchmark.group = f"training step (default UNet, batch 32, {dtype})"
+    step = make_step(objective, default_unet, torch.bfloat16 if dtype == "bf16" else None)
+    benchmark.pedantic(step, rounds=3, warmup_rounds=2 if objective.endswith("-compiled") else 1)

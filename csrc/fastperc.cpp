@@ -125,17 +125,18 @@ void renoise(const at::Tensor& x_t, const at::Tensor& p, const at::Tensor& x0, c
   }
 }
 
-// outs[l][b] = grads[l][b] * scale[b] (outs may be grads): the backward of feature_mse (CPU; GPUs use torch).
+// outs[l][b] = grads[l][b] * scale[b] (outs may be grads): the backward of feature_mse.
 void scale_rows(const std::vector<at::Tensor>& grads, const at::Tensor& scale, const std::vector<at::Tensor>& outs) {
-  TORCH_CHECK(scale.dim() == 1 && scale.is_contiguous() && scale.device().is_cpu(),
-              "scale: expected a contiguous 1-D CPU tensor, got sizes ", scale.sizes(), " on ", scale.device());
+  TORCH_CHECK(scale.dim() == 1 && scale.is_contiguous(), "scale: expected a contiguous 1-D tensor, got sizes ",
+              scale.sizes(), " strides ", scale.strides());
   TORCH_CHECK(outs.size() == grads.size(), "outs: expected ", grads.size(), " tensors, got ", outs.size());
   if (grads.empty()) return;
   const auto acc = grads[0].scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(scale.scalar_type() == acc, "scale: expected dtype ", acc, ", got ", scale.scalar_type());
   for (size_t l = 0; l < grads.size(); ++l) {
     const at::Tensor& g = grads[l];
-    TORCH_CHECK(g.device().is_cpu(), "grads[", l, "]: expected a CPU tensor, got ", g.device());
+    TORCH_CHECK(g.device() == scale.device(), "grads[", l, "]: expected device ", scale.device(), " (as scale), got ",
+                g.device());
     CHECK_SAME(g, grads[0], scalar_type);
     TORCH_CHECK(g.dim() >= 1 && g.size(0) == scale.size(0), "grads[", l, "]: expected batch size ", scale.size(0),
                 ", got sizes ", g.sizes());
@@ -146,7 +147,16 @@ void scale_rows(const std::vector<at::Tensor>& grads, const at::Tensor& scale, c
     CHECK_SAME(o, g, scalar_type);
     CHECK_SAME(o, g, device);
   }
-  scale_rows_cpu(grads, scale, outs);
+  if (is_cuda(scale)) {
+#ifdef FASTPERC_WITH_CUDA
+    scale_rows_cuda(grads, scale, outs);
+#else
+    TORCH_CHECK(false, "scale: CUDA tensors, but fastperc._C was built without CUDA kernels");
+#endif
+  } else {
+    TORCH_CHECK(scale.device().is_cpu(), "scale: expected CPU or CUDA tensors, got ", scale.device());
+    scale_rows_cpu(grads, scale, outs);
+  }
 }
 
 std::string build_info() {
@@ -183,6 +193,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #ifdef FASTPERC_WITH_CUDA
   m.def("feature_mse_cuda", &fastperc::feature_mse, "multi-layer feature MSE + gradient (CUDA tensors)");
   m.def("renoise_cuda", &fastperc::renoise, "both teacher inputs in one pass (CUDA tensors)");
+  m.def("scale_rows_cuda", &fastperc::scale_rows, "outs[l][b] = grads[l][b] * scale[b] (CUDA tensors)");
   m.def("cuda_archs", &fastperc::cuda_archs, "{'sass': [compute capabilities x10], 'ptx': newest}");
 #endif
   m.def("build_info", &fastperc::build_info, "what this build holds");

@@ -28,6 +28,7 @@ void renoise_cpu(const at::Tensor& x_t, const at::Tensor& p, const at::Tensor& x
 
 #ifdef FASTPERC_WITH_CUDA
 void feature_mse_cuda(const std::vector<Layer>& layers, int64_t batch, at::ScalarType dtype, at::Tensor per_sample);
+void scale_rows_cuda(const std::vector<at::Tensor>& grads, const at::Tensor& scale, const std::vector<at::Tensor>& outs);
 void renoise_cuda(const at::Tensor& x_t, const at::Tensor& p, const at::Tensor& x0, const at::Tensor& noise,
                   const at::Tensor& coefs, at::Tensor& fake, at::Tensor& real);
 #endif

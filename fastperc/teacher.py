@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import copy as _copy
 import difflib
+import functools
 from collections.abc import Sequence
 
 import torch
+import torch.utils.checkpoint  # called as torch.utils.checkpoint.checkpoint: looked up per call
 from torch import nn
 
 from .truncated_forwards import find_adapter
@@ -72,6 +74,55 @@ def cast_floating(value, dtype: torch.dtype):
     return value
 
 
+def _requires_grad(value) -> bool:
+    """True if a tensor in `value` (nested lists, tuples and dicts included) requires grad."""
+    if isinstance(value, torch.Tensor):
+        return value.requires_grad
+    if isinstance(value, (list, tuple)):
+        return any(_requires_grad(v) for v in value)
+    if isinstance(value, dict):
+        return any(_requires_grad(v) for v in value.values())
+    return False
+
+
+def _checkpointed_forward(forward, *args, **kwargs):
+    """A checkpoint unit's forward: checkpointed only when autograd records it (the fake branch); the
+    real branch (no_grad) and grad-free inputs (timestep embeddings) call it directly and pay nothing."""
+    if torch.is_grad_enabled() and _requires_grad((args, kwargs)):
+        return torch.utils.checkpoint.checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return forward(*args, **kwargs)
+
+
+def _checkpoint_units(model: nn.Module, adapter, stop: str | None) -> tuple[str, ...]:
+    """Names of the modules checkpointed one by one: the adapter's stages up to `stop`, or else the
+    model's children with ModuleList / Sequential containers expanded (the blocks of most UNets and
+    transformers). Leaf modules are skipped: a single conv or linear saves only its input, which its
+    checkpoint would keep too."""
+    modules = dict(model.named_modules())
+    if adapter is not None:
+        stages = adapter.stages(model)
+        names = [n for stage in stages[:stages.index(stop) + 1] for n in stage.split("|")]
+    else:
+        def expand(prefix, module):
+            for name, child in module.named_children():
+                if isinstance(child, (nn.ModuleList, nn.Sequential)):
+                    yield from expand(f"{prefix}{name}.", child)
+                else:
+                    yield f"{prefix}{name}"
+        names = list(expand("", model))
+    return tuple(n for n in names if modules.get(n) is not None and next(modules[n].children(), None) is not None)
+
+
+def _wrap_forward(module: nn.Module) -> None:
+    """Checkpoint `module` by an instance `forward` attribute: its name, its hooks (run by __call__
+    around forward, outside the checkpoint) and its parameters stay as they are. A partial of the bound
+    method, not a closure, so that deepcopy rebinds it to the copied module."""
+    fwd = module.forward
+    if isinstance(fwd, functools.partial) and fwd.func is _checkpointed_forward:
+        return  # already wrapped (copy=False on a model another teacher wrapped)
+    module.forward = functools.partial(_checkpointed_forward, fwd)
+
+
 def nearest_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
     close = difflib.get_close_matches(name, names, n=n, cutoff=0.4)
     return close or [x for x in names if x and "." not in x][:n]
@@ -94,6 +145,14 @@ class FrozenTeacher(nn.Module):
         dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16); the sample and every
             floating tensor in the keyword arguments are cast to it (integer timesteps, labels and ids
             are left alone).
+        checkpoint: recompute the fake branch's teacher activations in backward instead of keeping
+            them, block by block (torch.utils.checkpoint, non-reentrant, one checkpoint per block: the
+            truncated forward's stages, or for other architectures the model's children with
+            ModuleList / Sequential expanded), so backward rebuilds one block's activations at a time.
+            Use it for big teachers whose activations on the fake branch dominate training memory; it
+            costs one extra teacher forward of the fake branch in backward. Calls without grad (the
+            real branch) run as without it. Default False. With copy=False the model's own blocks are
+            wrapped (their `forward` becomes an instance attribute; names and hooks are unchanged).
 
     Wrapped models (torch.compile, DDP/FSDP, AveragedModel) are unwrapped, and layer names copied
     from a wrapped model (`module.mid_block`, `_orig_mod.mid_block`) are accepted.
@@ -110,7 +169,7 @@ class FrozenTeacher(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] = ("mid_block",), copy: bool = True,
-                 dtype: torch.dtype | None = None):
+                 dtype: torch.dtype | None = None, checkpoint: bool = False):
         super().__init__()
         model = unwrap(model)
         if not isinstance(model, nn.Module):
@@ -130,6 +189,9 @@ class FrozenTeacher(nn.Module):
                                  f"{nearest_names(name, list(modules))}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
+        if not isinstance(checkpoint, bool):
+            raise TypeError(f"checkpoint: expected a bool (True or False), got {type(checkpoint).__name__} "
+                            f"{checkpoint!r}")
 
         if copy:
             model = _copy.deepcopy(model)
@@ -155,6 +217,17 @@ class FrozenTeacher(nn.Module):
             else:
                 self._stop = stages[max(idx)]
                 self._nested = tuple(n for n in layers if n not in stages)
+
+        # Stage-by-stage checkpointing: one checkpoint per block, so backward rebuilds one block at a time
+        # (one checkpoint around the whole branch would rebuild all of it while the student's activations
+        # are still alive, and the peak would not fall).
+        self.checkpoint = checkpoint
+        self.checkpoint_units: tuple[str, ...] = ()
+        if checkpoint:
+            self.checkpoint_units = _checkpoint_units(model, self._adapter, self._stop)
+            modules = dict(model.named_modules())
+            for name in self.checkpoint_units:
+                _wrap_forward(modules[name])
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         # The teacher stays in eval mode whatever its parent module does.
@@ -211,4 +284,4 @@ class FrozenTeacher(nn.Module):
         return [captured[name] for name in self.layers]
 
     def extra_repr(self) -> str:
-        return f"layers={self.layers}, truncated={self.truncated}, stop={self._stop!r}"
+        return f"layers={self.layers}, truncated={self.truncated}, stop={self._stop!r}, checkpoint={self.checkpoint}"

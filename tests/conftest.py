@@ -6,6 +6,10 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Compile caches inside the checkout: a cache shared across checkouts can hold graphs traced against
+# an older custom-op schema, which torch's cache keys do not cover.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
+    __file__))), ".cache", "torchinductor"))
 
 import pytest  # noqa: E402
 

@@ -49,7 +49,7 @@ def test_opcheck_renoise(device, backend):
 @pytest.mark.parametrize("device, backend", PAIRS)
 def test_opcheck_scale_rows(device, backend):
     grads = [torch.randn(3, 5, device=device), torch.randn(3, 2, 2, device=device)]
-    torch.library.opcheck(torch.ops.fastperc.scale_rows.default, (grads, torch.rand(3, device=device)),
+    torch.library.opcheck(torch.ops.fastperc.scale_rows.default, (grads, torch.rand(3, device=device), backend),
                           test_utils=utils_for(device, backend))
 
 

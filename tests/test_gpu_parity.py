@@ -74,6 +74,26 @@ def test_feature_mse_kernel_matches_float64_truth(backend, dtype, case, gen):
 
 
 @pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+@pytest.mark.parametrize("case", FEATURE_CASES)
+@pytest.mark.parametrize("inplace", [False, True], ids=["fresh-out", "in-place"])
+def test_scale_rows_kernel_matches_float64_truth(backend, dtype, case, inplace, gen):
+    """The backward of feature_mse: every layer's stored gradient times grad_output[b], one launch."""
+    backend_or_skip(backend)
+    shapes = FEATURE_CASES[case]
+    grads = [rand(s, dtype, gen) for s in shapes]
+    want = [g.to(torch.float64, copy=True) for g in grads]  # copied: in place overwrites grads
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    scale = (torch.rand(shapes[0][0], generator=gen, dtype=torch.float64) * 4 - 2).to(DEVICE, acc)
+    outs = grads if inplace else [torch.full_like(g, float("nan")) for g in grads]
+    fm_mod._scale_rows(grads, scale, outs, backend)
+    rtol, atol = TOL[dtype]
+    for i, (o, w) in enumerate(zip(outs, want)):
+        truth = w * scale.double().reshape((-1,) + (1,) * (w.dim() - 1))
+        assert_close(o, truth, rtol=rtol, atol=atol * float(truth.abs().max()), what=f"out[{i}]")
+
+
+@pytest.mark.parametrize("backend", FUSED)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("layout", ["channels_last", "unaligned"])
 @pytest.mark.parametrize("consume", [False, True])

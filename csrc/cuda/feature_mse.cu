@@ -2,6 +2,9 @@
 // the gradient 2w/N (p - t) and one squared-error partial per block; a second small launch sums the
 // partials of each sample in a fixed order (deterministic, no atomics). Loads are 16-byte vectors when
 // a layer's rows allow it. The gradient may be written over the target buffer (same index, read first).
+// The backward, scale_rows, scales every layer's stored gradient by grad_output[b] in one launch of
+// the same geometry (torch's broadcast multiply runs unvectorised, and for bf16 at a third of the
+// copy bandwidth).
 #include <ATen/Dispatch.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -101,7 +104,86 @@ __global__ void __launch_bounds__(kThreads) finalize_kernel(const LayerArgs args
   if (threadIdx.x == 0) out[b] = accumulate ? out[b] + total : total;
 }
 
+struct ScaleArgs {
+  const void* src[kMaxLayers];
+  void* dst[kMaxLayers];
+  int64_t n[kMaxLayers];
+  int64_t chunks_per_row[kMaxLayers];
+  int64_t first_block[kMaxLayers + 1];
+  bool vec[kMaxLayers];
+  int num_layers;
+};
+
+template <typename scalar_t, typename acc_t, bool VEC>
+__device__ void scale_chunk(const scalar_t* src, scalar_t* dst, int64_t begin, int64_t end, acc_t s) {
+  if constexpr (VEC) {
+    using V = Vec16<scalar_t>;
+    constexpr int kItems = kChunk / (kThreads * V::N);
+#pragma unroll
+    for (int it = 0; it < kItems; ++it) {
+      const int64_t i = begin + (static_cast<int64_t>(it) * kThreads + threadIdx.x) * V::N;
+      if (i < end) {
+        const V v = V::load(src + i);  // dst may be src: each element is read before it is written
+        V o;
+#pragma unroll
+        for (int k = 0; k < V::N; ++k) o[k] = static_cast<scalar_t>(static_cast<acc_t>(v[k]) * s);
+        o.store(dst + i);
+      }
+    }
+  } else {
+    for (int64_t i = begin + threadIdx.x; i < end; i += blockDim.x)
+      dst[i] = static_cast<scalar_t>(static_cast<acc_t>(src[i]) * s);
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void __launch_bounds__(kThreads) scale_rows_kernel(const ScaleArgs args, const acc_t* __restrict__ scale) {
+  const int64_t blk = blockIdx.x;
+  int l = 0;
+  while (l + 1 < args.num_layers && blk >= args.first_block[l + 1]) ++l;
+  const int64_t local = blk - args.first_block[l];
+  const int64_t row = local / args.chunks_per_row[l];
+  const int64_t n = args.n[l];
+  const int64_t begin = row * n + (local % args.chunks_per_row[l]) * kChunk;
+  const int64_t end = min(begin + kChunk, (row + 1) * n);
+  const auto* src = static_cast<const scalar_t*>(args.src[l]);
+  auto* dst = static_cast<scalar_t*>(args.dst[l]);
+  const acc_t s = scale[row];
+  if (args.vec[l]) scale_chunk<scalar_t, acc_t, true>(src, dst, begin, end, s);
+  else scale_chunk<scalar_t, acc_t, false>(src, dst, begin, end, s);
+}
+
 }  // namespace
+
+void scale_rows_cuda(const std::vector<at::Tensor>& grads, const at::Tensor& scale, const std::vector<at::Tensor>& outs) {
+  const int64_t batch = scale.size(0);
+  if (batch == 0 || grads.empty()) return;
+  const c10::cuda::CUDAGuard guard(scale.device());
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, grads[0].scalar_type(), "scale_rows_cuda", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    constexpr int V = vec_width<scalar_t>();
+    for (size_t g0 = 0; g0 < grads.size(); g0 += kMaxLayers) {
+      ScaleArgs args{};
+      args.num_layers = static_cast<int>(std::min(grads.size() - g0, static_cast<size_t>(kMaxLayers)));
+      int64_t blocks = 0;
+      for (int j = 0; j < args.num_layers; ++j) {
+        const at::Tensor& g = grads[g0 + j];
+        const at::Tensor& o = outs[g0 + j];
+        args.src[j] = g.const_data_ptr();
+        args.dst[j] = o.data_ptr();
+        args.n[j] = g.numel() / batch;
+        args.chunks_per_row[j] = (args.n[j] + kChunk - 1) / kChunk;
+        args.first_block[j] = blocks;
+        args.vec[j] = args.n[j] % V == 0 && aligned16(args.src[j]) && aligned16(args.dst[j]);
+        blocks += args.chunks_per_row[j] * batch;
+      }
+      args.first_block[args.num_layers] = blocks;
+      scale_rows_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(args, scale.const_data_ptr<acc_t>());
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    }
+  });
+}
 
 void feature_mse_cuda(const std::vector<Layer>& layers, int64_t batch, at::ScalarType dtype, at::Tensor per_sample) {
   const c10::cuda::CUDAGuard guard(per_sample.device());

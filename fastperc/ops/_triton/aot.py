@@ -37,6 +37,11 @@ def specs(dt: str):
     const = {"RBLOCK": feature_mse.RBLOCK, "ACC": acc}
     sig = {"PARTIAL": f"*{acc_s}", "OUT": f"*{acc_s}", "total_cpr": "i32"}
     yield "feature_mse_finalize", feature_mse._feature_mse_finalize_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const
+    const = {"NUM_LAYERS": feature_mse.MAX_LAYERS, "BLOCK": feature_mse.BLOCK, "ACC": acc}
+    sig = {"SCALE": f"*{acc_s}"}
+    for j in range(feature_mse.MAX_LAYERS):
+        sig.update({f"G{j}": f"*{dt}", f"O{j}": f"*{dt}", f"n{j}": "i32", f"c{j}": "i32", f"st{j}": "i32"})
+    yield "scale_rows", feature_mse._scale_rows_kernel, {**sig, **dict.fromkeys(const, "constexpr")}, const
     const = {"BLOCK": renoise.BLOCK, "ACC": acc}
     sig = {"XT": f"*{dt}", "P": f"*{dt}", "X0": f"*{dt}", "E": f"*{dt}", "COEF": f"*{acc_s}", "FAKE": f"*{dt}",
            "REAL": f"*{dt}", "batch": "i32", "n": "i32"}

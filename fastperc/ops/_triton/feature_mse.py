@@ -3,7 +3,8 @@ each chunk's weighted squared-error sum and writes the gradient 2w/N (p - t) in 
 second launch sums each sample's partials in a fixed order (deterministic, no atomics).
 
 Buffers are dense with the batch outermost, so sample b of a layer is the flat range [b*N, (b+1)*N).
-Partials are laid out sample-major, (batch, chunks of every layer), so the second launch needs no
+The backward (`scale_rows`) scales every layer's stored gradient by grad_output[b] in one launch of
+the same geometry. Partials are laid out sample-major, (batch, chunks of every layer), so the second launch needs no
 per-layer metadata. Everything per layer travels as kernel arguments: no tensor is built from host
 data per call (that would be a blocking copy and would break CUDA-graph capture).
 """
@@ -71,6 +72,36 @@ def _feature_mse_finalize_kernel(PARTIAL, OUT, total_cpr, RBLOCK: tl.constexpr, 
     tl.store(OUT + b, prev + tl.sum(acc, axis=0))
 
 
+@triton.jit
+def _scale_chunk(G, O, n, cpr, start, pid, SCALE, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    local = (pid - start).to(tl.int64)
+    row = local // cpr
+    offs = (local % cpr) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+    mask = offs < n
+    s = tl.load(SCALE + row)
+    g = tl.load(G + row * n + offs, mask=mask, other=0.0).to(ACC)  # O may be G: read before written
+    tl.store(O + row * n + offs, (g * s).to(O.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _scale_rows_kernel(
+        SCALE,
+        G0, O0, n0, c0, st0,
+        G1, O1, n1, c1, st1,
+        G2, O2, n2, c2, st2,
+        G3, O3, n3, c3, st3,
+        NUM_LAYERS: tl.constexpr, BLOCK: tl.constexpr, ACC: tl.constexpr):
+    pid = tl.program_id(0)
+    if NUM_LAYERS > 3 and pid >= st3:
+        _scale_chunk(G3, O3, n3, c3, st3, pid, SCALE, BLOCK, ACC)
+    elif NUM_LAYERS > 2 and pid >= st2:
+        _scale_chunk(G2, O2, n2, c2, st2, pid, SCALE, BLOCK, ACC)
+    elif NUM_LAYERS > 1 and pid >= st1:
+        _scale_chunk(G1, O1, n1, c1, st1, pid, SCALE, BLOCK, ACC)
+    else:
+        _scale_chunk(G0, O0, n0, c0, st0, pid, SCALE, BLOCK, ACC)
+
+
 def split_f32(x: float) -> tuple[float, float]:
     """(hi, lo), both float32-representable, with hi + lo == x to about 48 bits (Triton passes Python
     floats as float32 scalars)."""
@@ -112,3 +143,19 @@ def forward(preds, targets, grads, weights, per_sample: torch.Tensor, block: int
             _feature_mse_partials_kernel[(group["programs"],)](
                 partial, group["total_cpr"], *args, NUM_LAYERS=len(group["layers"]), BLOCK=block, ACC=acc)
             _feature_mse_finalize_kernel[(batch,)](partial, per_sample, group["total_cpr"], RBLOCK=RBLOCK, ACC=acc)
+
+
+def scale_rows(grads, scale: torch.Tensor, outs, block: int = BLOCK) -> None:
+    """outs[l][b] = grads[l][b] * scale[b]; `outs` may be `grads`; scale is (B,) in the accumulation dtype."""
+    batch = scale.shape[0]
+    if batch == 0:
+        return
+    acc = tl.float64 if scale.dtype == torch.float64 else tl.float32
+    with device_guard(scale.device):
+        for group in launch_plan([g.numel() for g in grads], batch, [1.0] * len(grads), block):
+            args = []
+            for j in range(MAX_LAYERS):  # unused slots repeat the first layer; NUM_LAYERS gates them
+                L = group["layers"][j] if j < len(group["layers"]) else group["layers"][0]
+                args += [grads[L["layer"]], outs[L["layer"]], L["n"], L["cpr"], L["start"]]
+            _scale_rows_kernel[(group["programs"],)](scale, *args, NUM_LAYERS=len(group["layers"]), BLOCK=block,
+                                                     ACC=acc)

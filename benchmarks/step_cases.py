@@ -1,0 +1,149 @@
+"""Training-step cases for bench_step.py: one student step (forward + loss + backward) per objective.
+
+Objectives, all on the same student, teacher weights and batch:
+  mse           plain MSE on the v-prediction target (the baseline)
+  naive         self-perceptual written the obvious way: two full teacher forwards, a forward hook
+                capturing the midblock, F.mse_loss
+  trick         the well-known truncation trick: the same, with a hook that raises after the midblock
+  fastperc      fastperc.self_perceptual_loss (truncated teacher, fused ops)
+  checkpointed  fastperc with FrozenTeacher(checkpoint=True)
+  mse-compiled, fastperc-compiled   torch.compile of student forward + loss (backward compiled by AOTAutograd)
+
+Models: "default" (fastperc's UNet, 1x32x32, 10 classes), "sd-like" (a diffusers UNet2DConditionModel
+64/128/128 with cross-attention, 4x32x32 latents) and "sd" (Stable Diffusion 1.5/2.1 block widths
+320/640/1280/1280 with cross-attention, 4x64x64 latents). Both are diffusers' UNet when diffusers is
+installed, else fastperc's UNet at those widths, class-conditional instead of cross-attention.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+OBJECTIVES = ("mse", "naive", "trick", "fastperc", "checkpointed", "mse-compiled", "fastperc-compiled")
+
+
+@dataclass
+class Setup:
+    student: torch.nn.Module
+    x0: torch.Tensor
+    kwargs: dict        # conditioning passed to student and teacher alike
+    description: str
+
+
+def _diffusers_unet(widths, cross_dim: int, head_dim: int, layers: int, device):
+    from diffusers import UNet2DConditionModel
+    n = len(widths)
+    down = ["CrossAttnDownBlock2D"] * (n - 1) + ["DownBlock2D"]
+    up = ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * (n - 1)
+    with torch.device(device):  # parameters are created on the device: an SD-sized init on CPU takes long
+        return UNet2DConditionModel(sample_size=32, in_channels=4, out_channels=4, block_out_channels=widths,
+                                    down_block_types=down, up_block_types=up, layers_per_block=layers,
+                                    cross_attention_dim=cross_dim, attention_head_dim=head_dim,
+                                    norm_num_groups=32 if min(widths) >= 32 else 8)
+
+
+def build(model: str, device: torch.device, batch: int) -> Setup:
+    torch.manual_seed(0)
+    if model == "default":
+        from fastperc.models import UNet
+        student = UNet(num_classes=10).to(device)
+        x0 = torch.rand(batch, 1, 32, 32, device=device) * 2 - 1
+        kwargs = {"class_labels": torch.randint(0, 10, (batch,), device=device)}
+        return Setup(student, x0, kwargs, f"fastperc UNet (default), batch {batch}, 1x32x32")
+    if model in ("sd-like", "sd"):
+        try:
+            import diffusers  # noqa: F401
+        except ImportError:
+            diffusers = None
+        side = 32 if model == "sd-like" else 64
+        widths, cross, head = ((64, 128, 128), 64, 8) if model == "sd-like" else ((320, 640, 1280, 1280), 768, 8)
+        x0 = torch.randn(batch, 4, side, side, device=device)
+        if diffusers is None:  # the same widths in fastperc's own UNet, class-conditional instead of text
+            from fastperc.models import UNet
+            student = UNet(in_channels=4, block_channels=widths, num_classes=10).to(device)
+            kwargs = {"class_labels": torch.randint(0, 10, (batch,), device=device)}
+            return Setup(student, x0, kwargs, f"fastperc UNet {widths}, batch {batch}, 4x{side}x{side}")
+        student = _diffusers_unet(widths, cross, head, 2 if model == "sd" else 1, device)
+        kwargs = {"encoder_hidden_states": torch.randn(batch, 77, cross, device=device)}
+        return Setup(student, x0, kwargs, f"diffusers UNet2DConditionModel {widths} + cross-attention "
+                                          f"({sum(p.numel() for p in student.parameters()) / 1e6:.0f} M params), "
+                                          f"batch {batch}, 4x{side}x{side}")
+    raise ValueError(f"model: expected 'default', 'sd-like' or 'sd', got {model!r}")
+
+
+class _Stop(Exception):
+    pass
+
+
+def _hooked_features(teacher, layer: str, sample, t, kwargs, stop: bool) -> torch.Tensor:
+    """The obvious implementations: a forward hook on `layer`; `stop` raises from it (the trick)."""
+    box = {}
+
+    def hook(module, args, output):
+        box["f"] = output[0] if isinstance(output, tuple) else output
+        if stop:
+            raise _Stop
+
+    handle = dict(teacher.named_modules())[layer].register_forward_hook(hook)
+    try:
+        teacher(sample, t, **kwargs)
+    except _Stop:
+        pass
+    finally:
+        handle.remove()
+    return box["f"]
+
+
+def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None):
+    """A closure running one step; the student's gradients are dropped after each step."""
+    from fastperc import FrozenTeacher, NoiseSchedule, self_perceptual_loss
+
+    device = setup.x0.device
+    schedule = NoiseSchedule.scaled_linear()
+    student, x0, kw = setup.student, setup.x0, setup.kwargs
+    batch = x0.shape[0]
+    gen = torch.Generator(device=device).manual_seed(1)
+    noise = torch.randn(x0.shape, generator=gen, device=device)
+    t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+    t2 = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+    base = objective.removesuffix("-compiled")
+
+    if base in ("naive", "trick"):
+        plain_teacher = copy.deepcopy(student).eval().requires_grad_(False)
+    elif base in ("fastperc", "checkpointed"):
+        extra = {"checkpoint": True} if base == "checkpointed" else {}
+        teacher = FrozenTeacher(student, ("mid_block",), **extra)
+
+    def loss_of(v):
+        if base == "mse":
+            return F.mse_loss(v.float(), schedule.velocity(x0, noise, t).float())
+        if base in ("fastperc", "checkpointed"):
+            return self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=t2, teacher_kwargs=kw)
+        # naive / trick: re-noise by hand, as a user would write it
+        x_t = schedule.add_noise(x0, noise, t)
+        x0_hat, eps_hat = schedule.convert(x_t, v.float(), t)
+        fake = schedule.add_noise(x0_hat, eps_hat, t2)
+        with torch.no_grad():
+            real_f = _hooked_features(plain_teacher, "mid_block", schedule.add_noise(x0, noise, t2), t2, kw,
+                                      stop=base == "trick")
+        fake_f = _hooked_features(plain_teacher, "mid_block", fake, t2, kw, stop=base == "trick")
+        return F.mse_loss(fake_f.float(), real_f.float())
+
+    def forward_loss():
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            v = student(schedule.add_noise(x0, noise, t), t, **kw)
+            v = v.sample if hasattr(v, "sample") else v
+            return loss_of(v)
+
+    fwd = torch.compile(forward_loss) if objective.endswith("-compiled") else forward_loss
+
+    def step():
+        loss = fwd()
+        loss.backward()
+        student.zero_grad(set_to_none=True)
+        return loss
+
+    return step
