@@ -19,7 +19,7 @@ from torch.utils import benchmark
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import (DTYPES, FEATURE_CASES, QUICK_FEATURE_CASES, QUICK_RENOISE_CASES, RENOISE_CASES,  # noqa: E402
-                   backends_for, copy_bandwidth, feature_mse_case, renoise_case)
+                   backends_for, capture_graph, copy_bandwidth, feature_mse_case, renoise_case)
 
 
 def measure(fn, min_time: float) -> float:
@@ -31,15 +31,7 @@ def measure_graph(fn, min_time: float) -> float | str:
     """Seconds per call replayed from a CUDA graph: the kernels and their launch gaps without the host
     code (Python, dispatch), which dominates eager calls at these sizes. A message if capture fails."""
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):  # warm-up off the capture stream: compiles, allocator pools
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
+        graph = capture_graph(fn)
     except Exception as exc:  # noqa: BLE001  (reported in the table)
         torch.cuda.synchronize()
         return f"{type(exc).__name__}: {str(exc).splitlines()[0][:80]}" if str(exc) else type(exc).__name__

@@ -63,3 +63,18 @@ def copy_bandwidth(device: torch.device, nbytes: int = 1 << 28) -> float:
     dst = torch.empty_like(src)
     t = benchmark.Timer("dst.copy_(src)", globals={"dst": dst, "src": src}).blocked_autorange(min_run_time=0.5)
     return 2 * nbytes / t.median / 1e9
+
+
+def capture_graph(fn) -> "torch.cuda.CUDAGraph":
+    """`fn` captured in a CUDA graph after a warm-up on a side stream (compiles, allocator pools), so
+    replays time the kernels and their launch gaps without the host code."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph

@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from cases import (FEATURE_CASES, QUICK_FEATURE_CASES, QUICK_RENOISE_CASES, RENOISE_CASES,  # noqa: E402
-                   backends_for, feature_mse_case, renoise_case)
+                   backends_for, capture_graph, feature_mse_case, renoise_case)
 
 
 def eager_ms(fn, device, iters: int) -> float:
@@ -42,18 +42,11 @@ def eager_ms(fn, device, iters: int) -> float:
 
 def graph_ms(fn, iters: int) -> float | str:
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return eager_ms(graph.replay, torch.device("cuda"), iters)
-    except Exception as exc:  # a path that cannot be captured says so in the table
-        return f"no capture ({type(exc).__name__})"
+        graph = capture_graph(fn)
+    except Exception as exc:  # noqa: BLE001  (a path that cannot be captured says so in the table)
+        torch.cuda.synchronize()
+        return f"no capture ({type(exc).__name__}: {str(exc).splitlines()[0][:80] if str(exc) else ''})"
+    return eager_ms(graph.replay, torch.device("cuda"), iters)
 
 
 def kernel_profile(fn, iters: int) -> tuple[float, list[tuple[str, float, int]]]:

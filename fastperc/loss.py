@@ -275,6 +275,8 @@ class SelfPerceptualLoss(nn.Module):
         layers: layers to tap (default ("mid_block",)); layer_weights: one per layer.
         prediction_type, reduction, backend, check_values: as in self_perceptual_loss.
         teacher_dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16).
+        teacher_checkpoint: recompute the teacher's activations in backward, one stage at a time
+            (see FrozenTeacher's `checkpoint`).
 
     Example:
         >>> import torch, fastperc
@@ -288,13 +290,15 @@ class SelfPerceptualLoss(nn.Module):
     def __init__(self, teacher: nn.Module, schedule: NoiseSchedule | None = None, *,
                  layers: Sequence[str] | None = None, layer_weights: Sequence[float] | None = None,
                  prediction_type: str | None = None, reduction: str = "mean", backend: str = "auto",
-                 teacher_dtype: torch.dtype | None = None, check_values: bool = False):
+                 teacher_dtype: torch.dtype | None = None, teacher_checkpoint: bool = False,
+                 check_values: bool = False):
         super().__init__()
         if isinstance(teacher, FrozenTeacher):
             if layers is not None and tuple(layers) != teacher.layers:
                 raise ValueError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}")
         else:
-            teacher = FrozenTeacher(teacher, layers if layers is not None else DEFAULT_LAYERS, dtype=teacher_dtype)
+            teacher = FrozenTeacher(teacher, layers if layers is not None else DEFAULT_LAYERS, dtype=teacher_dtype,
+                                    checkpoint=teacher_checkpoint)
         self.teacher = teacher
         if schedule is None:
             _warn_default_schedule()

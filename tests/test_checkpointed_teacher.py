@@ -247,3 +247,18 @@ def test_a_copied_checkpointed_teacher_runs_its_own_weights(gen):
 def test_checkpoint_must_be_a_bool(value):
     with pytest.raises(TypeError, match=r"checkpoint: expected a bool .* got"):
         FrozenTeacher(tiny_unet(), checkpoint=value)
+
+
+def test_module_form_passes_teacher_checkpoint_on(gen):
+    from fastperc import SelfPerceptualLoss
+    plain = SelfPerceptualLoss(tiny_unet(num_classes=3), NoiseSchedule.scaled_linear())
+    ckpt = SelfPerceptualLoss(plain.teacher.model, NoiseSchedule.scaled_linear(), teacher_checkpoint=True)
+    assert not plain.teacher.checkpoint and ckpt.teacher.checkpoint and ckpt.teacher.checkpoint_units
+    x0, noise = torch.randn(3, 1, 8, 8, generator=gen), torch.randn(3, 1, 8, 8, generator=gen)
+    t, t2 = torch.randint(0, 1000, (3,), generator=gen), torch.randint(0, 1000, (3,), generator=gen)
+    labels = torch.randint(0, 3, (3,), generator=gen)
+    p = torch.randn(3, 1, 8, 8, generator=gen, requires_grad=True)
+    losses = [c(p, x0, noise, t, timesteps_prime=t2, class_labels=labels) for c in (plain, ckpt)]
+    grads = [torch.autograd.grad(loss, p)[0] for loss in losses]
+    assert_close(losses[1], losses[0].detach(), rtol=1e-6, atol=1e-8, what="loss")
+    assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8, what="grad")

@@ -90,6 +90,8 @@ class TrainConfig:
                               bound="unit_interval")
     precision: str = option("fp32", "bf16: autocast student and teacher", type=str, choices=("fp32", "bf16"))
     compile: bool = option(False, "torch.compile the student and the teacher", type=bool)
+    teacher_checkpoint: bool = option(False, "recompute the teacher's activations in backward, one stage at a "
+                                      "time (less memory, one more teacher forward)", type=bool)
     seed: int = option(0, "seeds every draw of every step (exact resume)", type=int)
     max_steps: int = option(1000, "optimizer steps in all", type=int, bound="non_negative")
     save_every: int = option(500, "checkpoint every N steps (the previous one is kept as checkpoint.prev.pt)",

@@ -152,7 +152,7 @@ def _frozen_teacher(cfg: TrainConfig, model_config: dict, device: torch.device) 
     if (teacher_config["arch"], teacher_config["in_channels"]) != (model_config["arch"], model_config["in_channels"]):
         raise ValueError(f"teacher: {path} holds a {teacher_config['arch']} with {teacher_config['in_channels']} "
                          f"channels, the student is a {model_config['arch']} with {model_config['in_channels']}")
-    return FrozenTeacher(model.to(device), cfg.layers, copy=False)
+    return FrozenTeacher(model.to(device), cfg.layers, copy=False, checkpoint=cfg.teacher_checkpoint)
 
 
 def build_run(cfg: TrainConfig) -> Run:
@@ -360,7 +360,7 @@ def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
 
 # Options a resumed run may change: where and how long it runs and how it reports, not what it learns.
 _RESUMABLE_CHANGES = {"out", "init", "max_steps", "save_every", "log_every", "max_bad_steps", "resume", "overwrite",
-                      "progress", "compile", "extra"}
+                      "progress", "compile", "teacher_checkpoint", "extra"}
 
 
 def _refuse_changed_options(saved: dict, cfg: TrainConfig, path: Path) -> None:
