@@ -138,7 +138,13 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None):
             v = v.sample if hasattr(v, "sample") else v
             return loss_of(v)
 
-    fwd = torch.compile(forward_loss) if objective.endswith("-compiled") else forward_loss
+    if objective.endswith("-compiled"):
+        # Every case's forward_loss is the same code object: without a reset, dynamo's recompile
+        # limit is reached after 8 cases and the later ones silently run eagerly.
+        torch._dynamo.reset()
+        fwd = torch.compile(forward_loss)
+    else:
+        fwd = forward_loss
 
     def step():
         loss = fwd()

@@ -1,9 +1,9 @@
 """fastperc: the self-perceptual objective for diffusion training (Lin & Yang, arXiv 2401.00110)."""
 from . import ops
 from .loss import SelfPerceptualLoss, self_perceptual_loss
-from .schedule import NoiseSchedule, TimestepDistribution
+from .schedule import FlowMatchingSchedule, NoiseSchedule, TimestepDistribution
 from .teacher import FrozenTeacher
 
 __version__ = "0.1.0"
-__all__ = ["self_perceptual_loss", "SelfPerceptualLoss", "NoiseSchedule", "TimestepDistribution", "FrozenTeacher",
-           "ops"]
+__all__ = ["self_perceptual_loss", "SelfPerceptualLoss", "NoiseSchedule", "FlowMatchingSchedule",
+           "TimestepDistribution", "FrozenTeacher", "ops"]

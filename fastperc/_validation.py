@@ -71,6 +71,36 @@ def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: 
         raise ValueError(f"{name}: expected values in [0, {num_train_timesteps - 1}], got min {lo}, max {hi}")
 
 
+def check_float_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: torch.device,
+                          host: bool = True) -> None:
+    """Float timesteps of shape (batch,) in [0, num_train_timesteps]: a flow-matching schedule's
+    timesteps sigma * T, as diffusers' `scheduler.timesteps[indices]` gives them.
+
+    Integer tensors are refused: on a flow table an integer is most likely an index into
+    `scheduler.timesteps` (index 0 is the noisiest entry), not a timestep. host=True/False as in
+    check_timesteps (a NaN fails the range check either way)."""
+    T = num_train_timesteps
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a floating torch.Tensor of shape ({batch},) (the scheduler's timesteps, "
+                        f"sigma * {T}), got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name}: expected float timesteps sigma * {T} for a flow-matching schedule (as "
+                        f"`scheduler.timesteps[indices]` gives them), got {t.dtype}; integer indices into the table "
+                        "are not timesteps here: pass schedule.timesteps[indices]")
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    if tracing() or batch == 0:
+        return
+    if not host:
+        torch._assert_async(((t >= 0) & (t <= T)).all(), f"{name}: expected values in [0, {T}] (sigma * {T})")
+        return
+    lo, hi = float(t.min()), float(t.max())
+    if not (lo >= 0 and hi <= T):  # also false for NaN
+        raise ValueError(f"{name}: expected values in [0, {T}] (sigma * {T}), got min {lo:g}, max {hi:g}")
+
+
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
         raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")

@@ -11,13 +11,12 @@ import torch
 from torch import nn
 
 from ._per_sample import accumulation_dtype
-from ._validation import check_choice, check_finite, check_like, check_tensor, check_timesteps
+from ._validation import check_choice, check_finite, check_like, check_tensor
 from .ops import feature_mse, renoise
 from .ops.feature_mse import REDUCTIONS
-from .schedule import NoiseSchedule, TimestepDistribution
+from .schedule import NoiseSchedule, TimestepDistribution, is_diffusers_flow_scheduler
 from .teacher import FrozenTeacher, unwrap
 
-DEFAULT_LAYERS = ("mid_block",)
 FEATURE_NORMS = ("none", "channel_rms")
 
 
@@ -56,7 +55,7 @@ def _as_teacher(teacher, layers) -> FrozenTeacher:
             "fastperc.FrozenTeacher(mse_model) (a frozen copy, built once) or a model already frozen with "
             ".requires_grad_(False)")
     # A frozen plain module is used in place (no copy per call), in eval mode.
-    return FrozenTeacher(teacher, layers if layers is not None else DEFAULT_LAYERS, copy=False)
+    return FrozenTeacher(teacher, layers, copy=False)  # layers=None: the teacher's default tap
 
 
 _converted = weakref.WeakKeyDictionary()
@@ -66,7 +65,7 @@ def as_schedule(schedule) -> NoiseSchedule:
     """A NoiseSchedule as it is, or a diffusers scheduler converted once (cached per scheduler object)."""
     if isinstance(schedule, NoiseSchedule):
         return schedule
-    if isinstance(getattr(schedule, "alphas_cumprod", None), torch.Tensor):
+    if isinstance(getattr(schedule, "alphas_cumprod", None), torch.Tensor) or is_diffusers_flow_scheduler(schedule):
         try:
             return _converted[schedule]
         except (KeyError, TypeError):
@@ -144,6 +143,11 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
         fake           = alpha_t' * x0_hat + sigma_t' * eps_hat       (= a * x_t + b * model_output)
         loss           = sum_l w_l * mean((F_l(fake, t') - F_l(real, t'))^2)
 
+    With a flow-matching schedule (NoiseSchedule.flow_matching(), or diffusers'
+    FlowMatchEulerDiscreteScheduler) the same with alpha = 1 - s, sigma = s, s = t / T, and
+    model_output the flow prediction v ~ noise - x0: x0_hat = x_t - s v, eps_hat = x_t + (1 - s) v,
+    so fake = x_t + (s' - s) v (one Euler step from s to s').
+
     F_l is the output of tapped layer l of the frozen teacher; gradients reach model_output through
     the fake branch only (the real branch runs without autograd; the teacher's weights get none).
 
@@ -155,15 +159,21 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
         model_output: the student's prediction at x_t = add_noise(x0, noise, timesteps), (B, ...); it
             may be bf16/fp16 while x0 and noise are fp32 (the re-noise runs in the widest dtype).
         x0, noise: the clean batch and the noise used to make x_t, same shape as model_output.
-        timesteps: (B,) integer timesteps of x_t.
+        timesteps: (B,) timesteps of x_t: integers 0..T-1 for a DDPM-style (variance-preserving)
+            table; for a flow-matching schedule the scheduler's float timesteps sigma * T, as
+            `scheduler.timesteps[indices]` gives them in diffusers' training scripts (sigma = t / T).
         schedule: the NoiseSchedule used for training, or the diffusers scheduler itself (converted
             once with NoiseSchedule.from_diffusers and cached).
-        prediction_type: "epsilon", "v_prediction" or "sample"; default the schedule's (v_prediction).
-        layers: layers to tap when `teacher` is a plain module (must match a FrozenTeacher's).
+        prediction_type: "epsilon", "v_prediction" or "sample" on a variance-preserving table,
+            "flow_prediction" (noise - x0) on a flow-matching one; default the schedule's.
+        layers: layers to tap when `teacher` is a plain module (must match a FrozenTeacher's; default: the
+            teacher's default tap, see FrozenTeacher).
         layer_weights: one finite weight >= 0 per layer (default 1.0).
         teacher_kwargs: passed to both teacher calls (encoder_hidden_states, class_labels, ...).
-        timesteps_prime: (B,) re-noise timesteps t', or a TimestepDistribution to draw them from
-            (a range, a logit-normal density); default uniform on 0..T-1, one per sample (the paper).
+        timesteps_prime: (B,) re-noise timesteps t' (of the same kind as `timesteps`), or a
+            TimestepDistribution to draw them from (a range, a logit-normal or mode density); default
+            uniform over the table's T entries, one per sample (the paper): 0..T-1, or for a
+            flow-matching schedule the table's float timesteps.
         reduction: "mean" over the batch, "sum", or "none" for a (B,) loss.
         backend: fused-op backend: "auto", "reference", "cpu", "triton" or "cuda".
         generator: torch.Generator for drawing t'.
@@ -211,13 +221,13 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
         check_finite("x0", x0)
         check_finite("noise", noise)
     batch, device, T = x0.shape[0], x0.device, schedule.num_train_timesteps
-    check_timesteps("timesteps", timesteps, batch, T, device, host=check_values)
+    schedule.check_timesteps("timesteps", timesteps, batch, device, host=check_values)
     if timesteps_prime is None:
         timesteps_prime = TimestepDistribution()
     if isinstance(timesteps_prime, TimestepDistribution):
-        timesteps_prime = timesteps_prime.sample(batch, T, generator, device)
+        timesteps_prime = timesteps_prime.sample(batch, T, generator, device, schedule=schedule)
     else:
-        check_timesteps("timesteps_prime", timesteps_prime, batch, T, device, host=check_values)
+        schedule.check_timesteps("timesteps_prime", timesteps_prime, batch, device, host=check_values)
     if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
         raise TypeError(f"teacher_kwargs: expected a dict or None, got {type(teacher_kwargs).__name__}")
     frozen = _as_teacher(teacher, layers)
@@ -272,7 +282,8 @@ class SelfPerceptualLoss(nn.Module):
         schedule: NoiseSchedule or diffusers scheduler (default NoiseSchedule.scaled_linear(), the
             paper's zero-terminal-SNR v-prediction table, with a one-time warning saying so: pass the
             scheduler your training step uses).
-        layers: layers to tap (default ("mid_block",)); layer_weights: one per layer.
+        layers: layers to tap (default: FrozenTeacher's, the midblock of a UNet, a mid-depth block of a
+            transformer); layer_weights: one per layer.
         prediction_type, reduction, backend, check_values: as in self_perceptual_loss.
         teacher_dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16).
         teacher_checkpoint: recompute the teacher's activations in backward, one stage at a time
@@ -297,7 +308,7 @@ class SelfPerceptualLoss(nn.Module):
             if layers is not None and tuple(layers) != teacher.layers:
                 raise ValueError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}")
         else:
-            teacher = FrozenTeacher(teacher, layers if layers is not None else DEFAULT_LAYERS, dtype=teacher_dtype,
+            teacher = FrozenTeacher(teacher, layers, dtype=teacher_dtype,
                                     checkpoint=teacher_checkpoint)
         self.teacher = teacher
         if schedule is None:

@@ -1,4 +1,8 @@
-"""Variance-preserving noise schedules: alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t).
+"""Noise schedules: x_t = alpha_t * x0 + sigma_t * noise.
+
+NoiseSchedule: variance-preserving tables, alpha_t = sqrt(abar_t), sigma_t = sqrt(1 - abar_t), indexed
+by integer timesteps 0..T-1 (DDPM-style). FlowMatchingSchedule: rectified flow as diffusers trains it
+(FlowMatchEulerDiscreteScheduler), alpha = 1 - sigma, indexed by float timesteps sigma * T.
 
 The table is kept in float64 so coefficients are exact to float32 output precision; lookups are
 cached per device. Names follow diffusers (`num_train_timesteps`, `prediction_type`).
@@ -12,9 +16,11 @@ from dataclasses import dataclass
 import torch
 
 from ._per_sample import accumulation_dtype, per_sample
-from ._validation import check_choice, check_like, check_tensor, check_timesteps
+from ._validation import check_choice, check_float_timesteps, check_like, check_tensor, check_timesteps
 
-PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")  # of variance-preserving tables
+# Of flow-matching tables: the velocity noise - x0 (diffusers' name).
+FLOW_PREDICTION_TYPES = ("flow_prediction",)
 # A conversion coefficient (1/alpha_t for epsilon, 1/sigma_t for sample) above this is warned about
 # once, when the table is checked: the re-noised prediction then multiplies the model's error by it.
 RENOISE_COEF_BOUND = 100.0
@@ -33,9 +39,14 @@ def _rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 class NoiseSchedule:
     """A discrete variance-preserving diffusion schedule.
 
+    Timesteps are integers 0..T-1 (row t of the table). For rectified flow (SD3, Flux) use
+    NoiseSchedule.flow_matching() or from_diffusers(FlowMatchEulerDiscreteScheduler): a
+    FlowMatchingSchedule, with float timesteps and prediction_type "flow_prediction".
+
     Args:
         alphas_cumprod: 1-D tensor of length T with values in [0, 1], non-increasing.
-        prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample".
+        prediction_type: what the model predicts: "epsilon", "v_prediction" or "sample"
+            ("flow_prediction" is refused here: it needs a FlowMatchingSchedule).
 
     Example:
         >>> import torch, fastperc
@@ -53,6 +64,7 @@ class NoiseSchedule:
         ac = alphas_cumprod.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(ac).all()) or float(ac.min()) < 0 or float(ac.max()) > 1:
             raise ValueError("alphas_cumprod: expected finite values in [0, 1]")
+        _refuse_flow_prediction(prediction_type)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         self.alphas_cumprod = ac
         # Read once here, on the host: the per-step code never needs a device sync to refuse them.
@@ -102,13 +114,27 @@ class NoiseSchedule:
         return cls.from_betas(betas, rescale_zero_terminal_snr=rescale_zero_terminal_snr, prediction_type=prediction_type)
 
     @classmethod
+    def flow_matching(cls, num_train_timesteps: int = 1000, shift: float = 1.0,
+                      prediction_type: str = "flow_prediction") -> "FlowMatchingSchedule":
+        """Rectified flow as diffusers trains it (SD3, Flux): a FlowMatchingSchedule, see there."""
+        return FlowMatchingSchedule(num_train_timesteps, shift, prediction_type)
+
+    @classmethod
     def from_diffusers(cls, scheduler) -> "NoiseSchedule":
-        """Read `alphas_cumprod` and `config.prediction_type` from a diffusers scheduler."""
+        """Read `alphas_cumprod` and `config.prediction_type` from a diffusers scheduler; for a
+        flow-matching scheduler (FlowMatchEulerDiscreteScheduler, ...) a FlowMatchingSchedule with its
+        training table (see FlowMatchingSchedule.from_diffusers)."""
+        if is_diffusers_flow_scheduler(scheduler):
+            return FlowMatchingSchedule.from_diffusers(scheduler)
         ac = getattr(scheduler, "alphas_cumprod", None)
         if not isinstance(ac, torch.Tensor):
-            raise TypeError(f"scheduler: expected a diffusers scheduler with an `alphas_cumprod` tensor, "
-                            f"got {type(scheduler).__name__}")
+            raise TypeError(f"scheduler: expected a diffusers scheduler with an `alphas_cumprod` tensor, or a "
+                            f"flow-matching one (FlowMatchEulerDiscreteScheduler), got {type(scheduler).__name__}")
         config = getattr(scheduler, "config", None)
+        if getattr(config, "use_flow_sigmas", False):  # DPMSolver & co.: their alphas_cumprod is not the flow
+            raise ValueError(f"scheduler: a {type(scheduler).__name__} with use_flow_sigmas=True samples a flow model "
+                             "but holds no flow training table; pass the FlowMatchEulerDiscreteScheduler the model "
+                             "trains with, or NoiseSchedule.flow_matching(shift=...)")
         prediction_type = getattr(config, "prediction_type", None) or "epsilon"
         return cls(ac, prediction_type)
 
@@ -120,6 +146,7 @@ class NoiseSchedule:
         has alpha = 0 at its last step, so epsilon is refused for it at build time, not mid-run when a
         batch first draws that step. "sample" needs sigma_t > 0 (eps = (x_t - alpha*x0)/sigma).
         """
+        _refuse_flow_prediction(prediction_type)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if prediction_type in self._checked:
             return
@@ -147,6 +174,11 @@ class NoiseSchedule:
     def num_train_timesteps(self) -> int:
         return self.alphas_cumprod.numel()
 
+    def check_timesteps(self, name: str, timesteps, batch: int, device: torch.device, host: bool = True) -> None:
+        """Timesteps this table takes: integers of shape (batch,) in [0, T-1] (floats sigma * T in [0, T]
+        for a FlowMatchingSchedule); host=False checks the range with a device-side assert (no sync)."""
+        check_timesteps(name, timesteps, batch, self.num_train_timesteps, device, host=host)
+
     def _table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         table = self._tables.get(device)
         if table is None:
@@ -165,7 +197,7 @@ class NoiseSchedule:
         """x_t = alpha_t * x0 + sigma_t * noise, with one timestep per sample (dim 0)."""
         check_tensor("x0", x0)
         check_like("noise", noise, "x0", x0)
-        check_timesteps("timesteps", timesteps, x0.shape[0], self.num_train_timesteps, x0.device)
+        self.check_timesteps("timesteps", timesteps, x0.shape[0], x0.device)
         return self._add_noise(x0, noise, timesteps)
 
     def _add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -182,6 +214,7 @@ class NoiseSchedule:
                prediction_type: str | None = None) -> torch.Tensor:
         """What a model with `prediction_type` should output at x_t (the plain MSE target)."""
         prediction_type = prediction_type or self.prediction_type
+        _refuse_flow_prediction(prediction_type)
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
         if prediction_type == "epsilon":
             return noise
@@ -236,24 +269,214 @@ class NoiseSchedule:
                 f"abar[0]={float(ac[0]):.6g}, abar[-1]={float(ac[-1]):.6g})")
 
 
+def _refuse_flow_prediction(prediction_type) -> None:
+    if prediction_type in FLOW_PREDICTION_TYPES:
+        raise ValueError(
+            f"prediction_type: {prediction_type!r} needs a flow-matching schedule (NoiseSchedule.flow_matching() or "
+            "NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(...))), got a variance-preserving table; "
+            "on it use 'epsilon', 'v_prediction' or 'sample'")
+
+
+def is_diffusers_flow_scheduler(scheduler) -> bool:
+    """True for diffusers' flow-matching schedulers (FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler,
+    FlowMatchLCMScheduler): a `scale_noise` method and `num_train_timesteps` and `shift` in the config, no
+    `alphas_cumprod` table."""
+    config = getattr(scheduler, "config", None)
+    return (callable(getattr(scheduler, "scale_noise", None))
+            and not isinstance(getattr(scheduler, "alphas_cumprod", None), torch.Tensor)
+            and getattr(config, "num_train_timesteps", None) is not None and getattr(config, "shift", None) is not None)
+
+
+class FlowMatchingSchedule(NoiseSchedule):
+    """Rectified flow as diffusers trains it (FlowMatchEulerDiscreteScheduler: SD3, Flux).
+
+        x_t = (1 - s) * x0 + s * noise         (alpha = 1 - s, sigma = s, s in [0, 1])
+        target = noise - x0                    (prediction_type "flow_prediction", diffusers' name)
+
+    The training table, built as diffusers' __init__ builds it (the same float32 operations, so
+    `timesteps` equals `scheduler.timesteps` bit for bit): for k = 0..T-1, u = (T - k) / T,
+    sigma_k = shift * u / (1 + (shift - 1) * u), timesteps_k = sigma_k * T, noisiest first.
+
+    Timesteps are floats sigma * T, what `scheduler.timesteps[indices]` gives in diffusers' training
+    scripts (integer tensors are refused: an integer is most likely an index into that table). Sigma is
+    read as s = t / T, in float64: no table search and no host sync. That is the table's own sigma since
+    its timesteps are sigma * T (diffusers' float32 sigmas agree to about 1e-7); any float in [0, T] is
+    accepted (continuous time). `sigmas` holds timesteps / T for the table's entries.
+
+    Conversions (no division anywhere, so every t in [0, T] converts and nothing is refused):
+
+        x0_hat = x_t - s * v,    eps_hat = x_t + (1 - s) * v
+
+    Re-noised to s': fake = (1 - s') x0_hat + s' eps_hat = x_t + (s' - s) v, i.e. renoise coefficients
+    (a, b, alpha', sigma') = (1, s' - s, 1 - s', s'): one Euler step of FlowMatchEulerDiscreteScheduler
+    from s to s', and t' = t gives fake = x_t exactly.
+
+    Only "flow_prediction" is accepted: "epsilon", "v_prediction" (the VP velocity) and "sample" are
+    refused with a ValueError naming prediction_type when the schedule or the loss is built (epsilon
+    would divide by 1 - s = 0 at the table's first entry; convert such models' outputs to noise - x0).
+
+    Args:
+        num_train_timesteps: T (int >= 2), as diffusers' `num_train_timesteps`.
+        shift: diffusers' `shift` (> 0; 3.0 for SD3); 1.0 is the plain linear table.
+        prediction_type: "flow_prediction".
+
+    Example:
+        >>> import torch, fastperc
+        >>> s = fastperc.NoiseSchedule.flow_matching(shift=3.0)
+        >>> t = s.timesteps[torch.tensor([0, 500, 999])]   # as scheduler.timesteps[indices]
+        >>> x0, eps = torch.randn(3, 1, 8, 8), torch.randn(3, 1, 8, 8)
+        >>> x_t = s.add_noise(x0, eps, t)                  # (1 - sigma) x0 + sigma eps
+        >>> x0_hat, eps_hat = s.convert(x_t, s.target(x0, eps, t), t)
+        >>> torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-5)
+        True
+        >>> [round(float(x), 4) for x in s.sigmas[[0, -1]]]
+        [1.0, 0.003]
+    """
+
+    def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, prediction_type: str = "flow_prediction"):
+        _check_T(num_train_timesteps)
+        if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
+            raise ValueError(f"shift: expected a finite number > 0, got {shift!r}")
+        T = num_train_timesteps
+        self._num_train_timesteps = T
+        self.shift = float(shift)
+        # diffusers' operations in diffusers' dtype: the float timesteps users pass are these values.
+        u = torch.arange(T, 0, -1, dtype=torch.float32) / T
+        u = self.shift * u / (1 + (self.shift - 1) * u)
+        self.timesteps = u * T
+        self.sigmas = self.timesteps.double() / T  # what the lookups give for the table's timesteps
+        self._checked: set[str] = set()
+        self._tables: dict = {}
+        self.prediction_type = prediction_type
+        self.check_prediction_type(prediction_type)
+
+    @classmethod
+    def from_diffusers(cls, scheduler) -> "FlowMatchingSchedule":
+        """The training table of a diffusers flow-matching scheduler, read from its config
+        (num_train_timesteps, shift; unshifted when `use_dynamic_shifting`, as diffusers' __init__
+        builds it), not from `scheduler.sigmas`, which `set_timesteps` replaces by an inference table.
+
+        Example:
+            >>> import fastperc
+            >>> from diffusers import FlowMatchEulerDiscreteScheduler
+            >>> sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+            >>> sched.set_timesteps(20)                     # a pipeline was run with it
+            >>> s = fastperc.NoiseSchedule.from_diffusers(sched)
+            >>> s.num_train_timesteps, s.shift, s.prediction_type
+            (1000, 3.0, 'flow_prediction')
+        """
+        if not is_diffusers_flow_scheduler(scheduler):
+            raise TypeError(f"scheduler: expected a diffusers flow-matching scheduler "
+                            f"(FlowMatchEulerDiscreteScheduler), got {type(scheduler).__name__}")
+        config = scheduler.config
+        shift = 1.0 if getattr(config, "use_dynamic_shifting", False) else config.shift
+        prediction_type = getattr(config, "prediction_type", None) or "flow_prediction"
+        return cls(int(config.num_train_timesteps), float(shift), prediction_type)
+
+    @property
+    def alphas_cumprod(self):
+        raise AttributeError("alphas_cumprod: a flow-matching schedule has no variance-preserving table; use "
+                             "alpha_sigma(timesteps) (1 - sigma, sigma) or `sigmas`")
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self._num_train_timesteps
+
+    def check_prediction_type(self, prediction_type: str) -> None:
+        """Accept "flow_prediction" only (see the class docstring)."""
+        check_choice("prediction_type", prediction_type, PREDICTION_TYPES + FLOW_PREDICTION_TYPES)
+        if prediction_type not in FLOW_PREDICTION_TYPES:
+            raise ValueError(
+                f"prediction_type: a flow-matching schedule (x_t = (1 - sigma) x0 + sigma noise) takes "
+                f"'flow_prediction' (the model predicts noise - x0, as diffusers trains SD3 and Flux), got "
+                f"{prediction_type!r}; for {prediction_type!r} use a variance-preserving NoiseSchedule")
+
+    def check_timesteps(self, name: str, timesteps, batch: int, device: torch.device, host: bool = True) -> None:
+        """Float timesteps sigma * T of shape (batch,) in [0, T]; integer tensors are refused."""
+        check_float_timesteps(name, timesteps, batch, self.num_train_timesteps, device, host=host)
+
+    def _sigma(self, timesteps: torch.Tensor) -> torch.Tensor:
+        return timesteps.to(torch.float64) / self.num_train_timesteps
+
+    def alpha_sigma(self, timesteps: torch.Tensor,
+                    dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-sample (1 - sigma, sigma) with sigma = timesteps / T, in `dtype`."""
+        s = self._sigma(timesteps)
+        return (1.0 - s).to(dtype), s.to(dtype)
+
+    def velocity(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | None = None) -> torch.Tensor:
+        """The flow velocity d x_t / d sigma = noise - x0 (the same at every timestep)."""
+        return noise - x0
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor | None = None,
+               prediction_type: str | None = None) -> torch.Tensor:
+        """The plain MSE target of a flow-matching model: noise - x0."""
+        self.check_prediction_type(prediction_type or self.prediction_type)
+        return noise - x0
+
+    def convert_coefficients(self, timesteps: torch.Tensor, prediction_type: str | None = None,
+                             dtype: torch.dtype = torch.float32):
+        """Per-sample (c_x0, d_x0, c_eps, d_eps) = (1, -s, 1, 1 - s): x0_hat = x_t - s v, eps_hat = x_t + (1 - s) v."""
+        self.check_prediction_type(prediction_type or self.prediction_type)
+        s = self._sigma(timesteps)
+        one = torch.ones_like(s)
+        return tuple(c.to(dtype) for c in (one, -s, one, 1.0 - s))
+
+    def renoise_coefficients(self, timesteps: torch.Tensor, timesteps_prime: torch.Tensor,
+                             prediction_type: str | None = None, dtype: torch.dtype = torch.float32):
+        """Per-sample (a, b, alpha', sigma') = (1, s' - s, 1 - s', s'): fake = x_t + (s' - s) * v (an Euler
+        step from s to s'), real = (1 - s') x0 + s' noise. b is one float64 subtraction, so t' = t gives
+        b = 0 and fake = x_t exactly."""
+        self.check_prediction_type(prediction_type or self.prediction_type)
+        s, s2 = self._sigma(timesteps), self._sigma(timesteps_prime)
+        return torch.ones_like(s2).to(dtype), (s2 - s).to(dtype), (1.0 - s2).to(dtype), s2.to(dtype)
+
+    def _timesteps_by_noise(self, device: torch.device) -> torch.Tensor:
+        """The table's timesteps in order of increasing noise (entry j: the j-th least noisy), on `device`."""
+        table = self._tables.get(device)
+        if table is None:
+            table = self._tables[device] = self.timesteps.flip(0).to(device)
+        return table
+
+    def __repr__(self) -> str:
+        return (f"FlowMatchingSchedule(T={self.num_train_timesteps}, shift={self.shift:g}, "
+                f"prediction_type={self.prediction_type!r})")
+
+
 def _check_T(num_train_timesteps) -> None:
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
         raise ValueError(f"num_train_timesteps: expected an int >= 2, got {num_train_timesteps!r}")
 
 
-DENSITIES = ("uniform", "logit_normal")
+DENSITIES = ("uniform", "logit_normal", "mode")
+# f_mode(u) = 1 - u - s (cos^2(pi u / 2) - 1 + u) is a bijection of [0, 1] for s in this range (SD3 paper, sec. 3.1).
+MODE_SCALE_RANGE = (-1.0, 2.0 / (math.pi - 2.0))
 
 
 @dataclass(frozen=True)
 class TimestepDistribution:
-    """How the re-noise timestep t' is drawn: a density over [low, high] of the schedule's table.
+    """How the re-noise timestep t' is drawn: a density over the entries [low, high] of the schedule's table.
 
-    "uniform" is the paper's choice. "logit_normal" draws u = sigmoid(N(loc, scale)) and maps it onto
-    [low, high] (loc < 0 favours low-noise t', loc > 0 high-noise; scale sets the spread), the density
-    SD3-style training scripts use for t. A range alone ([low, high], uniform) restricts which noise
-    levels the teacher compares: low t' shows it nearly clean images, high t' mostly noise.
+    Entries are ranked by noise level: rank j is integer timestep j of a DDPM-style table, and the
+    j-th least noisy entry of a flow-matching table (whose draw is that entry's float timestep
+    sigma * T, a value of diffusers' `scheduler.timesteps`). A draw is rank = low + floor(u * n) over the
+    n = high - low + 1 entries, with u in [0, 1) from the density (u near 0: low noise):
 
-    Pass one as `timesteps_prime=` to `self_perceptual_loss`.
+    - "uniform" (the default, the paper's choice): uniform over the entries.
+    - "logit_normal": u = sigmoid(N(loc, scale)) (loc < 0 favours low-noise t', loc > 0 high-noise;
+      scale sets the spread), the density SD3-style training scripts use for t.
+    - "mode": u = 1 - v - mode_scale * (cos^2(pi v / 2) - 1 + v), v uniform: SD3's mode density
+      (diffusers' weighting_scheme="mode", default mode_scale 1.29), which for mode_scale > 0 favours
+      the middle of the table. mode_scale must lie in [-1, 2 / (pi - 2)] (so the map is a bijection).
+
+    Both densities are those of diffusers' compute_density_for_timestep_sampling with u read as the
+    noise level, as in the SD3 paper (diffusers' scripts index the noisiest-first table with u; for
+    loc = 0 the two readings give the same distribution, since both densities are then symmetric).
+
+    A range alone ([low, high], uniform) restricts which noise levels the teacher compares: low t'
+    shows it nearly clean images, high t' mostly noise.
+
+    Pass one as `timesteps_prime=` to `self_perceptual_loss`, or draw with `sample`.
 
     Example:
         >>> import torch, fastperc
@@ -261,6 +484,10 @@ class TimestepDistribution:
         >>> t2 = dist.sample(4, num_train_timesteps=1000, generator=torch.Generator().manual_seed(0))
         >>> bool(((t2 >= 0) & (t2 <= 499)).all())
         True
+        >>> flow = fastperc.NoiseSchedule.flow_matching(shift=3.0)   # float timesteps from the table
+        >>> t2 = fastperc.TimestepDistribution(density="mode").sample(4, schedule=flow)
+        >>> t2.dtype, bool(torch.isin(t2, flow.timesteps).all())
+        (torch.float32, True)
     """
 
     low: int = 0
@@ -268,6 +495,7 @@ class TimestepDistribution:
     density: str = "uniform"
     loc: float = 0.0
     scale: float = 1.0
+    mode_scale: float = 1.29
 
     def __post_init__(self):
         check_choice("density", self.density, DENSITIES)
@@ -277,6 +505,10 @@ class TimestepDistribution:
             raise ValueError(f"high: expected an integer timestep >= low ({self.low}) or None, got {self.high!r}")
         if not (math.isfinite(self.loc) and math.isfinite(self.scale) and self.scale > 0):
             raise ValueError(f"loc/scale: expected finite values with scale > 0, got {self.loc!r}/{self.scale!r}")
+        lo, hi = MODE_SCALE_RANGE
+        if not (isinstance(self.mode_scale, (int, float)) and lo <= self.mode_scale <= hi):
+            raise ValueError(f"mode_scale: expected a number in [{lo:g}, {hi:.4f}] (2 / (pi - 2)), "
+                             f"got {self.mode_scale!r}")
 
     def bounds(self, num_train_timesteps: int) -> tuple[int, int]:
         high = num_train_timesteps - 1 if self.high is None else self.high
@@ -284,14 +516,31 @@ class TimestepDistribution:
             raise ValueError(f"high: expected a timestep below num_train_timesteps = {num_train_timesteps}, got {high}")
         return self.low, high
 
-    def sample(self, batch: int, num_train_timesteps: int, generator: torch.Generator | None = None,
-               device: torch.device | str | None = None) -> torch.Tensor:
-        """(batch,) integer timesteps (drawn on the generator's device, returned on `device`)."""
+    def sample(self, batch: int, num_train_timesteps: int | None = None, generator: torch.Generator | None = None,
+               device: torch.device | str | None = None, schedule: NoiseSchedule | None = None) -> torch.Tensor:
+        """(batch,) timesteps, drawn on the generator's device and returned on `device`: integers
+        0..T-1, or with a FlowMatchingSchedule as `schedule` the table's float timesteps sigma * T
+        (float32, values of diffusers' `scheduler.timesteps`). No host sync.
+
+        num_train_timesteps may be left out when `schedule` is given (it must agree if both are)."""
+        if schedule is not None:
+            if num_train_timesteps is not None and num_train_timesteps != schedule.num_train_timesteps:
+                raise ValueError(f"num_train_timesteps: expected {schedule.num_train_timesteps} (the schedule's), "
+                                 f"got {num_train_timesteps}")
+            num_train_timesteps = schedule.num_train_timesteps
+        if num_train_timesteps is None:
+            raise TypeError("num_train_timesteps: expected an int, or pass schedule=")
         low, high = self.bounds(num_train_timesteps)
         gen_device = generator.device if generator is not None else device
         if self.density == "uniform":
             t = torch.randint(low, high + 1, (batch,), generator=generator, device=gen_device)
         else:
-            u = torch.sigmoid(torch.randn(batch, generator=generator, device=gen_device) * self.scale + self.loc)
+            if self.density == "logit_normal":
+                u = torch.sigmoid(torch.randn(batch, generator=generator, device=gen_device) * self.scale + self.loc)
+            else:
+                v = torch.rand(batch, generator=generator, device=gen_device)
+                u = 1 - v - self.mode_scale * (torch.cos(math.pi * v / 2) ** 2 - 1 + v)
             t = (low + (u * (high - low + 1)).long()).clamp_(low, high)
+        if isinstance(schedule, FlowMatchingSchedule):
+            t = schedule._timesteps_by_noise(t.device)[t]
         return t.to(device) if device is not None else t

@@ -4,13 +4,14 @@ from __future__ import annotations
 import copy as _copy
 import difflib
 import functools
+import inspect
 from collections.abc import Sequence
 
 import torch
 import torch.utils.checkpoint  # called as torch.utils.checkpoint.checkpoint: looked up per call
 from torch import nn
 
-from .truncated_forwards import find_adapter
+from .truncated_forwards import find_adapter, joint_blocks
 
 
 class _StopForward(Exception):
@@ -27,6 +28,14 @@ def first_tensor(output) -> torch.Tensor:
         return first_tensor(output.to_tuple())
     raise TypeError(f"layers: a tapped layer returned {type(output).__name__}, expected a tensor or a tuple "
                     "whose first element is a tensor")
+
+
+def tapped_output(module: nn.Module, output) -> torch.Tensor:
+    """What a tap on `module` gives: a joint text-image block's image stream (output[1] for the classes
+    in `joint_blocks()`: SD3 and Flux blocks return (text, image)), else `first_tensor(output)`."""
+    if isinstance(output, (tuple, list)) and isinstance(module, joint_blocks()):
+        return first_tensor(output[1])
+    return first_tensor(output)
 
 
 def unwrap(model):
@@ -61,10 +70,16 @@ def _strip_wrapper_prefix(name: str, modules: dict) -> str:
     return name
 
 
+# Keyword inputs a low-precision teacher leaves in their dtype, as it leaves the timestep: positions and
+# time-like scalars the model embeds itself (sinusoidal or rotary), which bf16 would round (bf16 holds
+# integers exactly only up to 256). Flux's img_ids / txt_ids are float positions, its guidance a scale.
+KEEP_DTYPE_KWARGS = frozenset({"img_ids", "txt_ids", "guidance"})
+
+
 def cast_floating(value, dtype: torch.dtype):
     """Every floating tensor in `value` (nested dicts, lists and tuples included) cast to `dtype`;
     integer tensors (timesteps, labels, ids) and everything else unchanged. The one implementation the
-    teacher uses for its conditioning inputs."""
+    teacher uses for its conditioning inputs (see `cast_kwargs`)."""
     if isinstance(value, torch.Tensor):
         return value.to(dtype) if value.is_floating_point() and value.dtype != dtype else value
     if isinstance(value, dict):
@@ -72,6 +87,81 @@ def cast_floating(value, dtype: torch.dtype):
     if isinstance(value, (list, tuple)):
         return type(value)(cast_floating(v, dtype) for v in value)
     return value
+
+
+def cast_kwargs(kwargs: dict, dtype: torch.dtype) -> dict:
+    """A low-precision teacher's keyword inputs: every floating tensor cast to `dtype` except those named
+    in KEEP_DTYPE_KWARGS. The timestep is not a keyword input here: it is passed outside the cast and
+    stays as given (fp32 for float timesteps), for UNets and transformers alike."""
+    return {k: v if k in KEEP_DTYPE_KWARGS else cast_floating(v, dtype) for k, v in kwargs.items()}
+
+
+def _disable_gradient_checkpointing(model: nn.Module) -> None:
+    """No gradient checkpointing in a frozen copy (it would only cost recompute): diffusers' method,
+    and the `gradient_checkpointing` flag that diffusers and HF transformers modules and most custom
+    transformers (DiT/SiT code) read in their forward."""
+    if hasattr(model, "disable_gradient_checkpointing") and getattr(model, "is_gradient_checkpointing", False):
+        model.disable_gradient_checkpointing()
+    for module in model.modules():
+        if getattr(module, "gradient_checkpointing", False) is True:
+            module.gradient_checkpointing = False
+
+
+def _time_keyword(model: nn.Module) -> str | None:
+    """The name under which the hook path passes the timestep to `model.forward`: `timestep` (diffusers
+    UNets and transformers, whose second positional parameter is often encoder_hidden_states) or
+    `timesteps` if the forward has it, else its second positional parameter's name (`t` in DiT/SiT code).
+    None (pass it positionally) when the signature does not say."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    names = [p.name for p in params]
+    for name in ("timestep", "timesteps"):
+        if name in names:
+            return name
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) >= 2 and positional[1].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD:
+        return positional[1].name
+    return None
+
+
+def default_layers(model: nn.Module) -> tuple[str, ...]:
+    """The tap used when FrozenTeacher gets `layers=None`.
+
+    A UNet (any model with a `mid_block`): ("mid_block",), the paper's best layer. A transformer: one
+    mid-depth block, the last block of the first half of its block stack (index N // 2 - 1 of N blocks):
+    the known diffusers transformers' `transformer_blocks` (for Flux the joint and single blocks counted
+    as one stack of num_layers + num_single_layers), else the model's longest ModuleList child (the
+    `blocks` of DiT/SiT code). The paper reports no result for transformers; a mid-depth block is the
+    natural analogue of the UNet midblock (the most compressed, most semantic point of the network,
+    with later blocks turning back towards the output). Raises ValueError when neither exists."""
+    model = unwrap(model)
+    if "mid_block" in dict(model.named_modules()):
+        return ("mid_block",)
+    adapter = find_adapter(model)
+    blocks = adapter.blocks(model) if adapter is not None else []
+    if not blocks:
+        lists = [(name, len(child)) for name, child in model.named_children()
+                 if isinstance(child, nn.ModuleList) and len(child)]
+        if lists:
+            name, n = max(lists, key=lambda x: x[1])  # the first of the longest
+            blocks = [f"{name}.{i}" for i in range(n)]
+    if not blocks:
+        raise ValueError(f"layers: {type(model).__name__} has no `mid_block` and no list of blocks to take a "
+                         "mid-depth block from; pass layers=(...) with submodule names from model.named_modules()")
+    return (blocks[max(len(blocks) // 2 - 1, 0)],)
+
+
+def _no_midblock_hint(name: str, model: nn.Module) -> str:
+    """For `mid_block` asked of a transformer (SelfPerceptualLoss's default layers): its default tap."""
+    if name != "mid_block":
+        return ""
+    try:
+        return (f"; a model without a midblock (a transformer): pass layers=None for a mid-depth block, "
+                f"{default_layers(model)}")
+    except ValueError:
+        return ""
 
 
 def _requires_grad(value) -> bool:
@@ -132,19 +222,39 @@ class FrozenTeacher(nn.Module):
     """A frozen diffusion model used as the perceptual network (eval mode, no parameter gradients).
 
     Calling `teacher(sample, timestep, **kwargs)` returns the outputs of `layers` (names from
-    `model.named_modules()`, a tuple output gives its first element), in `layers` order. Nothing after
-    the deepest tapped layer runs: for fastperc's UNet and diffusers' UNet2DModel / UNet2DConditionModel
-    a truncated forward without hooks or exceptions (torch.compile friendly); for any other module,
-    forward hooks that stop the forward once every tap has fired.
+    `model.named_modules()`, e.g. `mid_block`, `transformer_blocks.7`, `single_transformer_blocks.9`),
+    in `layers` order. A tuple output gives its first element, except a joint text-image block's (SD3's
+    JointTransformerBlock, Flux's FluxTransformerBlock and FluxSingleTransformerBlock return (text,
+    image)), which gives its image stream. Nothing after the deepest tapped layer runs: for fastperc's
+    UNet, diffusers' UNet2DModel / UNet2DConditionModel (encoder and midblock) and diffusers'
+    DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel (SD3 and SD3.5) and
+    FluxTransformer2DModel, a truncated forward without hooks or exceptions (torch.compile friendly);
+    for any other module (a SiT, a decoder tap, unsupported kwargs), forward hooks that stop the
+    forward once every tap has fired.
+
+    Timesteps: `timestep` is what the loss passes, the schedule's timesteps (DDPM indices 0..T-1; for a
+    flow-matching schedule the scheduler's float timesteps sigma * T with T = num_train_timesteps =
+    1000). Each known architecture gets what its forward expects: the UNets, DiT and PixArt the value as
+    given (the integer index), SD3 as given (sigma * 1000, what diffusers' SD3 training script passes),
+    Flux timestep / 1000 (sigma, what diffusers' Flux training script passes). Other models get it as
+    given. Models are called with keyword arguments: the hook path calls
+    `model(sample, timestep=timestep, **kwargs)`, naming the time parameter as the forward does
+    (`timestep`, `timesteps`, or its second parameter's name, e.g. `t`), since transformers such as
+    PixArt, SD3 and Flux take encoder_hidden_states second.
 
     Args:
         model: the MSE-pretrained diffusion model (use the raw model, not its EMA, as the paper does).
-        layers: submodule names to tap; default the midblock output, the paper's best choice.
-        copy: deep-copy `model` so the caller's model stays trainable (default). With False the model
-            itself is put in eval mode and frozen.
+        layers: submodule names to tap. None (default) picks `default_layers(model)`: for a UNet the
+            midblock output, the paper's best choice; for a transformer a mid-depth block
+            (transformer_blocks.{N//2 - 1}; for Flux counted over the joint + single stack). The paper
+            reports no transformer result; a mid-depth block is the natural analogue of the midblock.
+        copy: deep-copy `model` so the caller's model stays trainable (default), with gradient
+            checkpointing turned off in the copy (the caller's model keeps its setting). With False the
+            model itself is put in eval mode and frozen.
         dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16); the sample and every
-            floating tensor in the keyword arguments are cast to it (integer timesteps, labels and ids
-            are left alone).
+            floating tensor in the keyword arguments (encoder_hidden_states, pooled_projections, ...)
+            are cast to it. The timestep is never cast (float timesteps stay fp32, the model embeds
+            them), nor are integer labels and ids or Flux's float position ids and guidance.
         checkpoint: recompute the fake branch's teacher activations in backward instead of keeping
             them, block by block (torch.utils.checkpoint, non-reentrant, one checkpoint per block: the
             truncated forward's stages, or for other architectures the model's children with
@@ -168,12 +278,14 @@ class FrozenTeacher(nn.Module):
     Reference: Lin & Yang, "Diffusion Model with Perceptual Loss", arXiv 2401.00110.
     """
 
-    def __init__(self, model: nn.Module, layers: Sequence[str] = ("mid_block",), copy: bool = True,
+    def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, copy: bool = True,
                  dtype: torch.dtype | None = None, checkpoint: bool = False):
         super().__init__()
         model = unwrap(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if layers is None:
+            layers = default_layers(model)
         if isinstance(layers, str):
             layers = (layers,)
         layers = tuple(layers)
@@ -186,7 +298,7 @@ class FrozenTeacher(nn.Module):
         for name in layers:
             if name not in modules:
                 raise ValueError(f"layers: unknown layer {name!r} in {type(model).__name__}; nearest valid names: "
-                                 f"{nearest_names(name, list(modules))}")
+                                 f"{nearest_names(name, list(modules))}{_no_midblock_hint(name, model)}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
         if not isinstance(checkpoint, bool):
@@ -195,9 +307,7 @@ class FrozenTeacher(nn.Module):
 
         if copy:
             model = _copy.deepcopy(model)
-            # A copy is ours: no gradient checkpointing in a frozen network (it only costs recompute).
-            if hasattr(model, "disable_gradient_checkpointing") and getattr(model, "is_gradient_checkpointing", False):
-                model.disable_gradient_checkpointing()
+            _disable_gradient_checkpointing(model)  # a copy is ours; the caller's model keeps its setting
         if dtype is not None:
             model = model.to(dtype)
         model.eval().requires_grad_(False)
@@ -205,8 +315,11 @@ class FrozenTeacher(nn.Module):
         self.layers = layers
         self.dtype = dtype
 
-        # Truncation plan: which stage each layer lives in, and the last stage to run.
-        self._adapter = find_adapter(model)
+        # The architecture (timestep conversion) and the truncation plan: which stage each layer lives
+        # in, and the last stage to run.
+        self._arch = find_adapter(model)
+        self._time_keyword = _time_keyword(model)
+        self._adapter = self._arch
         self._stop: str | None = None
         self._nested: tuple[str, ...] = ()
         if self._adapter is not None:
@@ -243,7 +356,9 @@ class FrozenTeacher(nn.Module):
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs) -> list[torch.Tensor]:
         if self.dtype is not None:
             sample = sample.to(self.dtype)
-            kwargs = cast_floating(kwargs, self.dtype)
+            kwargs = cast_kwargs(kwargs, self.dtype)  # the timestep stays outside the cast
+        if self._arch is not None:
+            timestep = self._arch.model_timestep(timestep)
         if self._adapter is not None and self._adapter.supports(kwargs):
             if not self._nested:
                 out = self._adapter.run(self.model, sample, timestep, frozenset(self.layers), self._stop, **kwargs)
@@ -259,7 +374,7 @@ class FrozenTeacher(nn.Module):
 
         def make_hook(name):
             def hook(module, args, output):
-                captured.setdefault(name, first_tensor(output))
+                captured.setdefault(name, tapped_output(module, output))
                 if stop_early and len(captured) == len(hooked):
                     raise _StopForward
             return hook
@@ -267,7 +382,10 @@ class FrozenTeacher(nn.Module):
         handles = [modules[name].register_forward_hook(make_hook(name)) for name in hooked]
         try:
             if stop_early:
-                self.model(sample, timestep, **kwargs)
+                if self._time_keyword is None:
+                    self.model(sample, timestep, **kwargs)
+                else:  # by keyword: PixArt, SD3 and Flux take encoder_hidden_states second
+                    self.model(sample, **{self._time_keyword: timestep}, **kwargs)
             else:
                 keep = frozenset(self.layers) - set(self._nested)
                 stages_out = self._adapter.run(self.model, sample, timestep, keep, self._stop, **kwargs)

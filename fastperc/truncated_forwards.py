@@ -4,15 +4,22 @@ Each adapter lists its stages (top-level submodule names in execution order) and
 exceptions or hooks, so `torch.compile` sees one straight-line graph. Models or call arguments an
 adapter does not cover return None from `find_adapter`/`supports`, and the teacher uses its generic
 hook path instead.
+
+Covered: fastperc's UNet and DiT, diffusers UNet2DModel / UNet2DConditionModel (encoder and midblock), and the
+diffusers transformers DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel (SD3 and
+SD3.5) and FluxTransformer2DModel (every block). Each adapter also says which timestep its model's
+forward takes (`model_timestep`); a joint text-image block's tap is its image stream (`joint_blocks`).
 """
 from __future__ import annotations
 
+import functools
 from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
 from torch import nn
 
+from .models.dit import DiT
 from .models.unet import UNet
 
 
@@ -34,14 +41,41 @@ class Adapter(ABC):
     def supports(self, kwargs: dict[str, Any]) -> bool:
         return True
 
+    def model_timestep(self, timestep):
+        """The timestep the model's forward takes, from the one the loss passes the teacher (the
+        schedule's timesteps: DDPM indices, or sigma * 1000 for flow matching). Default: as given."""
+        return timestep
+
+    def blocks(self, model: nn.Module) -> list[str]:
+        """The transformer's block stack in execution order ([] for UNets: they have a midblock)."""
+        return []
+
     @abstractmethod
     def run(self, model, sample, timestep, keep: frozenset[str], stop: str, **kwargs) -> dict[str, torch.Tensor]:
-        """Outputs of the stages in `keep`; nothing after `stop` runs."""
+        """Outputs of the stages in `keep` (a joint block's: its image stream); nothing after `stop` runs.
+        `timestep` is already the model's (`model_timestep`)."""
 
 
 class FastpercUNetAdapter(Adapter):
     def stages(self, model: UNet) -> list[str]:
         return model.stage_names()
+
+    def supports(self, kwargs):
+        return set(kwargs) <= {"class_labels"}
+
+    def run(self, model, sample, timestep, keep, stop, **kwargs):
+        return model.features(sample, timestep, kwargs.get("class_labels"), keep=keep, stop=stop)[0]
+
+
+class FastpercDiTAdapter(Adapter):
+    """fastperc's DiT: the patch/time/class embeddings, then blocks up to the deepest tap (the final
+    norm and unpatchify are cut). Timestep: as given (DDPM index or flow timestep sigma * T)."""
+
+    def stages(self, model: DiT) -> list[str]:
+        return model.stage_names()[:-1]
+
+    def blocks(self, model: DiT) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(model.blocks))]
 
     def supports(self, kwargs):
         return set(kwargs) <= {"class_labels"}
@@ -168,18 +202,213 @@ class DiffusersUNet2DConditionAdapter(Adapter):
         return c.out
 
 
+# ---- transformers ----------------------------------------------------------------------------------
+
+def _plain_attention_kwargs(attention_kwargs) -> bool:
+    """Attention kwargs the blocks take as they are. A LoRA `scale` (applied by the model's forward
+    decorator) and IP-Adapter embeddings (projected by the forward) need the full forward: hook path."""
+    return attention_kwargs is None or not {"scale", "ip_adapter_image_embeds"} & set(attention_kwargs)
+
+
+class _BlockStack(Adapter):
+    """A transformer: prelude stages (patch and condition embeddings), then its blocks one stage each."""
+
+    KWARGS: frozenset[str] = frozenset()
+    ATTENTION_KWARGS = "joint_attention_kwargs"
+
+    def prelude(self, model) -> list[str]:
+        raise NotImplementedError
+
+    def blocks(self, model):
+        return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
+
+    def stages(self, model):
+        return self.prelude(model) + self.blocks(model)
+
+    def supports(self, kwargs):
+        return set(kwargs) <= self.KWARGS and _plain_attention_kwargs(kwargs.get(self.ATTENTION_KWARGS))
+
+
+class DiTAdapter(_BlockStack):
+    """diffusers.DiTTransformer2DModel: patch embedding, then transformer_blocks up to the deepest tap
+    (the final norm, projection and unpatchify are cut). Timestep: the integer DDPM index, as given
+    (each block embeds it with the class label itself)."""
+
+    KWARGS = frozenset({"class_labels", "cross_attention_kwargs"})
+    ATTENTION_KWARGS = "cross_attention_kwargs"
+
+    def prelude(self, model):
+        return ["pos_embed"]
+
+    def run(self, model, sample, timestep, keep, stop, class_labels=None, cross_attention_kwargs=None):
+        c = _Collect(keep, stop)
+        h = model.pos_embed(sample)
+        if c.step("pos_embed", h):
+            return c.out
+        for i, block in enumerate(model.transformer_blocks):
+            h = block(h, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
+                      timestep=timestep, cross_attention_kwargs=cross_attention_kwargs, class_labels=class_labels)
+            if c.step(f"transformer_blocks.{i}", h):
+                return c.out
+        return c.out
+
+
+class PixArtAdapter(_BlockStack):
+    """diffusers.PixArtTransformer2DModel: patch embedding, the adaLN-single timestep (and resolution /
+    aspect-ratio) embedding and the caption projection, then transformer_blocks up to the deepest tap
+    (output modulation and unpatchify cut). Timestep: the integer DDPM index, as given."""
+
+    PRELUDE = "adaln_single|caption_projection"
+    KWARGS = frozenset({"encoder_hidden_states", "added_cond_kwargs", "cross_attention_kwargs", "attention_mask",
+                        "encoder_attention_mask"})
+    ATTENTION_KWARGS = "cross_attention_kwargs"
+
+    def prelude(self, model):
+        return ["pos_embed", self.PRELUDE]
+
+    def run(self, model, sample, timestep, keep, stop, encoder_hidden_states=None, added_cond_kwargs=None,
+            cross_attention_kwargs=None, attention_mask=None, encoder_attention_mask=None):
+        c = _Collect(keep, stop)
+        if model.use_additional_conditions and added_cond_kwargs is None:
+            raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
+        # Masks (1 keep, 0 discard) become additive biases, as the model's forward makes them.
+        if attention_mask is not None and attention_mask.ndim == 2:
+            attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+        if encoder_attention_mask is not None and encoder_attention_mask.ndim == 2:
+            encoder_attention_mask = ((1 - encoder_attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
+        batch = sample.shape[0]
+        h = model.pos_embed(sample)
+        if c.step("pos_embed", h):
+            return c.out
+        t_mod, _ = model.adaln_single(timestep, added_cond_kwargs, batch_size=batch, hidden_dtype=h.dtype)
+        if model.caption_projection is not None:
+            encoder_hidden_states = model.caption_projection(encoder_hidden_states).view(batch, -1, h.shape[-1])
+        if c.step(self.PRELUDE, t_mod):
+            return c.out
+        for i, block in enumerate(model.transformer_blocks):
+            h = block(h, attention_mask=attention_mask, encoder_hidden_states=encoder_hidden_states,
+                      encoder_attention_mask=encoder_attention_mask, timestep=t_mod,
+                      cross_attention_kwargs=cross_attention_kwargs, class_labels=None)
+            if c.step(f"transformer_blocks.{i}", h):
+                return c.out
+        return c.out
+
+
+class SD3Adapter(_BlockStack):
+    """diffusers.SD3Transformer2DModel (SD3, and SD3.5's dual-attention blocks and qk norm, which live
+    inside the blocks): patch embedding, the timestep + pooled-text embedding and the context embedder,
+    then the joint transformer_blocks up to the deepest tap (norm_out, proj_out and unpatchify cut). A
+    block's output is its image stream: joint blocks return (text, image), the last (context_pre_only)
+    one (None, image). Timestep: as given; diffusers' SD3 training script passes the flow-matching
+    scheduler's timesteps, sigma * 1000, which is what the loss passes for a flow-matching schedule."""
+
+    PRELUDE = "time_text_embed|context_embedder"
+    KWARGS = frozenset({"encoder_hidden_states", "pooled_projections", "joint_attention_kwargs"})
+
+    def prelude(self, model):
+        return ["pos_embed", self.PRELUDE]
+
+    def run(self, model, sample, timestep, keep, stop, encoder_hidden_states=None, pooled_projections=None,
+            joint_attention_kwargs=None):
+        c = _Collect(keep, stop)
+        h = model.pos_embed(sample).contiguous()  # contiguous as the forward makes it (PatchEmbed transposes)
+        if c.step("pos_embed", h):
+            return c.out
+        temb = model.time_text_embed(timestep, pooled_projections)
+        context = model.context_embedder(encoder_hidden_states)
+        if c.step(self.PRELUDE, temb):
+            return c.out
+        for i, block in enumerate(model.transformer_blocks):
+            context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb,
+                               joint_attention_kwargs=joint_attention_kwargs)
+            if c.step(f"transformer_blocks.{i}", h):
+                return c.out
+        return c.out
+
+
+class FluxAdapter(_BlockStack):
+    """diffusers.FluxTransformer2DModel on packed latents (B, N, C*4): the image and context embedders,
+    the timestep (+ guidance) + pooled-text embedding and the rotary embedding of txt_ids/img_ids, then
+    the joint transformer_blocks and the single_transformer_blocks up to the deepest tap (norm_out and
+    proj_out cut). A block's output is its image stream: both kinds return (text, image) in this
+    diffusers version. Timestep: the loss's timesteps / 1000, i.e. sigma, as diffusers' Flux training
+    script passes them (the forward multiplies by 1000 again)."""
+
+    PRELUDE = "time_text_embed|context_embedder|pos_embed"
+    KWARGS = frozenset({"encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance",
+                        "joint_attention_kwargs"})
+
+    def prelude(self, model):
+        return ["x_embedder", self.PRELUDE]
+
+    def blocks(self, model):
+        return (super().blocks(model)
+                + [f"single_transformer_blocks.{i}" for i in range(len(model.single_transformer_blocks))])
+
+    def model_timestep(self, timestep):
+        return timestep / 1000
+
+    def run(self, model, sample, timestep, keep, stop, encoder_hidden_states=None, pooled_projections=None,
+            img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None):
+        c = _Collect(keep, stop)
+        h = model.x_embedder(sample)
+        if c.step("x_embedder", h):
+            return c.out
+        # As the forward does: time and guidance in the hidden dtype, scaled back to 0..1000.
+        timestep = timestep.to(h.dtype) * 1000
+        if guidance is None:
+            temb = model.time_text_embed(timestep, pooled_projections)
+        else:
+            temb = model.time_text_embed(timestep, guidance.to(h.dtype) * 1000, pooled_projections)
+        context = model.context_embedder(encoder_hidden_states)
+        # 3-D ids (a batch dimension) are deprecated; the forward takes the first, so do we.
+        txt_ids = txt_ids[0] if txt_ids.ndim == 3 else txt_ids
+        img_ids = img_ids[0] if img_ids.ndim == 3 else img_ids
+        rotary = model.pos_embed(torch.cat((txt_ids, img_ids), dim=0))
+        if c.step(self.PRELUDE, temb):
+            return c.out
+        for kind in ("transformer_blocks", "single_transformer_blocks"):
+            for i, block in enumerate(getattr(model, kind)):
+                context, h = block(hidden_states=h, encoder_hidden_states=context, temb=temb,
+                                   image_rotary_emb=rotary, joint_attention_kwargs=joint_attention_kwargs)
+                if c.step(f"{kind}.{i}", h):
+                    return c.out
+        return c.out
+
+
+@functools.lru_cache(maxsize=None)
+def joint_blocks() -> tuple[type, ...]:
+    """Block classes whose output is a (text, image) tuple; a tap on one gives output[1], the image
+    stream (the first element, what other tuple outputs give, would be the text stream). Checked
+    against this diffusers version's sources: SD3's JointTransformerBlock (its last block returns
+    (None, image)), Flux's FluxTransformerBlock and FluxSingleTransformerBlock."""
+    try:
+        from diffusers.models.attention import JointTransformerBlock
+        from diffusers.models.transformers.transformer_flux import FluxSingleTransformerBlock, FluxTransformerBlock
+    except ImportError:
+        return ()
+    return JointTransformerBlock, FluxTransformerBlock, FluxSingleTransformerBlock
+
+
 def find_adapter(model: nn.Module) -> Adapter | None:
     """The truncated forward for `model`'s exact class, or None (generic hook path)."""
     if type(model) is UNet:
         return FastpercUNetAdapter()
+    if type(model) is DiT:
+        return FastpercDiTAdapter()
     try:
-        from diffusers import UNet2DConditionModel, UNet2DModel
+        import diffusers
     except ImportError:
         return None
-    if type(model) is UNet2DModel:
+    if type(model) is diffusers.UNet2DModel:
         return DiffusersUNet2DAdapter()
-    if type(model) is UNet2DConditionModel and all(
+    if type(model) is diffusers.UNet2DConditionModel and all(
             hasattr(model, m) for m in ("get_time_embed", "get_class_embed", "get_aug_embed",
                                         "process_encoder_hidden_states")):
         return DiffusersUNet2DConditionAdapter()
+    transformers = {"DiTTransformer2DModel": DiTAdapter, "PixArtTransformer2DModel": PixArtAdapter,
+                    "SD3Transformer2DModel": SD3Adapter, "FluxTransformer2DModel": FluxAdapter}
+    for name, adapter in transformers.items():
+        if type(model) is getattr(diffusers, name, None):
+            return adapter()
     return None

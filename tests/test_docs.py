@@ -9,7 +9,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["fastperc.schedule", "fastperc.teacher", "fastperc.loss", "fastperc.ops.feature_mse",
-           "fastperc.ops.renoise", "fastperc.models.unet", "fastperc.recipes.latent"]
+           "fastperc.ops.renoise", "fastperc.models.unet", "fastperc.models.dit", "fastperc.recipes.latent"]
 
 
 @pytest.mark.parametrize("name", MODULES)

@@ -1,4 +1,5 @@
-"""Models: the small UNet of the default job, and truncated forwards for known architectures."""
+"""Models: the small UNet and DiT of the default job (call signature model(sample, timestep, class_labels))."""
+from .dit import DiT
 from .unet import UNet
 
-__all__ = ["UNet"]
+__all__ = ["DiT", "UNet"]

@@ -83,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     de.add_argument("--preset", choices=["default", "quick", "long", "gpu", "full"], default="default",
                     help="full: the long preset once per training seed 0, 1, 2, with the spread (hours)")
     de.add_argument("--seed", type=int, default=0, help="training and sampling seed")
+    de.add_argument("--arch", choices=["unet", "dit"], default="unet", help="the denoiser (dit: fastperc's small DiT)")
+    de.add_argument("--schedule", choices=["ddpm", "flow"], default="ddpm",
+                    help="the noise process (flow: rectified flow, sampled with Euler steps)")
     de.add_argument("--fresh", action="store_true", help="ignore checkpoints of an earlier run in --out")
     de.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
@@ -121,20 +124,28 @@ def _model_options_from_init(args) -> None:
     given = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
     if args.init:
         from .checkpoint import load
-        model_config = load(args.init)["model_config"]
-        held = {"conditional": model_config.get("num_classes") is not None, "block_channels": tuple(model_config["block_channels"]),
-                "prediction_type": model_config["prediction_type"]}
-        flags = {"conditional": "--conditional", "block_channels": "--channels-per-level",
-                 "prediction_type": "--prediction-type"}
+        from .models import model_options_of
+        held = model_options_of(load(args.init)["model_config"])
         bad = [k for k, v in given.items() if (tuple(v) if isinstance(v, (list, tuple)) else v) != held[k]]
         if bad:
-            raise ValueError("init: " + "; ".join(f"{flags[k]} {given[k]!r} disagrees with {args.init}, which holds "
+            raise ValueError("init: " + "; ".join(f"{_flag(k)} {given[k]!r} disagrees with {args.init}, which holds "
                                                   f"{held[k]!r}" for k in bad) + " (omit them: --init sets the model)")
         values = held
     else:
         values = {**MODEL_OPTIONS, **given}
+        if values["schedule"] == "flow" and "prediction_type" not in given:
+            values["prediction_type"] = "flow_prediction"  # the flow schedule's own prediction
     for k, v in values.items():
         setattr(args, k, v)
+
+
+def _flag(name: str) -> str:
+    """The command-line flag of a TrainConfig option."""
+    from dataclasses import fields
+
+    from .config import TrainConfig
+    meta = next(f.metadata for f in fields(TrainConfig) if f.name == name)
+    return meta["flag"] or "--" + name.replace("_", "-")
 
 
 def _find_classifier(samples: list[str]) -> str:
@@ -226,7 +237,8 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "demo":
         from .demo import run
-        result = run(args.out, args.preset, args.seed, progress=not args.no_progress, resume=not args.fresh)
+        result = run(args.out, args.preset, args.seed, progress=not args.no_progress, resume=not args.fresh,
+                     arch=args.arch, schedule=args.schedule)
         return 128 + result["interrupted"] if result.get("interrupted") else 0
     raise AssertionError(args.command)
 

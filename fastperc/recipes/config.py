@@ -7,7 +7,7 @@ import argparse
 from dataclasses import MISSING, Field, dataclass, field, fields
 
 from ..loss import FEATURE_NORMS
-from ..schedule import DENSITIES, PREDICTION_TYPES, TimestepDistribution
+from ..schedule import DENSITIES, FLOW_PREDICTION_TYPES, PREDICTION_TYPES, TimestepDistribution
 from .models import ARCHS
 
 OBJECTIVES = ("mse", "self_perceptual")
@@ -59,13 +59,20 @@ class TrainConfig:
     arch: str = option("unet", "the denoiser", type=str, choices=ARCHS)
     block_channels: tuple[int, ...] = option((32, 64, 128), "UNet channels per resolution level", type=(int,),
                                              bound="positive", flag="--channels-per-level", model=True)
+    dit_width: int = option(128, "DiT token width (a multiple of 4; 4 attention heads)", type=int, bound="positive",
+                            model=True)
+    dit_depth: int = option(6, "DiT blocks", type=int, bound="positive", model=True)
     conditional: bool = option(False, "class labels, 10% dropped to the null class", type=bool, model=True)
     label_dropout: float = option(0.1, "share of labels replaced by the null class (for CFG)", type=float,
                                   bound="unit_interval")
-    prediction_type: str = option("v_prediction", "what the model predicts; the schedule is SD's scaled-linear "
-                                  "table rescaled to zero terminal SNR, except for epsilon (which cannot be "
-                                  "converted where alpha = 0): the SD 1.5 table", type=str,
-                                  choices=PREDICTION_TYPES, model=True)
+    prediction_type: str = option("v_prediction", "what the model predicts. ddpm: SD's scaled-linear table "
+                                  "rescaled to zero terminal SNR, except for epsilon (which cannot be converted "
+                                  "where alpha = 0): the SD 1.5 table. flow: flow_prediction (noise - x0), the "
+                                  "default there", type=str, choices=PREDICTION_TYPES + FLOW_PREDICTION_TYPES,
+                                  model=True)
+    schedule: str = option("ddpm", "the noise process: ddpm (variance preserving, 1000 steps) or flow (rectified "
+                           "flow, diffusers' FlowMatchEulerDiscreteScheduler table; sampled with Euler steps)",
+                           type=str, choices=("ddpm", "flow"), model=True)
     data: str | None = option(None, "a folder of images (class sub-folders optional) or an .npz; default "
                               "MNIST-5k", type=str)
     latent: str | None = option(None, "train in the latent space of this autoencoder (`fastperc "
@@ -142,6 +149,13 @@ class TrainConfig:
             bad("layer_weights", f"{len(self.layers)} values (one per layer)", self.layer_weights)
         if self.resume and self.overwrite:
             raise ValueError("resume: --resume and --overwrite exclude each other")
+        flow = self.prediction_type in FLOW_PREDICTION_TYPES
+        if (self.schedule == "flow") != flow:
+            expected = "flow_prediction" if self.schedule == "flow" else f"one of {list(PREDICTION_TYPES)}"
+            raise ValueError(f"prediction_type: the {self.schedule} schedule trains {expected}, got "
+                             f"{self.prediction_type!r}")
+        if self.arch == "dit" and self.dit_width % 4:
+            bad("dit_width", "a multiple of 4", self.dit_width)
 
     def t_prime_distribution(self) -> TimestepDistribution:
         low, high = self.t_prime_range if self.t_prime_range is not None else (0, None)

@@ -36,6 +36,11 @@ SP_BEST = dict(layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block")
                t_prime_range=(0, 100))
 SP_BEST_NAME = "4 taps, channel RMS, t' in [0, 100]"
 SP_PAPER_NAME = "the paper's: midblock, t' uniform"
+# For the DiT (`--arch dit`) no search has run: the analogue of SP_BEST (the first blocks, RMS-normalised,
+# t' in [0, 100]) and of the paper's tap (the mid-depth block, FrozenTeacher's default for transformers).
+DIT_BEST = dict(layers=("blocks.0", "blocks.1", "blocks.2"), feature_norm="channel_rms", t_prime_range=(0, 100))
+DIT_BEST_NAME = "first 3 blocks, channel RMS, t' in [0, 100]"
+DIT_PAPER_NAME = "mid-depth block, t' uniform"
 
 # "default" fits in 30 minutes on 2 CPU cores (about 17 measured); "quick" is a smoke test; "long"/"gpu" train longer.
 # paper_rows: the model kinds ("" conditional, "uncond_") that also get the paper's configuration.
@@ -43,7 +48,7 @@ PRESETS = {
     "default": dict(block_channels=(16, 32, 64), batch_size=64, lr=5e-4, mse_steps=900, uncond_mse_steps=700,
                     finetune_steps=300, finetune_lr=5e-5, paper_rows=("",), sample_steps=15, n=1000, n_extra=500,
                     cfg_sweep=(1.5,), classifier_epochs=12, ema_decay=0.999),
-    "quick": dict(block_channels=(8, 16), batch_size=8, lr=5e-4, mse_steps=4, uncond_mse_steps=4, finetune_steps=2,
+    "quick": dict(block_channels=(8, 16), dit_width=16, dit_depth=2, batch_size=8, lr=5e-4, mse_steps=4, uncond_mse_steps=4, finetune_steps=2,
                   finetune_lr=5e-4, paper_rows=("",), sample_steps=3, n=20, n_extra=20, cfg_sweep=(2.0,),
                   classifier_epochs=1, ema_decay=0.9),
     "long": dict(block_channels=(32, 64, 128), batch_size=64, lr=3e-4, mse_steps=8000, uncond_mse_steps=8000,
@@ -57,13 +62,32 @@ PRESETS["full"] = dict(PRESETS["long"], training_seeds=(0, 1, 2))  # hours: the 
 CFG_SCALE = 3.0
 
 
+def arch_setup(p: dict, arch: str, schedule: str) -> dict:
+    """The preset with the model and the two self-perceptual configurations for `arch` filled in."""
+    if arch not in ("unet", "dit"):
+        raise ValueError(f"arch: expected 'unet' or 'dit', got {arch!r}")
+    if schedule not in ("ddpm", "flow"):
+        raise ValueError(f"schedule: expected 'ddpm' or 'flow', got {schedule!r}")
+    width, depth = p.get("dit_width", 128), p.get("dit_depth", 6)
+    model = dict(arch=arch, schedule=schedule, prediction_type="flow_prediction" if schedule == "flow" else "v_prediction")
+    if arch == "unet":
+        return dict(p, model=dict(model, block_channels=p["block_channels"]), sp_best=SP_BEST, sp_paper={},
+                    best_name=SP_BEST_NAME, paper_name=SP_PAPER_NAME,
+                    model_name=f"UNet {tuple(p['block_channels'])}")
+    best = dict(DIT_BEST, layers=tuple(x for x in DIT_BEST["layers"] if int(x.split(".")[1]) < depth))
+    return dict(p, model=dict(model, dit_width=width, dit_depth=depth), sp_best=best,
+                sp_paper=dict(layers=(f"blocks.{max(depth // 2 - 1, 0)}",)), best_name=DIT_BEST_NAME,
+                paper_name=DIT_PAPER_NAME, model_name=f"DiT (width {width}, depth {depth})")
+
+
 def rows_of(p: dict) -> list[tuple[str, str]]:
     """(sample set, table title) of every row the preset reports, in table order."""
+    best, paper = p.get("best_name", SP_BEST_NAME), p.get("paper_name", SP_PAPER_NAME)
     rows = [("mse", "conditional: MSE, no guidance"), ("mse_cfg", f"conditional: MSE + CFG {CFG_SCALE:g}"),
-            ("sp", f"conditional: self-perceptual ({SP_BEST_NAME}), no guidance"),
-            ("sp_paper", f"conditional: self-perceptual ({SP_PAPER_NAME}), no guidance"),
-            ("uncond_mse", "unconditional: MSE"), ("uncond_sp", f"unconditional: self-perceptual ({SP_BEST_NAME})"),
-            ("uncond_sp_paper", f"unconditional: self-perceptual ({SP_PAPER_NAME})")]
+            ("sp", f"conditional: self-perceptual ({best}), no guidance"),
+            ("sp_paper", f"conditional: self-perceptual ({paper}), no guidance"),
+            ("uncond_mse", "unconditional: MSE"), ("uncond_sp", f"unconditional: self-perceptual ({best})"),
+            ("uncond_sp_paper", f"unconditional: self-perceptual ({paper})")]
     return [(k, t) for k, t in rows if not k.endswith("sp_paper") or k[:-len("sp_paper")] in p["paper_rows"]]
 
 
@@ -82,9 +106,9 @@ def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: 
                 warmup_steps=1, lr=p["finetune_lr"], seed=base.seed + 1)
     sp = dict(objective="self_perceptual", teacher=first.out, **fine)
     stages = {f"{prefix}mse": first,
-              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), **sp, **SP_BEST)}
+              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), **sp, **p["sp_best"])}
     if prefix in p["paper_rows"]:
-        stages[f"{prefix}sp_paper"] = replace(base, out=str(root / f"{prefix}sp_paper"), **sp)
+        stages[f"{prefix}sp_paper"] = replace(base, out=str(root / f"{prefix}sp_paper"), **sp, **p["sp_paper"])
     stages[f"{prefix}mse_cont"] = replace(base, out=str(root / f"{prefix}mse_cont"), **fine)
     times = {}
     for name, cfg in stages.items():
@@ -101,10 +125,12 @@ def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: 
 
 
 def run(out: str = "runs/demo", preset: str = "default", seed: int = 0, progress: bool = True,
-        resume: bool = True) -> dict:
+        resume: bool = True, arch: str = "unet", schedule: str = "ddpm") -> dict:
+    """The two-stage recipe; `arch` "unet" or "dit" (fastperc's small DiT) and `schedule` "ddpm" or
+    "flow" (rectified flow, Euler sampling) choose the model and the noise process."""
     if preset not in PRESETS:
         raise ValueError(f"preset: expected one of {list(PRESETS)}, got {preset!r}")
-    p = PRESETS[preset]
+    p = arch_setup(PRESETS[preset], arch, schedule)
     if "training_seeds" in p:
         return _run_training_seeds(out, preset, p, progress, resume)
     return _run_one(out, preset, p, seed, progress, resume)
@@ -138,7 +164,7 @@ def _run_training_seeds(out: str, preset: str, p: dict, progress: bool, resume: 
 def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: bool) -> dict:
     root = Path(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = TrainConfig(out="", objective="mse", conditional=True, block_channels=p["block_channels"],
+    base = TrainConfig(out="", objective="mse", conditional=True, **p["model"],
                        batch_size=p["batch_size"], lr=p["lr"], warmup_steps=min(100, p["mse_steps"] // 10 + 1),
                        ema_decay=p["ema_decay"], seed=seed, log_every=max(1, min(20, p["mse_steps"] // 4)),
                        resume=resume, overwrite=not resume, progress=progress)
@@ -213,20 +239,21 @@ def _write_report(root, p, preset, seed, acc, summary, sweep, best, times) -> No
         pa, pb = summary[sp]["precision"][0], summary[mse]["precision"][0]
         return (f"{a:.3f} vs {b:.3f} ({'lower' if a < b else 'not lower'}; precision {pa:.3f} vs {pb:.3f})")
 
-    lines = [f"- conditional, {SP_BEST_NAME}: {versus('sp', 'mse')}"]
-    lines += [f"- conditional, {SP_PAPER_NAME}: {versus('sp_paper', 'mse')}"] if "sp_paper" in summary else []
-    lines += [f"- unconditional, {SP_BEST_NAME}: {versus('uncond_sp', 'uncond_mse')}"]
-    lines += ([f"- unconditional, {SP_PAPER_NAME}: {versus('uncond_sp_paper', 'uncond_mse')}"]
+    best_name, paper_name = p["best_name"], p["paper_name"]
+    lines = [f"- conditional, {best_name}: {versus('sp', 'mse')}"]
+    lines += [f"- conditional, {paper_name}: {versus('sp_paper', 'mse')}"] if "sp_paper" in summary else []
+    lines += [f"- unconditional, {best_name}: {versus('uncond_sp', 'uncond_mse')}"]
+    lines += ([f"- unconditional, {paper_name}: {versus('uncond_sp_paper', 'uncond_mse')}"]
               if "uncond_sp_paper" in summary else [])
-    best_taps = ", ".join(SP_BEST["layers"])
+    best_taps = ", ".join(p["sp_best"]["layers"])
+    sampler = "Euler flow steps" if p["model"]["schedule"] == "flow" else "DDIM steps\n(trailing)"
     text = f"""# fastperc demo report
 
-Preset `{preset}`, seed {seed}: UNet {tuple(p['block_channels'])}, batch {p['batch_size']}, MSE stage
+Preset `{preset}`, seed {seed}: {p['model_name']}, {p['model']['schedule']} schedule, batch {p['batch_size']}, MSE stage
 {p['mse_steps']} steps at lr {p['lr']:g} (unconditional: {p['uncond_mse_steps']}), then
 {p['finetune_steps']} fine-tune steps at lr {p['finetune_lr']:g} from it: the self-perceptual
-objective ({SP_BEST_NAME}: taps {best_taps}; and {SP_PAPER_NAME}) and, on another copy, as many MSE
-steps (the equal-data baseline the MSE rows sample); EMA weights; {p['sample_steps']} DDIM steps
-(trailing). Metrics on the held-out 500 real images with the classifier trained here (held-out
+objective ({best_name}: taps {best_taps}; and {paper_name}) and, on another copy, as many MSE
+steps (the equal-data baseline the MSE rows sample); EMA weights; {p['sample_steps']} {sampler}. Metrics on the held-out 500 real images with the classifier trained here (held-out
 accuracy {acc:.4f}); FD-MNIST is a Frechet distance on that classifier's features, not FID. Mean ±
 half-range over 2 sampling seeds ({p['n']} and {p['n_extra']} images) of one training seed.
 

@@ -4,15 +4,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..models.dit import DiT
 from ..models.unet import UNet
 from . import checkpoint, latent
 
-ARCHS = ("unet", "diffusers-unet2d")
+ARCHS = ("unet", "diffusers-unet2d", "dit")
+
+
+def dit_patch_size(image_size: int) -> int:
+    """Patches of 4 pixels on 32x32 images (64 tokens), of 2 on smaller inputs such as 8x8 latents."""
+    return 4 if image_size >= 32 else 2
 
 
 def build_model(config: dict) -> nn.Module:
-    """config: {"arch", "in_channels", "image_size", "block_channels", "num_classes"}."""
+    """config: {"arch", "in_channels", "image_size", "block_channels", "num_classes"} (+ "dit": {"width",
+    "depth"} for arch "dit")."""
     arch = config["arch"]
+    if arch == "dit":
+        dit = config.get("dit", {})
+        return DiT(in_channels=config["in_channels"], image_size=config["image_size"],
+                   patch_size=dit_patch_size(config["image_size"]), hidden=dit.get("width", 128),
+                   depth=dit.get("depth", 6), heads=4, num_classes=config.get("num_classes"))
     if arch == "unet":
         return UNet(in_channels=config["in_channels"], block_channels=tuple(config["block_channels"]),
                     num_classes=config.get("num_classes"))
@@ -30,22 +42,27 @@ def build_model(config: dict) -> nn.Module:
     raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
 
 
-SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine")
+SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine", "flow_matching")
 
 
-def schedule_config(prediction_type: str) -> dict:
+def schedule_config(prediction_type: str, shift: float = 1.0) -> dict:
     """The schedule a new model trains with, as stored in its checkpoint's model config: SD's
     scaled-linear betas rescaled to zero terminal SNR (the paper's), except for epsilon prediction,
-    which cannot be converted where alpha = 0 and so trains on the plain SD 1.5 table."""
+    which cannot be converted where alpha = 0 and so trains on the plain SD 1.5 table; for
+    "flow_prediction" diffusers' rectified-flow table (NoiseSchedule.flow_matching, with `shift`)."""
+    if prediction_type == "flow_prediction":
+        return {"kind": "flow_matching", "num_train_timesteps": 1000, "shift": float(shift),
+                "prediction_type": prediction_type}
     return {"kind": "scaled_linear", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
             "rescale_zero_terminal_snr": prediction_type != "epsilon", "prediction_type": prediction_type}
 
 
 def schedule_of(config: dict):
     """The noise schedule a model was trained with, rebuilt from its model config (`schedule`: the
-    NoiseSchedule constructor's name and arguments); training, sampling and evaluation all read it
-    from here. Checkpoints written before the schedule was stored hold only `prediction_type` and
-    `zero_terminal_snr`, which described the same scaled-linear table."""
+    NoiseSchedule constructor's name and arguments, e.g. {"kind": "flow_matching",
+    "num_train_timesteps": 1000, "shift": 3.0, "prediction_type": "flow_prediction"}); training,
+    sampling and evaluation all read it from here. Checkpoints written before the schedule was stored
+    hold only `prediction_type` and `zero_terminal_snr`, which described the same scaled-linear table."""
     from ..schedule import NoiseSchedule
 
     stored = config.get("schedule")
@@ -57,6 +74,16 @@ def schedule_of(config: dict):
     if kind not in SCHEDULE_KINDS:
         raise ValueError(f"schedule: expected a kind in {list(SCHEDULE_KINDS)}, got {kind!r}")
     return getattr(NoiseSchedule, kind)(**{k: v for k, v in stored.items() if k != "kind"})
+
+
+def model_options_of(config: dict) -> dict:
+    """The training options that describe a stored model (TrainConfig's `model` options), read back
+    from its model config: what `--init` sets."""
+    kind = (config.get("schedule") or {}).get("kind", "scaled_linear")
+    dit = config.get("dit", {})
+    return {"conditional": config.get("num_classes") is not None, "block_channels": tuple(config["block_channels"]),
+            "prediction_type": config["prediction_type"], "schedule": "flow" if kind == "flow_matching" else "ddpm",
+            "dit_width": dit.get("width", 128), "dit_depth": dit.get("depth", 6)}
 
 
 def null_class(config: dict) -> int | None:
@@ -76,6 +103,8 @@ def model_config_of(cfg, num_classes: int | None) -> dict:
                     "block_channels": list(cfg.block_channels),
                     "num_classes": num_classes if cfg.conditional else None,
                     "prediction_type": cfg.prediction_type, "schedule": schedule_config(cfg.prediction_type)}
+    if cfg.arch == "dit":
+        model_config["dit"] = {"width": cfg.dit_width, "depth": cfg.dit_depth}
     if cfg.latent:
         # The autoencoder travels inside the model config: samples decode with exactly these weights.
         ae = latent.load_autoencoder(cfg.latent)

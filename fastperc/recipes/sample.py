@@ -1,5 +1,7 @@
-"""DDIM sampling (eta = 0) with "trailing" timestep spacing, classifier-free guidance and guidance
-rescale (Lin et al. 2023), and the .npz + PNG-grid outputs of `fastperc sample`."""
+"""DDIM sampling (eta = 0) with "trailing" timestep spacing for variance-preserving models, Euler
+sampling for flow-matching models (as diffusers' FlowMatchEulerDiscreteScheduler), both with
+classifier-free guidance and guidance rescale (Lin et al. 2023), and the .npz + PNG-grid outputs of
+`fastperc sample`."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,7 +12,7 @@ import torch
 from . import latent
 from .data import to_uint8
 from .models import null_class, predict, schedule_of
-from ..schedule import NoiseSchedule
+from ..schedule import FlowMatchingSchedule, NoiseSchedule
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
@@ -33,22 +35,9 @@ def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: i
     ts = trailing_timesteps(schedule.num_train_timesteps, steps)
     ac = schedule.alphas_cumprod
     x = noise
-    guided = labels is not None and cfg_scale != 1.0
-    if guided and null_label is None:
-        raise ValueError("cfg_scale: classifier-free guidance needs a conditional model with a null class")
     for i, t in enumerate(ts):
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        if guided:
-            both = predict(model, torch.cat([x, x]), torch.cat([tt, tt]),
-                           torch.cat([labels, torch.full_like(labels, null_label)]))
-            cond, uncond = both.float().chunk(2)
-            p = uncond + cfg_scale * (cond - uncond)
-            if guidance_rescale > 0:
-                dims = tuple(range(1, p.dim()))
-                ratio = cond.std(dim=dims, keepdim=True) / p.std(dim=dims, keepdim=True).clamp_min(1e-12)
-                p = guidance_rescale * (p * ratio) + (1 - guidance_rescale) * p
-        else:
-            p = predict(model, x, tt, labels).float()
+        p = _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale)
         x0, eps = schedule.convert(x, p, tt, schedule.prediction_type)
         if i + 1 == len(ts):
             x = x0
@@ -56,6 +45,55 @@ def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: i
             a_prev = float(ac[ts[i + 1]]) ** 0.5
             x = a_prev * x0 + (1 - a_prev**2) ** 0.5 * eps
     return x.clamp(-1, 1) if clip else x
+
+
+def flow_sigmas(schedule: FlowMatchingSchedule, steps: int) -> list[float]:
+    """diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps (without dynamic shifting): `steps`
+    values evenly spaced from the table's largest to its smallest sigma, each then shifted (diffusers
+    shifts these already-shifted end points once more), then 0."""
+    T = schedule.num_train_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps: expected 1..{T}, got {steps}")
+    table = schedule.timesteps.double() / T
+    u = np.linspace(float(table.max()), float(table.min()), steps)
+    k = schedule.shift
+    return [float(k * v / (1 + (k - 1) * v)) for v in u] + [0.0]
+
+
+@torch.no_grad()
+def euler_flow_sample(model, schedule: FlowMatchingSchedule, noise: torch.Tensor, *, steps: int = 50,
+                      labels: torch.Tensor | None = None, null_label: int | None = None, cfg_scale: float = 1.0,
+                      guidance_rescale: float = 0.0, clip: bool = True) -> torch.Tensor:
+    """Integrate dx/dsigma = v (the model's flow prediction, noise - x0) from sigma = 1 (pure noise) to
+    0 with Euler steps, as diffusers' FlowMatchEulerDiscreteScheduler; the model sees the float
+    timesteps sigma * T it was trained on. Guidance as in ddim_sample."""
+    sigmas = flow_sigmas(schedule, steps)
+    T = schedule.num_train_timesteps
+    x = noise.float()
+    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
+        tt = torch.full((x.shape[0],), s * T, device=x.device, dtype=torch.float32)
+        v = _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale)
+        x = x + (s_next - s) * v
+    return x.clamp(-1, 1) if clip else x
+
+
+def _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale) -> torch.Tensor:
+    """The model's prediction, with classifier-free guidance when labels and cfg_scale != 1: the
+    conditional and the null-class prediction in one batch, p = p_uncond + s * (p_cond - p_uncond),
+    then rescaled towards the conditional prediction's std by `guidance_rescale`."""
+    guided = labels is not None and cfg_scale != 1.0
+    if not guided:
+        return predict(model, x, tt, labels).float()
+    if null_label is None:
+        raise ValueError("cfg_scale: classifier-free guidance needs a conditional model with a null class")
+    both = predict(model, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, torch.full_like(labels, null_label)]))
+    cond, uncond = both.float().chunk(2)
+    p = uncond + cfg_scale * (cond - uncond)
+    if guidance_rescale > 0:
+        dims = tuple(range(1, p.dim()))
+        ratio = cond.std(dim=dims, keepdim=True) / p.std(dim=dims, keepdim=True).clamp_min(1e-12)
+        p = guidance_rescale * (p * ratio) + (1 - guidance_rescale) * p
+    return p
 
 
 def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: float = 1.0,
@@ -78,9 +116,10 @@ def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: f
     out = []
     for s in range(0, n, batch_size):
         lab = labels[s:s + batch_size].to(device) if ncls else None
-        x = ddim_sample(model, schedule, noise[s:s + batch_size].to(device), steps=steps, labels=lab,
-                        null_label=null_class(model_config), cfg_scale=cfg_scale, guidance_rescale=guidance_rescale,
-                        clip=ae is None)
+        sampler = euler_flow_sample if isinstance(schedule, FlowMatchingSchedule) else ddim_sample
+        x = sampler(model, schedule, noise[s:s + batch_size].to(device), steps=steps, labels=lab,
+                    null_label=null_class(model_config), cfg_scale=cfg_scale, guidance_rescale=guidance_rescale,
+                    clip=ae is None)
         if ae is not None:
             with torch.no_grad():
                 x = ae.decode(x)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loss import self_perceptual_loss
-from ..schedule import NoiseSchedule, TimestepDistribution
+from ..schedule import FlowMatchingSchedule, NoiseSchedule, TimestepDistribution
 from ..teacher import FrozenTeacher
 from . import checkpoint, data, latent
 from .config import TrainConfig
@@ -227,7 +227,9 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
     idx = torch.randint(0, run.x_all.shape[0], (B,), generator=g)
     noise_all = torch.randn((B, *run.x_all.shape[1:]), generator=g)
     t_all = torch.randint(0, T, (B,), generator=g)
-    t_prime_all = run.t_prime.sample(B, T, generator=g)
+    if isinstance(schedule, FlowMatchingSchedule):  # the table's float timesteps, as diffusers' scripts draw them
+        t_all = schedule.timesteps[t_all]
+    t_prime_all = run.t_prime.sample(B, generator=g, schedule=schedule)
     drop_all = torch.rand(B, generator=g) < cfg.label_dropout
 
     per_rank = B // world
@@ -244,7 +246,7 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
         noise, t, t_prime = noise_all[sl].to(device), t_all[sl].to(device), t_prime_all[sl].to(device)
         labels = None
         if run.y_all is not None:
-            labels = torch.where(drop_all[sl].to(device), torch.full_like(t, null_class(run.model_config)),
+            labels = torch.where(drop_all[sl].to(device), torch.full_like(run.y_all[rows], null_class(run.model_config)),
                                  run.y_all[rows])
         last = k == cfg.grad_accum - 1
         with (run.net.no_sync() if world > 1 and not last else contextlib.nullcontext()):
