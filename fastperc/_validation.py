@@ -56,11 +56,7 @@ def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: 
         raise TypeError(f"{name}: expected an integer torch.Tensor of shape ({batch},), got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{name}: expected an integer dtype (e.g. torch.long), got {t.dtype}")
-    if t.shape != (batch,):
-        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
-    if tracing() or batch == 0:
+    if _one_per_sample(name, t, batch, device):
         return
     if not host:
         torch._assert_async(((t >= 0) & (t < num_train_timesteps)).all(),
@@ -69,6 +65,16 @@ def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: 
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_train_timesteps:
         raise ValueError(f"{name}: expected values in [0, {num_train_timesteps - 1}], got min {lo}, max {hi}")
+
+
+def _one_per_sample(name: str, t: torch.Tensor, batch: int, device: torch.device) -> bool:
+    """Shape (batch,) on `device`, else a ValueError; True when the values are not to be read (under
+    tracing, or for an empty batch)."""
+    if t.shape != (batch,):
+        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+    return tracing() or batch == 0
 
 
 def check_float_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: torch.device,
@@ -87,11 +93,7 @@ def check_float_timesteps(name: str, t, batch: int, num_train_timesteps: int, de
         raise TypeError(f"{name}: expected float timesteps sigma * {T} for a flow-matching schedule (as "
                         f"`scheduler.timesteps[indices]` gives them), got {t.dtype}; integer indices into the table "
                         "are not timesteps here: pass schedule.timesteps[indices]")
-    if t.shape != (batch,):
-        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
-    if t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
-    if tracing() or batch == 0:
+    if _one_per_sample(name, t, batch, device):
         return
     if not host:
         torch._assert_async(((t >= 0) & (t <= T)).all(), f"{name}: expected values in [0, {T}] (sigma * {T})")
