@@ -10,7 +10,7 @@ Training, for a conditional model (10% label dropout, for CFG) and for an uncond
      configuration (midblock tap, t' uniform);
   4. `mse_cont/` (`uncond_mse_cont/`): stage 1 continued with MSE for as many steps (equal data).
 The fine-tunes run at the preset's `finetune_lr`. Then `classifier/` (the metrics' feature network),
-samples (DDIM, trailing spacing): samples_<row>.npz with PNG grids, a second sampling seed and a CFG
+samples (DDIM with trailing spacing; Euler steps for `--schedule flow`): samples_<row>.npz with PNG grids, a second sampling seed and a CFG
 sweep under `extra/`, and `report.md` with the table, `grids.png` (side by side) and `fd_vs_cfg.png`.
 Every stage resumes from its checkpoint or output when re-run (`--fresh` starts over).
 """
@@ -197,7 +197,8 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
                                     device=device)
             save_samples(imgs, labels, path)
             times[str(path.relative_to(root))] = round(time.time() - t0, 1)
-            print(f"{path.relative_to(root)}: {n} images ({p['sample_steps']} DDIM steps, CFG {scale})")
+            sampler = "Euler" if p["model"]["schedule"] == "flow" else "DDIM"
+            print(f"{path.relative_to(root)}: {n} images ({p['sample_steps']} {sampler} steps, CFG {scale})")
         imgs, labels = metrics.load_samples(str(path))
         return metrics.evaluate(imgs, labels, classifier, reference)
 
