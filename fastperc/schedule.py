@@ -64,8 +64,7 @@ class NoiseSchedule:
         ac = alphas_cumprod.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(ac).all()) or float(ac.min()) < 0 or float(ac.max()) > 1:
             raise ValueError("alphas_cumprod: expected finite values in [0, 1]")
-        _refuse_flow_prediction(prediction_type)
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_vp_prediction_type(prediction_type)
         self.alphas_cumprod = ac
         # Read once here, on the host: the per-step code never needs a device sync to refuse them.
         self.alpha_zero_timesteps = tuple(int(i) for i in (ac == 0).nonzero().flatten())
@@ -146,8 +145,7 @@ class NoiseSchedule:
         has alpha = 0 at its last step, so epsilon is refused for it at build time, not mid-run when a
         batch first draws that step. "sample" needs sigma_t > 0 (eps = (x_t - alpha*x0)/sigma).
         """
-        _refuse_flow_prediction(prediction_type)
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_vp_prediction_type(prediction_type)
         if prediction_type in self._checked:
             return
         zero, what, formula = {"epsilon": (self.alpha_zero_timesteps, "alpha", "x0 = (x_t - sigma*eps)/alpha"),
@@ -214,8 +212,7 @@ class NoiseSchedule:
                prediction_type: str | None = None) -> torch.Tensor:
         """What a model with `prediction_type` should output at x_t (the plain MSE target)."""
         prediction_type = prediction_type or self.prediction_type
-        _refuse_flow_prediction(prediction_type)
-        check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+        _check_vp_prediction_type(prediction_type)
         if prediction_type == "epsilon":
             return noise
         if prediction_type == "sample":
@@ -269,12 +266,14 @@ class NoiseSchedule:
                 f"abar[0]={float(ac[0]):.6g}, abar[-1]={float(ac[-1]):.6g})")
 
 
-def _refuse_flow_prediction(prediction_type) -> None:
+def _check_vp_prediction_type(prediction_type) -> None:
+    """A prediction type of variance-preserving tables; "flow_prediction" gets its own message."""
     if prediction_type in FLOW_PREDICTION_TYPES:
         raise ValueError(
             f"prediction_type: {prediction_type!r} needs a flow-matching schedule (NoiseSchedule.flow_matching() or "
             "NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(...))), got a variance-preserving table; "
             "on it use 'epsilon', 'v_prediction' or 'sample'")
+    check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
 
 
 def is_diffusers_flow_scheduler(scheduler) -> bool:

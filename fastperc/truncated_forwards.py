@@ -216,8 +216,9 @@ class _BlockStack(Adapter):
     KWARGS: frozenset[str] = frozenset()
     ATTENTION_KWARGS = "joint_attention_kwargs"
 
+    @abstractmethod
     def prelude(self, model) -> list[str]:
-        raise NotImplementedError
+        """The stages before the first block (patch, time and text embeddings)."""
 
     def blocks(self, model):
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]

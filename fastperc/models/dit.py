@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet import TimestepEmbedding
+from .unet import TimestepEmbedding, condition_embedding
 
 
 def _sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -103,24 +103,12 @@ class DiT(nn.Module):
         return (["x_embedder|time_embedding|class_embedding"] + [f"blocks.{i}" for i in range(len(self.blocks))]
                 + ["norm_out|adaLN_out|proj_out"])
 
-    def _condition(self, sample, timestep, class_labels):
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(sample.shape[0]) if t.dim() == 0 else t
-        cond = self.time_embedding(t)
-        if self.class_embedding is not None:
-            if class_labels is None:
-                class_labels = torch.full((sample.shape[0],), self.null_class, device=sample.device, dtype=torch.long)
-            cond = cond + self.class_embedding(class_labels)
-        elif class_labels is not None:
-            raise ValueError("class_labels: this DiT is unconditional (num_classes=None), got class labels")
-        return cond
-
     def features(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None, *,
                  keep: frozenset[str] = frozenset(), stop: str | None = None):
         """Run stage by stage; return ({name: output} for stages in `keep`, final output or None).
         Block outputs are token maps (B, tokens, hidden). With `stop`, nothing after that stage runs."""
         out: dict[str, torch.Tensor] = {}
-        cond = self._condition(sample, timestep, class_labels)
+        cond = condition_embedding(self, sample, timestep, class_labels)
         x = self.x_embedder(sample).flatten(2).transpose(1, 2) + self.pos_embed.to(sample.dtype)
         first = self.stage_names()[0]
         if first in keep:

@@ -22,6 +22,23 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
+def condition_embedding(model: nn.Module, sample: torch.Tensor, timestep, class_labels) -> torch.Tensor:
+    """The time embedding plus the class embedding of fastperc's models (`model.time_embedding`,
+    `model.class_embedding` or None, `model.null_class`): missing labels mean the null class; labels
+    given to an unconditional model are refused. A scalar timestep applies to the whole batch."""
+    t = torch.as_tensor(timestep, device=sample.device)
+    t = t.expand(sample.shape[0]) if t.dim() == 0 else t
+    emb = model.time_embedding(t)
+    if model.class_embedding is not None:
+        if class_labels is None:
+            class_labels = torch.full((sample.shape[0],), model.null_class, device=sample.device, dtype=torch.long)
+        emb = emb + model.class_embedding(class_labels)
+    elif class_labels is not None:
+        raise ValueError(f"class_labels: this {type(model).__name__} is unconditional (num_classes=None), "
+                         "got class labels")
+    return emb
+
+
 class TimestepEmbedding(nn.Module):
     def __init__(self, dim: int, out_dim: int):
         super().__init__()
@@ -194,16 +211,7 @@ class UNet(nn.Module):
                 + [f"up_blocks.{i}" for i in range(len(self.up_blocks))] + ["conv_norm_out", "conv_out"])
 
     def _embed(self, sample, timestep, class_labels):
-        t = torch.as_tensor(timestep, device=sample.device)
-        t = t.expand(sample.shape[0]) if t.dim() == 0 else t
-        emb = self.time_embedding(t)
-        if self.class_embedding is not None:
-            if class_labels is None:
-                class_labels = torch.full((sample.shape[0],), self.null_class, device=sample.device, dtype=torch.long)
-            emb = emb + self.class_embedding(class_labels)
-        elif class_labels is not None:
-            raise ValueError("class_labels: this UNet is unconditional (num_classes=None), got class labels")
-        return emb
+        return condition_embedding(self, sample, timestep, class_labels)
 
     def features(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None, *,
                  keep: frozenset[str] = frozenset(), stop: str | None = None) -> tuple[dict[str, torch.Tensor], torch.Tensor | None]:

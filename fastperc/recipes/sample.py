@@ -54,8 +54,7 @@ def flow_sigmas(schedule: FlowMatchingSchedule, steps: int) -> list[float]:
     T = schedule.num_train_timesteps
     if not 1 <= steps <= T:
         raise ValueError(f"steps: expected 1..{T}, got {steps}")
-    table = schedule.timesteps.double() / T
-    u = np.linspace(float(table.max()), float(table.min()), steps)
+    u = np.linspace(float(schedule.sigmas.max()), float(schedule.sigmas.min()), steps)
     k = schedule.shift
     return [float(k * v / (1 + (k - 1) * v)) for v in u] + [0.0]
 
