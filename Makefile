@@ -9,7 +9,7 @@ SOURCES     := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cp
 # A torch already in the base interpreter (e.g. a CUDA build) is reused, never replaced.
 SYSTEM_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 
-.PHONY: install test fuzz demo bench info clean
+.PHONY: install test test-slow fuzz demo bench info clean
 
 install: $(STAMP)
 
@@ -24,14 +24,21 @@ $(STAMP): $(SOURCES)
 	@$(PY) -m fastperc.info
 	@touch $(STAMP)
 
+# The fast suite: deterministic (a fixed seed, hypothesis derandomised), a few minutes on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q -m "not slow" tests
 
-# The hypothesis parity suite at length: every backend present (reference, cpu, triton under the
+# The end-to-end runs: real signals to training processes, two-process DDP, the quick demos, the tiny
+# study, the gpu_check dry run, the command's entry point.
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow tests
+
+# The hypothesis parity suite at length, with fresh random examples and a fresh seed (printed in the
+# header; FASTPERC_SEED=... replays it): every backend present (reference, cpu, triton under the
 # interpreter on CPU) x dtypes, shapes, layouts, weights, reductions, consume on/off, aliased taps.
 FUZZ_EXAMPLES ?= 2000
 fuzz: $(STAMP)
-	FASTPERC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_ops_parity.py --hypothesis-show-statistics
+	FASTPERC_FUZZ=1 FASTPERC_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_ops_parity.py --hypothesis-show-statistics
 
 demo: $(STAMP)
 	$(PY) -m fastperc demo --out runs/demo

@@ -1,5 +1,11 @@
-"""Test helpers: tiny models and a verbose closeness check."""
+"""Test helpers: tiny models and configs, a verbose closeness check, the training log and the CLI."""
 from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +18,43 @@ def tiny_unet(num_classes=None, dtype=torch.float32, **kw) -> UNet:
     """A 2-level UNet on 8x8 images: fast enough for gradcheck."""
     kw = {"block_channels": (8, 16), "norm_groups": 4, "num_classes": num_classes, **kw}
     return UNet(**kw).to(dtype)
+
+
+# A training config small enough for many runs per test file (fastperc's UNet at two levels, 8 images a step).
+TINY = dict(block_channels=(8, 16), batch_size=8, lr=1e-3, warmup_steps=1, log_every=1, progress=False,
+            held_out=500)
+
+
+def losses(run: Path) -> list[float]:
+    """The logged training losses of a run folder, in step order (events left out)."""
+    rows = [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "event" not in r]
+
+
+def log_rows(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(run) / "log.jsonl").read_text().splitlines()]
+
+
+def cli(*args, timeout=300, env_extra=None) -> subprocess.CompletedProcess:
+    """`python -m fastperc ARGS` in a fresh process, one thread (the end-to-end tests' way in)."""
+    env = {**os.environ, **(env_extra or {}), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "fastperc", *args], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def assert_same_training_state(a: dict, b: dict) -> None:
+    """Every tensor of the model, the EMA and the optimizer state, and the step, are equal."""
+    assert a["step"] == b["step"]
+    for part in ("model", "ema"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k}"
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert sa.keys() == sb.keys()
+    for i in sa:
+        for k in sa[i]:
+            assert torch.equal(sa[i][k], sb[i][k]), f"optimizer.state[{i}].{k}"
+    for k in a["counters"]:
+        assert torch.equal(a["counters"][k], b["counters"][k]), f"counters.{k}"
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float, atol: float, what: str = "") -> None:

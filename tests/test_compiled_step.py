@@ -65,8 +65,12 @@ def test_student_loss_and_teacher_trace_as_one_graph_without_breaks(build):
     assert explanation.graph_count == 1
 
 
-@pytest.mark.parametrize("build,backend", [(_default_unet_step, "inductor"), (_diffusers_step, "aot_eager")],
-                         ids=["fastperc-unet-inductor", "diffusers-unet-aot_eager"])
+# aot_eager traces what inductor gets (dynamo, the custom ops' fake kernels, AOT autograd) in seconds;
+# inductor's C++ code generation takes minutes on a CPU: the slow suite.
+@pytest.mark.parametrize("build,backend", [
+    (_default_unet_step, "aot_eager"), (_diffusers_step, "aot_eager"),
+    pytest.param(_default_unet_step, "inductor", marks=pytest.mark.slow)],
+    ids=["fastperc-unet-aot_eager", "diffusers-unet-aot_eager", "fastperc-unet-inductor"])
 def test_compiled_step_gives_the_eager_loss_and_student_gradients(build, backend):
     torch._dynamo.reset()
     student, step, inputs = build()

@@ -53,8 +53,9 @@ def test_opcheck_scale_rows(device, backend):
                           test_utils=utils_for(device, backend))
 
 
+@pytest.mark.parametrize("compiler", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("backend", [b for b in BACKENDS if b != "triton"])
-def test_compiled_loss_fullgraph_matches_eager(backend):
+def test_compiled_loss_fullgraph_matches_eager(backend, compiler):
     torch._dynamo.reset()
     schedule = NoiseSchedule.scaled_linear()
     teacher = FrozenTeacher(tiny_unet(num_classes=3), layers=("down_blocks.0", "mid_block"))
@@ -69,7 +70,7 @@ def test_compiled_loss_fullgraph_matches_eager(backend):
 
     eager = step(p)
     (g_eager,) = torch.autograd.grad(eager, p)
-    compiled = torch.compile(step, fullgraph=True)
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
     loss = compiled(p)
     (g,) = torch.autograd.grad(loss, p)
     assert_close(loss, eager, rtol=1e-5, atol=1e-7, what="compiled loss")

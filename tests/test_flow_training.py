@@ -1,5 +1,5 @@
 """The application with a transformer on flow matching: `fastperc train --arch dit --schedule flow`, the
-Euler flow sampler, and the two-stage demo recipe with both."""
+Euler flow sampler (the demo with both: tests/test_demo.py)."""
 from __future__ import annotations
 
 import numpy as np
@@ -70,12 +70,3 @@ def test_cli_flow_schedule_sets_the_flow_prediction_and_refuses_a_vp_one(tmp_pat
     assert main(["train", "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a"), "--schedule", "ddpm",
                  "--max-steps", "1", "--batch-size", "4", "--no-progress"]) == 2
     assert "--schedule 'ddpm' disagrees" in capsys.readouterr().err
-
-
-def test_demo_quick_runs_the_recipe_with_a_dit_on_flow_matching(tmp_path):
-    from fastperc.recipes.demo import run
-    result = run(str(tmp_path / "demo"), "quick", progress=False, arch="dit", schedule="flow")
-    report = (tmp_path / "demo" / "report.md").read_text()
-    assert "DiT (width 16, depth 2), flow schedule" in report and "Euler flow steps" in report
-    assert {"mse", "sp", "sp_paper", "uncond_sp"} <= set(result["summary"])
-    assert all(np.isfinite(result["summary"][k]["fd"][0]) for k in result["summary"])

@@ -1,5 +1,5 @@
 """benchmarks/gpu_check.sh proves its own logic on CPU (--dry-run): every stage runs, writes its log to
-the output folder and a summary row; bad options are refused; the stage limits fit the GPU budget."""
+the output folder and a summary row; bad options are refused."""
 from __future__ import annotations
 
 import os
@@ -7,6 +7,8 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
@@ -18,6 +20,7 @@ def run(*args, out: Path, timeout=900):
                           timeout=timeout)
 
 
+@pytest.mark.slow
 def test_dry_run_runs_every_stage_and_leaves_its_logs(tmp_path):
     r = run("--dry-run", "--step", out=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -33,27 +36,20 @@ def test_dry_run_runs_every_stage_and_leaves_its_logs(tmp_path):
 
 
 def test_a_failing_stage_is_recorded_and_the_later_stages_still_run(tmp_path):
-    """As on a GPU whose CUDA build fails: the script goes on and exits non-zero at the end."""
-    env_python = tmp_path / "python"
-    # A python that fails `-m fastperc.info` only: the info stage fails, parity and op_table still run.
-    env_python.write_text(f'#!/bin/sh\n[ "$2" = "fastperc.info" ] && exit 7\nexec {sys.executable} "$@"\n')
-    env_python.chmod(0o755)
-    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "out"), "PYTHON": str(env_python)}
-    r = subprocess.run(["bash", str(SCRIPT), "--dry-run"], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=900)
+    """As on a GPU whose CUDA build fails: the script goes on and exits non-zero at the end. A stand-in
+    python answers every stage at once, so only the script's own logic runs."""
+    stand_in = tmp_path / "python"
+    stand_in.write_text('#!/bin/sh\n[ "$2" = "fastperc.info" ] && exit 7\necho "$@"\n')
+    stand_in.chmod(0o755)
+    env = {**os.environ, "GPU_CHECK_OUT": str(tmp_path / "out"), "PYTHON": str(stand_in)}
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--step"], capture_output=True, text=True, env=env,
+                       cwd=ROOT, timeout=120)
     assert r.returncode == 1, r.stdout[-3000:]
     rows = dict(re.findall(r"^\| (\w+) \| (\d+)", (tmp_path / "out" / "summary.md").read_text(), flags=re.M))
-    assert rows["info"] == "7" and rows["parity"] == "0" and rows["op_table"] == "0"
+    assert rows == {"env": "0", "build": "0", "info": "7", "parity": "0", "op_table": "0", "step_table": "0"}
+    assert "tests/test_gpu_parity.py" in (tmp_path / "out" / "parity.log").read_text()
 
 
 def test_unknown_options_are_refused(tmp_path):
     r = run("--fast", out=tmp_path, timeout=60)
     assert r.returncode == 2 and "unknown option '--fast'" in r.stderr
-
-
-def test_stage_limits_fit_a_second_run_into_one_gpu_job():
-    text = SCRIPT.read_text()
-    limits = {k: int(v) for k, v in re.findall(r"\bL_(\w+)=(\d+)", text)}
-    assert set(limits) == {"ENV", "BUILD", "INFO", "PARITY", "OPS", "STEP"}
-    assert sum(v for k, v in limits.items() if k != "STEP") <= 240  # two default runs in a 10-minute job
-    assert limits["STEP"] <= 180

@@ -80,6 +80,13 @@ def test_eval_rejects_a_non_classifier_checkpoint(tmp_path, capsys):
     assert "not a classifier checkpoint" in capsys.readouterr().err
 
 
+def test_one_epoch_of_the_classifier_is_far_above_chance_and_saved_with_its_accuracy(one_epoch_classifier):
+    result = one_epoch_classifier
+    assert result["accuracy"] >= 0.5  # chance is 0.1
+    assert checkpoint.load(result["checkpoint"])["held_out_accuracy"] == result["accuracy"]
+
+
+@pytest.mark.slow
 def test_trained_classifier_reaches_98_percent_on_held_out(tmp_path):
     result = metrics.train_classifier(str(tmp_path), progress=False)
     assert result["accuracy"] >= 0.98

