@@ -9,6 +9,7 @@ import pytest
 
 from fastperc.recipes.cli import main
 from fastperc.recipes.study import BASELINE, aggregate, load_spec, verdict
+from fastperc.recipes.study import table as study_table
 from fastperc.recipes.train import TrainConfig, train
 
 SPEC = """
@@ -52,9 +53,10 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
     assert len(rows) == 3 * 2  # (baseline + 2 variants) x 2 training seeds x 1 sampling seed
     assert {r["variant"] for r in rows} == {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'"}
-    table = (out / "table.md").read_text()
-    for name in ("| MSE continued |", "| sp mid |", "feature_norm=channel_rms", "| baseline |", "2 seeds: no verdict"):
-        assert name in table, table
+    table = _table_rows((out / "table.md").read_text())
+    assert set(table) == {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'"}
+    assert table[BASELINE]["vs MSE"] == "baseline" and table["sp mid"]["vs MSE"] == "2 seeds: no verdict"
+    assert "feature_norm=channel_rms" in table["sp mid, lr 3e-4, rms, low t'"]["options"]
     assert (out / "fd_by_variant.png").exists() and (out / "fd_vs_lr.png").exists() and (out / "grids.png").exists()
     run_log = out / "runs" / "sp_mid" / "seed1" / "log.jsonl"
     before = run_log.read_text()
@@ -99,6 +101,27 @@ def test_aggregate_averages_sampling_seeds_then_spreads_over_training_seeds(tmp_
     (row,) = aggregate(spec, results)
     mean, sd, sampling_spread = row["fd"]
     assert mean == 4.0 and abs(sd - 2 ** 0.5) < 1e-12 and sampling_spread == 1.0  # seeds: 3.0 and 5.0
+
+
+def _table_rows(markdown: str) -> dict[str, dict[str, str]]:
+    """The study table's cells by variant and column header."""
+    lines = [ln for ln in markdown.splitlines() if ln.startswith("| ")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
+    return {r["variant"]: r for r in rows}
+
+
+def test_the_table_gives_each_variant_its_options_seeds_metrics_and_verdict(tmp_path):
+    spec = load_spec(_write(tmp_path, '[study]\nteacher = "x"\n[[variant]]\nname = "sp"\n'
+                                      'objective = "self_perceptual"\nlr = 3e-4\n'))
+    spec.training_seeds = [1, 2, 3]
+    results = [{"variant": v, "training_seed": s, "sampling_seed": 0, "fd": fd + s / 10, "precision": 0.6, "n": 10,
+                "train_seconds": 2.0} for v, fd in [(BASELINE, 3.0), ("sp", 2.0)] for s in (1, 2, 3)]
+    table = _table_rows(study_table(spec, aggregate(spec, results)))
+    assert set(table) == {BASELINE, "sp"}
+    assert table[BASELINE]["vs MSE"] == "baseline" and table["sp"]["vs MSE"] == "beats"
+    assert table["sp"]["options"] == "objective=self_perceptual, lr=0.0003" and table["sp"]["seeds"] == "3 x 1"
+    assert table["sp"]["FD-MNIST ↓"] == "2.200 ± 0.100" and table[BASELINE]["FD-MNIST ↓"] == "3.200 ± 0.100"
 
 
 def _write(tmp_path: Path, text: str) -> Path:
