@@ -8,7 +8,10 @@ form only where a caller asks for it. Value checks are skipped while torch.compi
 """
 from __future__ import annotations
 
+import math
+
 import torch
+from .errors import InputError
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -24,15 +27,15 @@ def check_tensor(name: str, x, *, ndim_min: int = 1, floating: bool = True) -> N
     if floating and x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: expected a floating dtype (float16/bfloat16/float32/float64), got {x.dtype}")
     if x.dim() < ndim_min:
-        raise ValueError(f"{name}: expected at least {ndim_min} dimension(s), got shape {tuple(x.shape)}")
+        raise InputError(f"{name}: expected at least {ndim_min} dimension(s), got shape {tuple(x.shape)}")
 
 
 def check_like(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor, dtype: bool = True) -> None:
     """x must match ref in shape, device and (unless dtype=False) dtype."""
     if x.shape != ref.shape:
-        raise ValueError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(x.shape)}")
+        raise InputError(f"{name}: expected shape {tuple(ref.shape)} (the shape of {ref_name}), got {tuple(x.shape)}")
     if x.device != ref.device:
-        raise ValueError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {x.device}")
+        raise InputError(f"{name}: expected device {ref.device} (the device of {ref_name}), got {x.device}")
     if dtype and x.dtype != ref.dtype:
         raise TypeError(f"{name}: expected dtype {ref.dtype} (the dtype of {ref_name}), got {x.dtype}")
 
@@ -42,7 +45,7 @@ def check_finite(name: str, x: torch.Tensor) -> None:
         return
     if not bool(torch.isfinite(x).all()):
         bad = int((~torch.isfinite(x)).sum())
-        raise ValueError(f"{name}: expected finite values, got {bad} NaN/Inf element(s)")
+        raise InputError(f"{name}: expected finite values, got {bad} NaN/Inf element(s)")
 
 
 def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: torch.device,
@@ -64,16 +67,16 @@ def check_timesteps(name: str, t, batch: int, num_train_timesteps: int, device: 
         return
     lo, hi = int(t.min()), int(t.max())
     if lo < 0 or hi >= num_train_timesteps:
-        raise ValueError(f"{name}: expected values in [0, {num_train_timesteps - 1}], got min {lo}, max {hi}")
+        raise InputError(f"{name}: expected values in [0, {num_train_timesteps - 1}], got min {lo}, max {hi}")
 
 
 def _one_per_sample(name: str, t: torch.Tensor, batch: int, device: torch.device) -> bool:
     """Shape (batch,) on `device`, else a ValueError; True when the values are not to be read (under
     tracing, or for an empty batch)."""
     if t.shape != (batch,):
-        raise ValueError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
+        raise InputError(f"{name}: expected shape ({batch},) (one timestep per sample), got {tuple(t.shape)}")
     if t.device != device:
-        raise ValueError(f"{name}: expected device {device}, got {t.device}")
+        raise InputError(f"{name}: expected device {device}, got {t.device}")
     return tracing() or batch == 0
 
 
@@ -100,9 +103,22 @@ def check_float_timesteps(name: str, t, batch: int, num_train_timesteps: int, de
         return
     lo, hi = float(t.min()), float(t.max())
     if not (lo >= 0 and hi <= T):  # also false for NaN
-        raise ValueError(f"{name}: expected values in [0, {T}] (sigma * {T}), got min {lo:g}, max {hi:g}")
+        raise InputError(f"{name}: expected values in [0, {T}] (sigma * {T}), got min {lo:g}, max {hi:g}")
 
 
 def check_choice(name: str, value, choices) -> None:
     if value not in choices:
-        raise ValueError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
+        raise InputError(f"{name}: expected one of {sorted(choices)}, got {value!r}")
+
+
+def check_weights(name: str, weights, count: int) -> list[float]:
+    """One finite weight >= 0 per layer, as floats: the loss and feature_mse refuse the same values (a
+    negative weight would reward moving the features apart)."""
+    if isinstance(weights, torch.Tensor):
+        weights = weights.tolist()
+    w = [float(x) for x in weights]
+    if len(w) != count:
+        raise InputError(f"{name}: expected {count} values (one per layer), got {len(w)}")
+    if not all(math.isfinite(x) and x >= 0 for x in w):
+        raise InputError(f"{name}: expected finite values >= 0 (one per layer), got {w}")
+    return w

@@ -2,20 +2,21 @@
 from __future__ import annotations
 
 import inspect
-import math
 import warnings
 import weakref
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ._per_sample import accumulation_dtype
-from ._validation import check_choice, check_finite, check_like, check_tensor
+from ._validation import check_choice, check_finite, check_like, check_tensor, check_weights
 from .ops import feature_mse, renoise
 from .ops.feature_mse import REDUCTIONS
 from .schedule import NoiseSchedule, TimestepDistribution, is_diffusers_flow_scheduler
 from .teacher import FrozenTeacher, unwrap
+from .errors import InputError
 
 FEATURE_NORMS = ("none", "channel_rms")
 
@@ -39,23 +40,52 @@ def normalize_features(real: list[torch.Tensor], fake: list[torch.Tensor], how: 
     return out_r, out_f
 
 
-def _as_teacher(teacher, layers) -> FrozenTeacher:
+class _TeacherCache(dict):
+    """The FrozenTeacher wrappers of one frozen plain module, by layers. Kept on the module itself (in
+    its __dict__, not as a submodule), so a wrapper lives exactly as long as its module; copies and
+    pickles of the module start with an empty cache."""
+
+    def __deepcopy__(self, memo):
+        return _TeacherCache()
+
+    def __reduce__(self):
+        return (_TeacherCache, ())
+
+
+_CACHE = "_fastperc_frozen_teachers"
+
+
+def as_teacher(teacher, layers: Sequence[str] | None = None) -> FrozenTeacher:
+    """The FrozenTeacher the function form uses: a FrozenTeacher as it is, or a frozen plain module wrapped
+    in place (no copy) once and reused on every later call (cached per module and layers).
+
+    A module with trainable parameters is refused (it is usually the student): nothing is frozen
+    behind the caller's back."""
     if isinstance(teacher, FrozenTeacher):
         if layers is not None and tuple(layers) != teacher.layers:
-            raise ValueError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}; build the "
+            raise InputError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}; build the "
                              "FrozenTeacher with those layers or pass layers=None")
         return teacher
     if not isinstance(teacher, nn.Module):
         raise TypeError(f"teacher: expected a FrozenTeacher or a torch.nn.Module, got {type(teacher).__name__}")
-    trainable = [n for n, p in unwrap(teacher).named_parameters() if p.requires_grad]
+    model = unwrap(teacher)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     if trainable:  # most likely the student itself: never freeze a caller's model behind its back
-        raise ValueError(
+        raise InputError(
             f"teacher: expected a frozen network, got a {type(teacher).__name__} whose parameters require grad "
             f"({trainable[0]!r} and {len(trainable) - 1} more) - is it the student? Pass "
             "fastperc.FrozenTeacher(mse_model) (a frozen copy, built once) or a model already frozen with "
             ".requires_grad_(False)")
-    # A frozen plain module is used in place (no copy per call), in eval mode.
-    return FrozenTeacher(teacher, layers, copy=False)  # layers=None: the teacher's default tap
+    cache = model.__dict__.get(_CACHE)
+    if cache is None:
+        cache = model.__dict__[_CACHE] = _TeacherCache()
+    key = None if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)
+    frozen = cache.get(key)
+    if frozen is None:
+        frozen = cache[key] = FrozenTeacher(model, key, copy=False)  # None: the teacher's default tap
+    elif model.training:  # put back in train mode by its owner since the last call
+        model.eval()
+    return frozen
 
 
 _converted = weakref.WeakKeyDictionary()
@@ -85,13 +115,25 @@ _PER_SAMPLE_KWARGS = ("encoder_hidden_states", "class_labels", "timestep_cond", 
                       "time_ids", "encoder_attention_mask")
 
 
-def _check_teacher_kwargs(kwargs: dict, batch: int, prefix: str = "teacher_kwargs") -> None:
+def _check_teacher_kwargs(frozen: FrozenTeacher, kwargs: dict, batch: int) -> None:
+    """The conditioning the teacher's architecture cannot run without is there, and every per-sample
+    input has the batch size of model_output: both named as teacher_kwargs errors before the teacher runs."""
+    missing = [name for name in frozen.required_kwargs if kwargs.get(name) is None]
+    if missing:
+        raise InputError(
+            f"teacher_kwargs: the teacher {type(frozen.model).__name__} needs {', '.join(missing)}, got "
+            f"{_describe(kwargs)}; pass the conditioning the student got "
+            f"({', '.join(f'{name}=...' for name in missing)})")
+    _check_batch(kwargs, batch)
+
+
+def _check_batch(kwargs: dict, batch: int, prefix: str = "teacher_kwargs") -> None:
     for name, value in kwargs.items():
         if isinstance(value, dict):
-            _check_teacher_kwargs(value, batch, f"{prefix}[{name!r}]")
+            _check_batch(value, batch, f"{prefix}[{name!r}]")
         elif name in _PER_SAMPLE_KWARGS and isinstance(value, torch.Tensor) and value.dim() >= 1 \
                 and value.shape[0] != batch:
-            raise ValueError(f"{prefix}[{name!r}]: expected batch size {batch} (as model_output), got shape "
+            raise InputError(f"{prefix}[{name!r}]: expected batch size {batch} (as model_output), got shape "
                              f"{tuple(value.shape)}")
 
 
@@ -106,28 +148,111 @@ def _describe(kwargs: dict) -> str:
 
 
 def _call_teacher(frozen: FrozenTeacher, sample, timesteps, kwargs: dict):
-    """The teacher's features; a failure in eager mode is re-raised naming teacher_kwargs, with what the
-    teacher got and what its forward takes (the usual cause: missing or wrong conditioning)."""
+    """The teacher's features. An exception raised inside the teacher keeps its type (a bug in a model,
+    a dtype mismatch, running out of memory are not the caller's conditioning); in eager mode it gets
+    a note saying what the teacher was given and what its forward takes."""
     if torch.compiler.is_compiling():
         return frozen(sample, timesteps, **kwargs)
     try:
         return frozen(sample, timesteps, **kwargs)
-    except (RuntimeError, TypeError, ValueError, IndexError, AttributeError) as e:
-        try:
-            takes = str(inspect.signature(frozen.model.forward))
-        except (TypeError, ValueError):
-            takes = "(unknown)"
-        raise ValueError(
-            f"teacher_kwargs: the teacher {type(frozen.model).__name__} failed on sample {tuple(sample.shape)} "
-            f"{str(sample.dtype).replace('torch.', '')} with {_describe(kwargs)}: {type(e).__name__}: "
-            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}. Its forward takes {takes}; pass the "
-            "conditioning the student got (encoder_hidden_states=..., class_labels=...)") from e
+    except torch.OutOfMemoryError:
+        raise  # what the teacher got does not explain it
+    except Exception as e:
+        if hasattr(e, "add_note"):  # Python >= 3.11
+            try:
+                takes = str(inspect.signature(frozen.model.forward))
+            except (TypeError, ValueError):
+                takes = "(unknown)"
+            e.add_note(f"fastperc: raised inside the teacher {type(frozen.model).__name__}, called on sample "
+                       f"{tuple(sample.shape)} {str(sample.dtype).replace('torch.', '')} with teacher_kwargs "
+                       f"{_describe(kwargs)}; its forward takes {takes}")
+        raise
+
+
+@dataclass(frozen=True)
+class _Recipe:
+    """The options of the objective, checked once by `checked`: SelfPerceptualLoss holds one, the
+    function form builds one per call. One validation path for both forms."""
+    layer_weights: tuple[float, ...] | None
+    feature_norm: str
+    timesteps_prime: torch.Tensor | TimestepDistribution | None
+    prediction_type: str | None
+    reduction: str
+    backend: str
+    check_values: bool
+
+    @classmethod
+    def checked(cls, *, layer_weights=None, feature_norm="none", timesteps_prime=None, prediction_type=None,
+                reduction="mean", backend="auto", check_values=False) -> "_Recipe":
+        check_choice("reduction", reduction, REDUCTIONS)
+        check_choice("feature_norm", feature_norm, FEATURE_NORMS)
+        if layer_weights is not None:  # the count is checked against the teacher's layers
+            layer_weights = tuple(check_weights("layer_weights", layer_weights, len(layer_weights)))
+        if timesteps_prime is not None and not isinstance(timesteps_prime, (torch.Tensor, TimestepDistribution)):
+            raise TypeError(f"timesteps_prime: expected None, a (B,) tensor or a fastperc.TimestepDistribution, got "
+                            f"{type(timesteps_prime).__name__}")
+        if not isinstance(check_values, bool):
+            raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
+        return cls(layer_weights, feature_norm, timesteps_prime, prediction_type, reduction, backend, check_values)
+
+    def weights_for(self, teacher: FrozenTeacher) -> list[float] | None:
+        if self.layer_weights is not None and len(self.layer_weights) != len(teacher.layers):
+            raise InputError(f"layer_weights: expected {len(teacher.layers)} values (one per layer in "
+                             f"{teacher.layers}), got {len(self.layer_weights)}")
+        return None if self.layer_weights is None else list(self.layer_weights)
+
+
+def _objective(frozen: FrozenTeacher, schedule: NoiseSchedule, recipe: _Recipe, model_output: torch.Tensor,
+               x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, timesteps_prime,
+               generator: torch.Generator | None, kwargs: dict) -> torch.Tensor:
+    """The objective itself, shared by the module and the function: the per-call checks, then
+    schedule -> re-noise -> teacher -> feature MSE."""
+    prediction_type = recipe.prediction_type if recipe.prediction_type is not None else schedule.prediction_type
+    schedule.check_prediction_type(prediction_type)
+    check_tensor("model_output", model_output, ndim_min=2)
+    check_tensor("x0", x0)
+    check_like("x0", x0, "model_output", model_output, dtype=False)
+    check_tensor("noise", noise)
+    check_like("noise", noise, "x0", x0)
+    if model_output.shape[0] == 0:
+        raise InputError(f"model_output: expected at least one sample, got shape {tuple(model_output.shape)}")
+    if recipe.check_values:
+        check_finite("x0", x0)
+        check_finite("noise", noise)
+    batch, device, T = x0.shape[0], x0.device, schedule.num_train_timesteps
+    schedule.check_timesteps("timesteps", timesteps, batch, device, host=recipe.check_values)
+    if timesteps_prime is None:
+        timesteps_prime = recipe.timesteps_prime if recipe.timesteps_prime is not None else TimestepDistribution()
+    if isinstance(timesteps_prime, TimestepDistribution):
+        timesteps_prime = timesteps_prime.sample(batch, T, generator, device, schedule=schedule)
+    else:
+        schedule.check_timesteps("timesteps_prime", timesteps_prime, batch, device, host=recipe.check_values)
+    weights = recipe.weights_for(frozen)
+    _check_teacher_kwargs(frozen, kwargs, batch)
+
+    # Mixed precision as training scripts run it: a bf16/fp16 prediction with fp32 latents and noise is
+    # re-noised in the widest dtype (as F.mse_loss(pred.float(), target.float())); the teacher then
+    # casts its inputs to its own dtype.
+    wide = torch.promote_types(model_output.dtype, x0.dtype)
+    model_output, x0, noise = model_output.to(wide), x0.to(wide), noise.to(wide)
+    coef_dtype = accumulation_dtype(wide)
+    a, b, alpha_prime, sigma_prime = schedule.renoise_coefficients(timesteps, timesteps_prime, prediction_type,
+                                                                   coef_dtype)
+    x_t = schedule._add_noise(x0, noise, timesteps)  # arguments checked above
+    fake, real = renoise(x_t, model_output, x0, noise, a, b, alpha_prime, sigma_prime, backend=recipe.backend)
+    with torch.no_grad():  # the real branch keeps no graph
+        real_feats = _call_teacher(frozen, real, timesteps_prime, kwargs)
+    fake_feats = _call_teacher(frozen, fake, timesteps_prime, kwargs)
+    real_feats, fake_feats = normalize_features(real_feats, fake_feats, recipe.feature_norm)
+    return feature_mse(fake_feats, real_feats, weights, recipe.reduction, backend=recipe.backend,
+                       consume_targets=True)
 
 
 def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
                          timesteps: torch.Tensor, schedule: NoiseSchedule, *, prediction_type: str | None = None,
                          layers: Sequence[str] | None = None, layer_weights: Sequence[float] | None = None,
-                         teacher_kwargs: dict | None = None, timesteps_prime: torch.Tensor | None = None,
+                         teacher_kwargs: dict | None = None,
+                         timesteps_prime: torch.Tensor | TimestepDistribution | None = None,
                          reduction: str = "mean", backend: str = "auto",
                          generator: torch.Generator | None = None, check_values: bool = False,
                          feature_norm: str = "none") -> torch.Tensor:
@@ -203,62 +328,13 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
 
     Reference: Lin & Yang, "Diffusion Model with Perceptual Loss", arXiv 2401.00110.
     """
-    schedule = as_schedule(schedule)
-    prediction_type = prediction_type if prediction_type is not None else schedule.prediction_type
-    schedule.check_prediction_type(prediction_type)
-    check_choice("reduction", reduction, REDUCTIONS)
-    check_choice("feature_norm", feature_norm, FEATURE_NORMS)
-    check_tensor("model_output", model_output, ndim_min=2)
-    check_tensor("x0", x0)
-    check_like("x0", x0, "model_output", model_output, dtype=False)
-    check_tensor("noise", noise)
-    check_like("noise", noise, "x0", x0)
-    if model_output.shape[0] == 0:
-        raise ValueError(f"model_output: expected at least one sample, got shape {tuple(model_output.shape)}")
-    if layer_weights is not None:
-        layer_weights = check_layer_weights(layer_weights)
-    if check_values:
-        check_finite("x0", x0)
-        check_finite("noise", noise)
-    batch, device, T = x0.shape[0], x0.device, schedule.num_train_timesteps
-    schedule.check_timesteps("timesteps", timesteps, batch, device, host=check_values)
-    if timesteps_prime is None:
-        timesteps_prime = TimestepDistribution()
-    if isinstance(timesteps_prime, TimestepDistribution):
-        timesteps_prime = timesteps_prime.sample(batch, T, generator, device, schedule=schedule)
-    else:
-        schedule.check_timesteps("timesteps_prime", timesteps_prime, batch, device, host=check_values)
+    recipe = _Recipe.checked(layer_weights=layer_weights, feature_norm=feature_norm, timesteps_prime=timesteps_prime,
+                             prediction_type=prediction_type, reduction=reduction, backend=backend,
+                             check_values=check_values)
     if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
         raise TypeError(f"teacher_kwargs: expected a dict or None, got {type(teacher_kwargs).__name__}")
-    frozen = _as_teacher(teacher, layers)
-    if layer_weights is not None and len(layer_weights) != len(frozen.layers):
-        raise ValueError(f"layer_weights: expected {len(frozen.layers)} values (one per layer in "
-                         f"{frozen.layers}), got {len(layer_weights)}")
-    kwargs = teacher_kwargs or {}
-    _check_teacher_kwargs(kwargs, batch)
-
-    # Mixed precision as training scripts run it: a bf16/fp16 prediction with fp32 latents and noise is
-    # re-noised in the widest dtype (as F.mse_loss(pred.float(), target.float())); the teacher then
-    # casts its inputs to its own dtype.
-    wide = torch.promote_types(model_output.dtype, x0.dtype)
-    model_output, x0, noise = model_output.to(wide), x0.to(wide), noise.to(wide)
-    coef_dtype = accumulation_dtype(wide)
-    a, b, alpha_prime, sigma_prime = schedule.renoise_coefficients(timesteps, timesteps_prime, prediction_type,
-                                                                   coef_dtype)
-    x_t = schedule._add_noise(x0, noise, timesteps)  # arguments checked above
-    fake, real = renoise(x_t, model_output, x0, noise, a, b, alpha_prime, sigma_prime, backend=backend)
-    with torch.no_grad():  # the real branch keeps no graph
-        real_feats = _call_teacher(frozen, real, timesteps_prime, kwargs)
-    fake_feats = _call_teacher(frozen, fake, timesteps_prime, kwargs)
-    real_feats, fake_feats = normalize_features(real_feats, fake_feats, feature_norm)
-    return feature_mse(fake_feats, real_feats, layer_weights, reduction, backend=backend, consume_targets=True)
-
-
-def check_layer_weights(weights) -> list[float]:
-    w = [float(x) for x in weights]
-    if not all(math.isfinite(x) and x >= 0 for x in w):
-        raise ValueError(f"layer_weights: expected finite values >= 0 (one per layer), got {w}")
-    return w
+    return _objective(as_teacher(teacher, layers), as_schedule(schedule), recipe, model_output, x0, noise, timesteps,
+                      None, generator, teacher_kwargs or {})
 
 
 _warned_default = False
@@ -275,64 +351,79 @@ def _warn_default_schedule() -> None:
 
 
 class SelfPerceptualLoss(nn.Module):
-    """Module form of `self_perceptual_loss`: holds the frozen teacher, the schedule and the options.
+    """The self-perceptual objective as a module: the frozen teacher, the schedule and every option of
+    the recipe, set once; `self_perceptual_loss` is its function form, with the same options under the
+    same names (see it for the math).
 
     Args:
-        teacher: the MSE-pretrained model (copied and frozen unless it is already a FrozenTeacher).
+        teacher: the MSE-pretrained model, copied and frozen into a FrozenTeacher (use the raw model, not
+            its EMA, as the paper does), or a FrozenTeacher used as it is.
         schedule: NoiseSchedule or diffusers scheduler (default NoiseSchedule.scaled_linear(), the
             paper's zero-terminal-SNR v-prediction table, with a one-time warning saying so: pass the
             scheduler your training step uses).
         layers: layers to tap (default: FrozenTeacher's, the midblock of a UNet, a mid-depth block of a
-            transformer); layer_weights: one per layer.
+            transformer); layer_weights: one finite weight >= 0 per layer.
+        feature_norm: "none" (the paper) or "channel_rms" (see `normalize_features`).
+        timesteps_prime: the re-noise timesteps t': a fastperc.TimestepDistribution to draw them from
+            (a range, a logit-normal or mode density), or a fixed (B,) tensor; default uniform over the
+            table (the paper). A call's own `timesteps_prime=` overrides it.
         prediction_type, reduction, backend, check_values: as in self_perceptual_loss.
         teacher_dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16).
         teacher_checkpoint: recompute the teacher's activations in backward, one stage at a time
             (see FrozenTeacher's `checkpoint`).
+        teacher_dtype and teacher_checkpoint build the copy; with a FrozenTeacher, set them on it.
+
+    Call: `criterion(model_output, x0, noise, timesteps, *, timesteps_prime=None, generator=None,
+    **teacher_kwargs)`, the conditioning the student got as keyword arguments.
 
     Example:
         >>> import torch, fastperc
         >>> from fastperc.models import UNet
         >>> student = UNet()
-        >>> criterion = fastperc.SelfPerceptualLoss(UNet())   # normally: the MSE-pretrained model
+        >>> criterion = fastperc.SelfPerceptualLoss(  # the project's best configuration on its small UNet
+        ...     UNet(), fastperc.NoiseSchedule.scaled_linear(rescale_zero_terminal_snr=True),
+        ...     layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"), feature_norm="channel_rms",
+        ...     timesteps_prime=fastperc.TimestepDistribution(0, 100))
         >>> x0, noise, t = torch.randn(2, 1, 32, 32), torch.randn(2, 1, 32, 32), torch.randint(0, 1000, (2,))
         >>> loss = criterion(student(criterion.schedule.add_noise(x0, noise, t), t), x0, noise, t)
+        >>> loss.backward()
     """
 
     def __init__(self, teacher: nn.Module, schedule: NoiseSchedule | None = None, *,
                  layers: Sequence[str] | None = None, layer_weights: Sequence[float] | None = None,
+                 feature_norm: str = "none", timesteps_prime: torch.Tensor | TimestepDistribution | None = None,
                  prediction_type: str | None = None, reduction: str = "mean", backend: str = "auto",
                  teacher_dtype: torch.dtype | None = None, teacher_checkpoint: bool = False,
                  check_values: bool = False):
         super().__init__()
+        self.recipe = _Recipe.checked(layer_weights=layer_weights, feature_norm=feature_norm,
+                                      timesteps_prime=timesteps_prime, prediction_type=prediction_type,
+                                      reduction=reduction, backend=backend, check_values=check_values)
         if isinstance(teacher, FrozenTeacher):
             if layers is not None and tuple(layers) != teacher.layers:
-                raise ValueError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}")
+                raise InputError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}")
+            if teacher_dtype is not None or teacher_checkpoint:
+                raise InputError("teacher_dtype/teacher_checkpoint: they build the teacher's copy; a FrozenTeacher "
+                                 "is used as it is: pass FrozenTeacher(model, dtype=..., checkpoint=...)")
         else:
-            teacher = FrozenTeacher(teacher, layers, dtype=teacher_dtype,
-                                    checkpoint=teacher_checkpoint)
+            teacher = FrozenTeacher(teacher, layers, dtype=teacher_dtype, checkpoint=teacher_checkpoint)
         self.teacher = teacher
         if schedule is None:
             _warn_default_schedule()
             schedule = NoiseSchedule.scaled_linear()
         self.schedule = as_schedule(schedule)
-        if layer_weights is not None and len(layer_weights) != len(teacher.layers):
-            raise ValueError(f"layer_weights: expected {len(teacher.layers)} values, got {len(layer_weights)}")
-        if layer_weights is not None:
-            layer_weights = check_layer_weights(layer_weights)
         self.schedule.check_prediction_type(prediction_type or self.schedule.prediction_type)
-        check_choice("reduction", reduction, REDUCTIONS)
-        self.layer_weights = None if layer_weights is None else [float(w) for w in layer_weights]
-        self.prediction_type, self.reduction, self.backend = prediction_type, reduction, backend
-        self.check_values = check_values
+        self.recipe.weights_for(teacher)
 
     def forward(self, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
-                *, timesteps_prime: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                **teacher_kwargs) -> torch.Tensor:
-        return self_perceptual_loss(self.teacher, model_output, x0, noise, timesteps, self.schedule,
-                                    prediction_type=self.prediction_type, layer_weights=self.layer_weights,
-                                    teacher_kwargs=teacher_kwargs, timesteps_prime=timesteps_prime,
-                                    reduction=self.reduction, backend=self.backend, generator=generator,
-                                    check_values=self.check_values)
+                *, timesteps_prime: torch.Tensor | TimestepDistribution | None = None,
+                generator: torch.Generator | None = None, **teacher_kwargs) -> torch.Tensor:
+        if timesteps_prime is not None:
+            _Recipe.checked(timesteps_prime=timesteps_prime)
+        return _objective(self.teacher, self.schedule, self.recipe, model_output, x0, noise, timesteps, timesteps_prime,
+                          generator, teacher_kwargs)
 
     def extra_repr(self) -> str:
-        return f"schedule={self.schedule}, weights={self.layer_weights}, reduction={self.reduction!r}"
+        r = self.recipe
+        return (f"schedule={self.schedule}, weights={r.layer_weights}, feature_norm={r.feature_norm!r}, "
+                f"timesteps_prime={r.timesteps_prime}, reduction={r.reduction!r}")

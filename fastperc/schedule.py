@@ -9,6 +9,8 @@ cached per device. Names follow diffusers (`num_train_timesteps`, `prediction_ty
 """
 from __future__ import annotations
 
+from .errors import InputError
+
 import math
 import warnings
 from dataclasses import dataclass
@@ -60,10 +62,10 @@ class NoiseSchedule:
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "v_prediction"):
         check_tensor("alphas_cumprod", alphas_cumprod)
         if alphas_cumprod.dim() != 1 or alphas_cumprod.numel() < 2:
-            raise ValueError(f"alphas_cumprod: expected a 1-D tensor of length >= 2, got shape {tuple(alphas_cumprod.shape)}")
+            raise InputError(f"alphas_cumprod: expected a 1-D tensor of length >= 2, got shape {tuple(alphas_cumprod.shape)}")
         ac = alphas_cumprod.detach().to("cpu", torch.float64)
         if not bool(torch.isfinite(ac).all()) or float(ac.min()) < 0 or float(ac.max()) > 1:
-            raise ValueError("alphas_cumprod: expected finite values in [0, 1]")
+            raise InputError("alphas_cumprod: expected finite values in [0, 1]")
         _check_vp_prediction_type(prediction_type)
         self.alphas_cumprod = ac
         # Read once here, on the host: the per-step code never needs a device sync to refuse them.
@@ -131,7 +133,7 @@ class NoiseSchedule:
                             f"flow-matching one (FlowMatchEulerDiscreteScheduler), got {type(scheduler).__name__}")
         config = getattr(scheduler, "config", None)
         if getattr(config, "use_flow_sigmas", False):  # DPMSolver & co.: their alphas_cumprod is not the flow
-            raise ValueError(f"scheduler: a {type(scheduler).__name__} with use_flow_sigmas=True samples a flow model "
+            raise InputError(f"scheduler: a {type(scheduler).__name__} with use_flow_sigmas=True samples a flow model "
                              "but holds no flow training table; pass the FlowMatchEulerDiscreteScheduler the model "
                              "trains with, or NoiseSchedule.flow_matching(shift=...)")
         prediction_type = getattr(config, "prediction_type", None) or "epsilon"
@@ -152,7 +154,7 @@ class NoiseSchedule:
                                "sample": (self.sigma_zero_timesteps, "sigma", "eps = (x_t - alpha*x0)/sigma")
                                }.get(prediction_type, ((), "", ""))
         if zero:
-            raise ValueError(
+            raise InputError(
                 f"prediction_type: {prediction_type!r} cannot be converted where {what}_t = 0 ({formula} divides by "
                 f"zero), got a table with {what}_t = 0 at timesteps {list(zero[:8])}; use 'v_prediction' with a "
                 f"zero-terminal-SNR schedule, or a table without those steps")
@@ -269,7 +271,7 @@ class NoiseSchedule:
 def _check_vp_prediction_type(prediction_type) -> None:
     """A prediction type of variance-preserving tables; "flow_prediction" gets its own message."""
     if prediction_type in FLOW_PREDICTION_TYPES:
-        raise ValueError(
+        raise InputError(
             f"prediction_type: {prediction_type!r} needs a flow-matching schedule (NoiseSchedule.flow_matching() or "
             "NoiseSchedule.from_diffusers(FlowMatchEulerDiscreteScheduler(...))), got a variance-preserving table; "
             "on it use 'epsilon', 'v_prediction' or 'sample'")
@@ -335,7 +337,7 @@ class FlowMatchingSchedule(NoiseSchedule):
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, prediction_type: str = "flow_prediction"):
         _check_T(num_train_timesteps)
         if isinstance(shift, bool) or not isinstance(shift, (int, float)) or not math.isfinite(shift) or shift <= 0:
-            raise ValueError(f"shift: expected a finite number > 0, got {shift!r}")
+            raise InputError(f"shift: expected a finite number > 0, got {shift!r}")
         T = num_train_timesteps
         self._num_train_timesteps = T
         self.shift = float(shift)
@@ -385,7 +387,7 @@ class FlowMatchingSchedule(NoiseSchedule):
         """Accept "flow_prediction" only (see the class docstring)."""
         check_choice("prediction_type", prediction_type, PREDICTION_TYPES + FLOW_PREDICTION_TYPES)
         if prediction_type not in FLOW_PREDICTION_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"prediction_type: a flow-matching schedule (x_t = (1 - sigma) x0 + sigma noise) takes "
                 f"'flow_prediction' (the model predicts noise - x0, as diffusers trains SD3 and Flux), got "
                 f"{prediction_type!r}; for {prediction_type!r} use a variance-preserving NoiseSchedule")
@@ -444,7 +446,7 @@ class FlowMatchingSchedule(NoiseSchedule):
 
 def _check_T(num_train_timesteps) -> None:
     if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-        raise ValueError(f"num_train_timesteps: expected an int >= 2, got {num_train_timesteps!r}")
+        raise InputError(f"num_train_timesteps: expected an int >= 2, got {num_train_timesteps!r}")
 
 
 DENSITIES = ("uniform", "logit_normal", "mode")
@@ -499,20 +501,20 @@ class TimestepDistribution:
     def __post_init__(self):
         check_choice("density", self.density, DENSITIES)
         if not isinstance(self.low, int) or self.low < 0:
-            raise ValueError(f"low: expected an integer timestep >= 0, got {self.low!r}")
+            raise InputError(f"low: expected an integer timestep >= 0, got {self.low!r}")
         if self.high is not None and (not isinstance(self.high, int) or self.high < self.low):
-            raise ValueError(f"high: expected an integer timestep >= low ({self.low}) or None, got {self.high!r}")
+            raise InputError(f"high: expected an integer timestep >= low ({self.low}) or None, got {self.high!r}")
         if not (math.isfinite(self.loc) and math.isfinite(self.scale) and self.scale > 0):
-            raise ValueError(f"loc/scale: expected finite values with scale > 0, got {self.loc!r}/{self.scale!r}")
+            raise InputError(f"loc/scale: expected finite values with scale > 0, got {self.loc!r}/{self.scale!r}")
         lo, hi = MODE_SCALE_RANGE
         if not (isinstance(self.mode_scale, (int, float)) and lo <= self.mode_scale <= hi):
-            raise ValueError(f"mode_scale: expected a number in [{lo:g}, {hi:.4f}] (2 / (pi - 2)), "
+            raise InputError(f"mode_scale: expected a number in [{lo:g}, {hi:.4f}] (2 / (pi - 2)), "
                              f"got {self.mode_scale!r}")
 
     def bounds(self, num_train_timesteps: int) -> tuple[int, int]:
         high = num_train_timesteps - 1 if self.high is None else self.high
         if high >= num_train_timesteps:
-            raise ValueError(f"high: expected a timestep below num_train_timesteps = {num_train_timesteps}, got {high}")
+            raise InputError(f"high: expected a timestep below num_train_timesteps = {num_train_timesteps}, got {high}")
         return self.low, high
 
     def sample(self, batch: int, num_train_timesteps: int | None = None, generator: torch.Generator | None = None,
@@ -524,7 +526,7 @@ class TimestepDistribution:
         num_train_timesteps may be left out when `schedule` is given (it must agree if both are)."""
         if schedule is not None:
             if num_train_timesteps is not None and num_train_timesteps != schedule.num_train_timesteps:
-                raise ValueError(f"num_train_timesteps: expected {schedule.num_train_timesteps} (the schedule's), "
+                raise InputError(f"num_train_timesteps: expected {schedule.num_train_timesteps} (the schedule's), "
                                  f"got {num_train_timesteps}")
             num_train_timesteps = schedule.num_train_timesteps
         if num_train_timesteps is None:

@@ -12,6 +12,7 @@ import torch.utils.checkpoint  # called as torch.utils.checkpoint.checkpoint: lo
 from torch import nn
 
 from .truncated_forwards import find_adapter, joint_blocks
+from .errors import InputError
 
 
 class _StopForward(Exception):
@@ -148,7 +149,7 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
             name, n = max(lists, key=lambda x: x[1])  # the first of the longest
             blocks = [f"{name}.{i}" for i in range(n)]
     if not blocks:
-        raise ValueError(f"layers: {type(model).__name__} has no `mid_block` and no list of blocks to take a "
+        raise InputError(f"layers: {type(model).__name__} has no `mid_block` and no list of blocks to take a "
                          "mid-depth block from; pass layers=(...) with submodule names from model.named_modules()")
     return (blocks[max(len(blocks) // 2 - 1, 0)],)
 
@@ -290,14 +291,14 @@ class FrozenTeacher(nn.Module):
             layers = (layers,)
         layers = tuple(layers)
         if not layers or not all(isinstance(x, str) for x in layers):
-            raise ValueError(f"layers: expected a non-empty sequence of submodule names, got {layers!r}")
+            raise InputError(f"layers: expected a non-empty sequence of submodule names, got {layers!r}")
         modules = dict(model.named_modules())
         layers = tuple(_strip_wrapper_prefix(name, modules) for name in layers)
         if len(set(layers)) != len(layers):
-            raise ValueError(f"layers: expected distinct names, got {layers!r}")
+            raise InputError(f"layers: expected distinct names, got {layers!r}")
         for name in layers:
             if name not in modules:
-                raise ValueError(f"layers: unknown layer {name!r} in {type(model).__name__}; nearest valid names: "
+                raise InputError(f"layers: unknown layer {name!r} in {type(model).__name__}; nearest valid names: "
                                  f"{nearest_names(name, list(modules))}{_no_midblock_hint(name, model)}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
@@ -318,6 +319,8 @@ class FrozenTeacher(nn.Module):
         # The architecture (timestep conversion) and the truncation plan: which stage each layer lives
         # in, and the last stage to run.
         self._arch = find_adapter(model)
+        # The conditioning the model cannot run without, known for the adapters' architectures.
+        self.required_kwargs: tuple[str, ...] = self._arch.required(model) if self._arch is not None else ()
         self._time_keyword = _time_keyword(model)
         self._adapter = self._arch
         self._stop: str | None = None

@@ -12,6 +12,8 @@ forward takes (`model_timestep`); a joint text-image block's tap is its image st
 """
 from __future__ import annotations
 
+from .errors import InputError
+
 import functools
 from abc import ABC, abstractmethod
 from typing import Any
@@ -40,6 +42,11 @@ class Adapter(ABC):
 
     def supports(self, kwargs: dict[str, Any]) -> bool:
         return True
+
+    def required(self, model: nn.Module) -> tuple[str, ...]:
+        """The keyword inputs this model cannot run without (its conditioning): checked by the loss
+        before the teacher runs, so a missing one is named as such."""
+        return ()
 
     def model_timestep(self, timestep):
         """The timestep the model's forward takes, from the one the loss passes the teacher (the
@@ -113,6 +120,9 @@ class DiffusersUNet2DAdapter(Adapter):
     def supports(self, kwargs):
         return set(kwargs) <= {"class_labels"}
 
+    def required(self, model):
+        return ("class_labels",) if model.class_embedding is not None else ()
+
     def run(self, model, sample, timestep, keep, stop, class_labels=None):
         c = _Collect(keep, stop)
         if model.config.center_input_sample:
@@ -120,7 +130,7 @@ class DiffusersUNet2DAdapter(Adapter):
         emb = model.time_embedding(model.time_proj(_timesteps_for(sample, timestep)).to(dtype=model.dtype))
         if model.class_embedding is not None:
             if class_labels is None:
-                raise ValueError("class_labels should be provided when doing class conditioning")
+                raise InputError("class_labels should be provided when doing class conditioning")
             if model.config.class_embed_type == "timestep":
                 class_labels = model.time_proj(class_labels)
             emb = emb + model.class_embedding(class_labels).to(dtype=model.dtype)
@@ -155,6 +165,14 @@ class DiffusersUNet2DConditionAdapter(Adapter):
     def supports(self, kwargs):
         cak = kwargs.get("cross_attention_kwargs") or {}
         return set(kwargs) <= self.KWARGS and "gligen" not in cak
+
+    def required(self, model):
+        needs = ["encoder_hidden_states"]
+        if model.class_embedding is not None:
+            needs.append("class_labels")
+        if model.config.addition_embed_type is not None:  # SDXL's text_time: text_embeds and time_ids
+            needs.append("added_cond_kwargs")
+        return tuple(needs)
 
     def run(self, model, sample, timestep, keep, stop, encoder_hidden_states=None, class_labels=None,
             timestep_cond=None, attention_mask=None, encoder_attention_mask=None, cross_attention_kwargs=None,
@@ -238,6 +256,9 @@ class DiTAdapter(_BlockStack):
     KWARGS = frozenset({"class_labels", "cross_attention_kwargs"})
     ATTENTION_KWARGS = "cross_attention_kwargs"
 
+    def required(self, model):
+        return ("class_labels",)  # adaLN-Zero embeds the label with the timestep in every block
+
     def prelude(self, model):
         return ["pos_embed"]
 
@@ -267,11 +288,14 @@ class PixArtAdapter(_BlockStack):
     def prelude(self, model):
         return ["pos_embed", self.PRELUDE]
 
+    def required(self, model):
+        return ("encoder_hidden_states",) + (("added_cond_kwargs",) if model.use_additional_conditions else ())
+
     def run(self, model, sample, timestep, keep, stop, encoder_hidden_states=None, added_cond_kwargs=None,
             cross_attention_kwargs=None, attention_mask=None, encoder_attention_mask=None):
         c = _Collect(keep, stop)
         if model.use_additional_conditions and added_cond_kwargs is None:
-            raise ValueError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
+            raise InputError("`added_cond_kwargs` cannot be None when using additional conditions for `adaln_single`.")
         # Masks (1 keep, 0 discard) become additive biases, as the model's forward makes them.
         if attention_mask is not None and attention_mask.ndim == 2:
             attention_mask = ((1 - attention_mask.to(sample.dtype)) * -10000.0).unsqueeze(1)
@@ -308,6 +332,9 @@ class SD3Adapter(_BlockStack):
 
     def prelude(self, model):
         return ["pos_embed", self.PRELUDE]
+
+    def required(self, model):
+        return ("encoder_hidden_states", "pooled_projections")
 
     def run(self, model, sample, timestep, keep, stop, encoder_hidden_states=None, pooled_projections=None,
             joint_attention_kwargs=None):
@@ -348,6 +375,10 @@ class FluxAdapter(_BlockStack):
 
     def model_timestep(self, timestep):
         return timestep / 1000
+
+    def required(self, model):
+        needs = ("encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids")
+        return needs + (("guidance",) if model.config.guidance_embeds else ())
 
     def run(self, model, sample, timestep, keep, stop, encoder_hidden_states=None, pooled_projections=None,
             img_ids=None, txt_ids=None, guidance=None, joint_attention_kwargs=None):

@@ -6,7 +6,8 @@ from dataclasses import fields
 import pytest
 
 from fastperc.recipes.cli import build_parser, main
-from fastperc.recipes.config import BOUNDS, TrainConfig
+from fastperc.recipes.config import (BOUNDS, MODEL_OPTIONS, RESUMABLE_OPTIONS, STUDY_OPTIONS, TrainConfig,
+                                     with_model_options)
 
 # A value just outside each bound, and one inside it.
 OUTSIDE = {"positive": "0", "non_negative": "-1", "unit_interval": "1"}
@@ -68,7 +69,8 @@ def test_the_schedule_is_stored_in_the_model_config_and_rebuilt_from_it():
     from fastperc.recipes.models import model_config_of, schedule_of
 
     for prediction_type, zero_snr in (("v_prediction", True), ("epsilon", False)):
-        config = model_config_of(TrainConfig(out="x", prediction_type=prediction_type), num_classes=None)
+        config = model_config_of(with_model_options(TrainConfig(out="x", prediction_type=prediction_type), None),
+                                 num_classes=None)
         assert config["schedule"]["kind"] == "scaled_linear"
         assert config["schedule"]["rescale_zero_terminal_snr"] is zero_snr
         rebuilt = schedule_of(config)
@@ -83,3 +85,47 @@ def test_the_schedule_is_stored_in_the_model_config_and_rebuilt_from_it():
     assert torch.equal(old.alphas_cumprod, NoiseSchedule.scaled_linear().alphas_cumprod)
     with pytest.raises(ValueError, match="schedule: expected a kind"):
         schedule_of({"schedule": {"kind": "sigmoid"}})
+
+
+def test_what_may_change_on_resume_and_vary_in_a_study_is_metadata_of_each_option():
+    # where and how long a run goes and how it reports; never what it learns
+    assert RESUMABLE_OPTIONS == {"out", "init", "max_steps", "save_every", "log_every", "max_bad_steps", "resume",
+                                 "overwrite", "progress", "compile", "teacher_checkpoint", "extra"}
+    # a study sets the run's folder, seed, length and teacher itself
+    assert {f.name for f in fields(TrainConfig)} - STUDY_OPTIONS == {"out", "init", "teacher", "seed", "max_steps",
+                                                                       "resume", "progress"}
+
+
+def test_the_flow_schedule_defaults_to_flow_prediction_for_python_callers_too():
+    assert with_model_options(TrainConfig(out="x", schedule="flow"), None).prediction_type == "flow_prediction"
+    assert with_model_options(TrainConfig(out="x"), None).prediction_type == "v_prediction"
+    assert with_model_options(TrainConfig(out="x", schedule="flow", prediction_type="flow_prediction"),
+                              None).prediction_type == "flow_prediction"
+
+
+def test_model_options_from_init_refuse_a_disagreeing_value_for_python_callers():
+    held = {**MODEL_OPTIONS, "block_channels": (8, 16), "conditional": True}
+    cfg = with_model_options(TrainConfig(out="x", init="ckpt", block_channels=[8, 16]), held)
+    assert cfg.block_channels == (8, 16) and cfg.conditional is True and cfg.arch == "unet"
+    with pytest.raises(ValueError, match=r"init: --arch 'dit' disagrees with ckpt, which holds 'unet'; "
+                                         r"--channels-per-level \(32, 64\) disagrees with ckpt, which holds \(8, 16\)"):
+        with_model_options(TrainConfig(out="x", init="ckpt", block_channels=(32, 64), arch="dit"), held)
+
+
+def test_train_with_init_and_a_disagreeing_model_option_is_refused(mse_run, tmp_path):
+    from fastperc.recipes.train import train
+
+    from .helpers import TINY
+    with pytest.raises(ValueError, match=r"init: --channels-per-level \(16, 32\) disagrees with"):
+        train(TrainConfig(out=str(tmp_path / "r"), init=str(mse_run), max_steps=1, **{**TINY, "block_channels": (16, 32)}))
+
+
+def test_the_default_tap_is_the_librarys_per_architecture_and_is_written_into_the_run(tmp_path, capsys):
+    from fastperc.recipes import checkpoint
+    dit = ["--arch", "dit", "--dit-width", "16", "--dit-depth", "4", "--batch-size", "4", "--max-steps", "1",
+           "--no-progress"]
+    assert main(["train", "--out", str(tmp_path / "mse"), *dit]) == 0
+    assert main(["train", "--out", str(tmp_path / "sp"), "--objective", "self_perceptual", "--init",
+                 str(tmp_path / "mse"), "--max-steps", "1", "--batch-size", "4", "--no-progress"]) == 0
+    assert tuple(checkpoint.load(tmp_path / "sp")["config"]["layers"]) == ("blocks.1",)  # mid-depth of 4 blocks
+    assert tuple(checkpoint.load(tmp_path / "mse")["config"]["layers"]) == ("blocks.1",)

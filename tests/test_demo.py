@@ -2,6 +2,7 @@
 the spread over training seeds; end to end, the quick preset with the UNet and with a DiT on flow."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -30,11 +31,11 @@ def test_the_fine_tunes_start_from_the_mse_stage_at_the_fine_tune_lr(tmp_path, m
     assert demo.run(str(tmp_path), "quick", progress=False) == {"interrupted": 15}
     assert list(stages) == ["mse", "sp", "sp_paper", "mse_cont", "uncond_mse", "uncond_sp"]
     quick = PRESETS["quick"]
-    assert stages["mse"].objective == "mse" and stages["mse"].max_steps == quick["mse_steps"]
-    assert stages["uncond_mse"].max_steps == quick["uncond_mse_steps"] and not stages["uncond_mse"].conditional
+    assert stages["mse"].objective == "mse" and stages["mse"].max_steps == quick.mse_steps
+    assert stages["uncond_mse"].max_steps == quick.uncond_mse_steps and not stages["uncond_mse"].conditional
     for name in ("sp", "sp_paper", "mse_cont", "uncond_sp"):
         cfg, first = stages[name], stages["uncond_mse" if name.startswith("uncond") else "mse"]
-        assert cfg.lr == quick["finetune_lr"] and cfg.max_steps == quick["finetune_steps"], name
+        assert cfg.lr == quick.finetune_lr and cfg.max_steps == quick.finetune_steps, name
         assert cfg.init == first.out and cfg.seed == first.seed + 1, name
     for name in ("sp", "uncond_sp"):  # the search's best configuration, the raw stage-1 model as teacher
         cfg = stages[name]
@@ -52,10 +53,10 @@ def test_a_stage_interrupted_by_a_signal_stops_the_demo_with_that_signal(tmp_pat
 
 def test_the_dit_setup_taps_blocks_that_exist_and_the_mid_depth_block_for_the_paper(tmp_path, monkeypatch):
     p = demo.arch_setup(PRESETS["quick"], "dit", "flow")
-    depth = p["model"]["dit_depth"]
-    assert p["model"]["prediction_type"] == "flow_prediction" and p["model"]["schedule"] == "flow"
-    assert p["sp_best"]["layers"] and all(int(x.split(".")[1]) < depth for x in p["sp_best"]["layers"])
-    assert p["sp_paper"]["layers"] == (f"blocks.{max(depth // 2 - 1, 0)}",)
+    depth = p.model["dit_depth"]
+    assert p.model["prediction_type"] == "flow_prediction" and p.model["schedule"] == "flow"
+    assert p.sp_best["layers"] and all(int(x.split(".")[1]) < depth for x in p.sp_best["layers"])
+    assert p.sp_paper["layers"] == (f"blocks.{max(depth // 2 - 1, 0)}",)
     with pytest.raises(ValueError, match="arch: expected 'unet' or 'dit', got 'vit'"):
         demo.arch_setup(PRESETS["quick"], "vit", "flow")
 
@@ -74,7 +75,7 @@ def test_training_seeds_are_summarised_as_mean_and_half_range(tmp_path, monkeypa
     seen = []
 
     def fake_run_one(out, preset, p, seed, progress, resume):
-        seen.append((Path(out).name, seed, "training_seeds" in p))
+        seen.append((Path(out).name, seed, bool(p.training_seeds)))
         fd = {0: 2.0, 1: 4.0, 2: 3.0}[seed]
         Path(out).mkdir(parents=True)
         return {"summary": {k: {"fd": (fd + i, 0.1), "precision": (0.5, 0.0), "seeds": 2, "n": [5, 5]}
@@ -102,7 +103,7 @@ def test_demo_quick_preset_writes_samples_report_and_pictures(tmp_path):
     assert not (tmp_path / "samples_uncond_sp_paper.npz").exists()  # the quick preset's paper_rows: conditional
     assert set(result["seconds"]) >= {"mse", "sp", "sp_paper", "mse_cont", "uncond_mse", "uncond_sp", "classifier"}
     configs = {k: checkpoint.load(tmp_path / k)["config"] for k in ("sp", "sp_paper", "mse_cont", "uncond_sp")}
-    assert {k: c["lr"] for k, c in configs.items()} == dict.fromkeys(configs, PRESETS["quick"]["finetune_lr"])
+    assert {k: c["lr"] for k, c in configs.items()} == dict.fromkeys(configs, PRESETS["quick"].finetune_lr)
     assert (tmp_path / "report.md").exists() and (tmp_path / "summary.json").exists()
     for png in ("grids.png", "fd_vs_cfg.png"):
         assert (tmp_path / png).stat().st_size > 1000
@@ -120,7 +121,7 @@ def test_demo_quick_runs_the_recipe_with_a_dit_on_flow_matching(tmp_path):
 
 @pytest.mark.slow
 def test_full_preset_runs_every_training_seed_and_reports_their_spread(tmp_path, monkeypatch):
-    monkeypatch.setitem(demo.PRESETS, "full", dict(demo.PRESETS["quick"], training_seeds=(0, 1)))
+    monkeypatch.setitem(demo.PRESETS, "full", replace(demo.PRESETS["quick"], training_seeds=(0, 1)))
     result = demo.run(str(tmp_path), "full", progress=False)
     assert (tmp_path / "seed0" / "report.md").exists() and (tmp_path / "seed1" / "report.md").exists()
     assert (tmp_path / "report.md").exists()

@@ -107,12 +107,16 @@ def test_a_bf16_teacher_casts_every_floating_kwarg_and_keeps_timesteps():
     assert cast["b"]["d"].dtype == torch.bfloat16 and cast["e"][0].dtype == torch.bfloat16 and cast["f"] == 3
 
 
-def test_missing_conditioning_names_teacher_kwargs_and_what_the_teacher_takes():
+def test_missing_conditioning_is_named_before_the_teacher_runs():
     teacher = FrozenTeacher(cond_unet())
+    calls = []
+    teacher.model.conv_in.register_forward_hook(lambda *a: calls.append(1))
     x0, noise, t = _batch(2, (4, 8, 8))
-    with pytest.raises(ValueError, match=r"teacher_kwargs: the teacher UNet2DConditionModel failed on sample "
-                                         r"\(2, 4, 8, 8\) float32 with nothing: .*Its forward takes \(sample"):
+    with pytest.raises(fastperc.InputError, match=r"teacher_kwargs: the teacher UNet2DConditionModel needs "
+                                                  r"encoder_hidden_states, got nothing; pass the conditioning the "
+                                                  r"student got \(encoder_hidden_states=...\)"):
         self_perceptual_loss(teacher, torch.randn_like(x0), x0, noise, t, NoiseSchedule.scaled_linear())
+    assert not calls, "the teacher ran"
 
 
 def test_a_wrong_batch_inside_teacher_kwargs_is_named():

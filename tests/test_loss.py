@@ -186,3 +186,81 @@ def test_module_form_matches_function():
 
 def test_public_api_is_exported():
     assert {"self_perceptual_loss", "SelfPerceptualLoss", "NoiseSchedule", "FrozenTeacher", "ops"} <= set(fastperc.__all__)
+
+
+# ---- the module holds the whole recipe; the function is its thin form ---------------------------------
+BEST = dict(layers=("conv_in", "down_blocks.0", "mid_block"), feature_norm="channel_rms", layer_weights=(1.0, 0.5, 2.0))
+
+
+def _inputs(gen, b=4):
+    x0, noise, p = torch.randn(3, b, 1, 8, 8, generator=gen).unbind(0)
+    return p, x0, noise, torch.randint(0, 1000, (b,), generator=gen)
+
+
+def test_the_module_holds_the_projects_best_recipe_and_equals_the_function(gen):
+    schedule, model = NoiseSchedule.scaled_linear(), tiny_unet().requires_grad_(False)
+    dist = fastperc.TimestepDistribution(0, 100)
+    criterion = SelfPerceptualLoss(FrozenTeacher(model, BEST["layers"]), schedule, timesteps_prime=dist,
+                                   feature_norm=BEST["feature_norm"], layer_weights=BEST["layer_weights"])
+    p, x0, noise, t = _inputs(gen)
+    got = criterion(p, x0, noise, t, generator=torch.Generator().manual_seed(5))
+    want = self_perceptual_loss(model, p, x0, noise, t, schedule, timesteps_prime=dist,
+                                generator=torch.Generator().manual_seed(5), **BEST)
+    assert torch.equal(got, want)
+    t2 = dist.sample(4, 1000, torch.Generator().manual_seed(5))
+    assert torch.equal(got, criterion(p, x0, noise, t, timesteps_prime=t2))  # a call's t' overrides the module's
+    assert not torch.equal(got, criterion(p, x0, noise, t, timesteps_prime=torch.full((4,), 900)))
+
+
+def test_a_frozen_plain_module_is_wrapped_once_and_released_with_it(gen, monkeypatch):
+    import gc
+    import weakref
+
+    built = []
+    real_init = FrozenTeacher.__init__
+    def counting_init(self, *a, **k):
+        built.append(1)
+        real_init(self, *a, **k)
+
+    monkeypatch.setattr(FrozenTeacher, "__init__", counting_init)
+    model = tiny_unet().requires_grad_(False)
+    p, x0, noise, t = _inputs(gen)
+    for _ in range(3):
+        self_perceptual_loss(model, p, x0, noise, t, NoiseSchedule.scaled_linear())
+    assert len(built) == 1
+    model.train()  # its owner switched it back: the next call runs it in eval mode again
+    self_perceptual_loss(model, p, x0, noise, t, NoiseSchedule.scaled_linear())
+    assert not model.training and len(built) == 1
+    gone = weakref.ref(model)
+    del model
+    gc.collect()
+    assert gone() is None, "the cached wrapper kept its module alive"
+
+
+def test_copies_and_pickles_of_a_module_carry_none_of_its_wrappers(gen):
+    import copy
+    import io
+
+    model = tiny_unet().requires_grad_(False)
+    p, x0, noise, t = _inputs(gen)
+    self_perceptual_loss(model, p, x0, noise, t, NoiseSchedule.scaled_linear())
+    assert not copy.deepcopy(model)._fastperc_frozen_teachers
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    assert not torch.load(buf, weights_only=False)._fastperc_frozen_teachers
+    assert set(model.state_dict()) == set(tiny_unet().state_dict())
+
+
+@pytest.mark.parametrize("weights", [[-0.5], [float("nan")], [float("inf")]])
+def test_feature_mse_and_the_loss_refuse_the_same_weights(weights, gen):
+    f = [torch.randn(2, 3, generator=gen, requires_grad=True)]
+    with pytest.raises(ValueError, match=r"weights: expected finite values >= 0"):
+        fastperc.ops.feature_mse(f, [torch.randn(2, 3, generator=gen)], weights)
+    with pytest.raises(ValueError, match=r"layer_weights: expected finite values >= 0"):
+        SelfPerceptualLoss(tiny_unet(), NoiseSchedule.scaled_linear(), layers=("mid_block",), layer_weights=weights)
+
+
+def test_teacher_options_given_with_a_frozen_teacher_are_refused():
+    with pytest.raises(ValueError, match="teacher_dtype/teacher_checkpoint: they build the teacher's copy"):
+        SelfPerceptualLoss(FrozenTeacher(tiny_unet()), NoiseSchedule.scaled_linear(), teacher_dtype=torch.bfloat16)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .unet import TimestepEmbedding, condition_embedding
+from ..errors import InputError
 
 
 def _sincos_2d(dim: int, grid: int) -> torch.Tensor:
@@ -76,13 +77,13 @@ class DiT(nn.Module):
                  depth: int = 6, heads: int = 4, num_classes: int | None = None):
         super().__init__()
         if image_size % patch_size:
-            raise ValueError(f"image_size: expected a multiple of patch_size={patch_size}, got {image_size}")
+            raise InputError(f"image_size: expected a multiple of patch_size={patch_size}, got {image_size}")
         if hidden % 4 or hidden % heads:
-            raise ValueError(f"hidden: expected a multiple of 4 and of heads={heads}, got {hidden}")
+            raise InputError(f"hidden: expected a multiple of 4 and of heads={heads}, got {hidden}")
         if depth < 1:
-            raise ValueError(f"depth: expected >= 1, got {depth}")
+            raise InputError(f"depth: expected >= 1, got {depth}")
         if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes: expected None or a positive int, got {num_classes}")
+            raise InputError(f"num_classes: expected None or a positive int, got {num_classes}")
         self.in_channels, self.image_size, self.patch_size = in_channels, image_size, patch_size
         self.num_classes = self.null_class = num_classes
         self.grid = image_size // patch_size
@@ -129,7 +130,7 @@ class DiT(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if sample.dim() != 4 or sample.shape[1:] != (self.in_channels, self.image_size, self.image_size):
-            raise ValueError(f"sample: expected shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
+            raise InputError(f"sample: expected shape (B, {self.in_channels}, {self.image_size}, {self.image_size}), "
                              f"got {tuple(sample.shape)}")
         return self.features(sample, timestep, class_labels)[1]
 

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..errors import InputError
 
 
 def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -34,7 +35,7 @@ def condition_embedding(model: nn.Module, sample: torch.Tensor, timestep, class_
             class_labels = torch.full((sample.shape[0],), model.null_class, device=sample.device, dtype=torch.long)
         emb = emb + model.class_embedding(class_labels)
     elif class_labels is not None:
-        raise ValueError(f"class_labels: this {type(model).__name__} is unconditional (num_classes=None), "
+        raise InputError(f"class_labels: this {type(model).__name__} is unconditional (num_classes=None), "
                          "got class labels")
     return emb
 
@@ -169,10 +170,10 @@ class UNet(nn.Module):
                  norm_groups: int = 8, dropout: float = 0.0):
         super().__init__()
         if not block_channels or any(c % norm_groups for c in block_channels):
-            raise ValueError(f"block_channels: expected a non-empty sequence of multiples of norm_groups={norm_groups}, "
+            raise InputError(f"block_channels: expected a non-empty sequence of multiples of norm_groups={norm_groups}, "
                              f"got {tuple(block_channels)}")
         if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes: expected None or a positive int, got {num_classes}")
+            raise InputError(f"num_classes: expected None or a positive int, got {num_classes}")
         levels = len(block_channels)
         attention_levels = (levels - 1,) if attention_levels is None else tuple(attention_levels)
         self.in_channels, self.out_channels = in_channels, out_channels or in_channels
@@ -256,7 +257,7 @@ class UNet(nn.Module):
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if sample.dim() != 4 or sample.shape[1] != self.in_channels:
-            raise ValueError(f"sample: expected shape (B, {self.in_channels}, H, W), got {tuple(sample.shape)}")
+            raise InputError(f"sample: expected shape (B, {self.in_channels}, H, W), got {tuple(sample.shape)}")
         if sample.shape[-1] % self.sample_divisor or sample.shape[-2] % self.sample_divisor:
-            raise ValueError(f"sample: expected H and W divisible by {self.sample_divisor}, got {tuple(sample.shape[-2:])}")
+            raise InputError(f"sample: expected H and W divisible by {self.sample_divisor}, got {tuple(sample.shape[-2:])}")
         return self.features(sample, timestep, class_labels)[1]

@@ -8,6 +8,7 @@ import warnings
 import torch
 
 from . import _ext
+from ..errors import InputError
 
 BACKENDS = ("auto", "reference", "cpu", "triton", "cuda")
 # Fastest first, per device type.
@@ -81,7 +82,7 @@ _warned: set[str] = set()
 def resolve(backend: str, device: torch.device) -> str:
     """The concrete backend for `backend` on `device`; auto falls back with one warning per device type."""
     if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
+        raise InputError(f"backend: expected one of {list(BACKENDS)}, got {backend!r}")
     dt, idx = device.type, device.index
     if backend != "auto":
         reason = why_unavailable(backend, dt, idx)

@@ -21,9 +21,10 @@ import torch
 from torch import Tensor
 
 from .._per_sample import accumulation_dtype
-from .._validation import check_choice
+from .._validation import check_choice, check_weights
 from . import _backend, _ext, reference
 from ._layout import as_same_layout, batch_major_dense, empty_like_layout, overlaps, same_layout
+from ..errors import InputError
 
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -44,7 +45,7 @@ def _run(preds: list[Tensor], targets: list[Tensor], grads: list[Tensor], weight
         from ._triton import feature_mse as tri
         tri.forward(preds, targets, grads, weights, per_sample)
     else:  # the reference is plain autograd over reference.py (feature_mse below), never a custom op
-        raise ValueError(f"backend: the fused op runs 'cpu', 'cuda' or 'triton', got {backend!r}")
+        raise InputError(f"backend: the fused op runs 'cpu', 'cuda' or 'triton', got {backend!r}")
     return per_sample
 
 
@@ -152,7 +153,7 @@ def _check(pred_feats, target_feats, weights, reduction) -> tuple[list, list, li
                             f"got {type(seq).__name__}")
     preds, targets = list(pred_feats), list(target_feats)
     if len(preds) != len(targets):
-        raise ValueError(f"target_feats: expected {len(preds)} tensors (one per predicted layer), got {len(targets)}")
+        raise InputError(f"target_feats: expected {len(preds)} tensors (one per predicted layer), got {len(targets)}")
     for i, (p, t) in enumerate(zip(preds, targets)):
         for name, x in ((f"pred_feats[{i}]", p), (f"target_feats[{i}]", t)):
             if not isinstance(x, Tensor):
@@ -160,32 +161,23 @@ def _check(pred_feats, target_feats, weights, reduction) -> tuple[list, list, li
             if not x.is_floating_point():
                 raise TypeError(f"{name}: expected a floating dtype, got {x.dtype}")
             if x.dim() < 1:
-                raise ValueError(f"{name}: expected shape (B, ...), got a 0-d tensor")
+                raise InputError(f"{name}: expected shape (B, ...), got a 0-d tensor")
         if p.shape != t.shape:
-            raise ValueError(f"target_feats[{i}]: expected shape {tuple(p.shape)} (pred_feats[{i}]), got {tuple(t.shape)}")
+            raise InputError(f"target_feats[{i}]: expected shape {tuple(p.shape)} (pred_feats[{i}]), got {tuple(t.shape)}")
         if p.dtype != preds[0].dtype or t.dtype != preds[0].dtype:
             raise TypeError(f"pred_feats[{i}]/target_feats[{i}]: expected dtype {preds[0].dtype} (as layer 0), "
                             f"got {p.dtype}/{t.dtype}")
         if p.device != preds[0].device or t.device != preds[0].device:
-            raise ValueError(f"pred_feats[{i}]/target_feats[{i}]: expected device {preds[0].device}, "
+            raise InputError(f"pred_feats[{i}]/target_feats[{i}]: expected device {preds[0].device}, "
                              f"got {p.device}/{t.device}")
         if p.shape[0] != preds[0].shape[0]:
-            raise ValueError(f"pred_feats[{i}]: expected batch size {preds[0].shape[0]} (as layer 0), got {p.shape[0]}")
+            raise InputError(f"pred_feats[{i}]: expected batch size {preds[0].shape[0]} (as layer 0), got {p.shape[0]}")
         # Every backend refuses empty samples alike: a mean over no elements has no value (NaN).
         if p.shape[0] == 0:
-            raise ValueError(f"pred_feats[{i}]: expected at least one sample, got shape {tuple(p.shape)}")
+            raise InputError(f"pred_feats[{i}]: expected at least one sample, got shape {tuple(p.shape)}")
         if p.numel() == 0:
-            raise ValueError(f"pred_feats[{i}]: expected at least one element per sample, got shape {tuple(p.shape)}")
-    if weights is None:
-        w = [1.0] * len(preds)
-    else:
-        if isinstance(weights, Tensor):
-            weights = weights.tolist()
-        w = [float(x) for x in weights]
-        if len(w) != len(preds):
-            raise ValueError(f"weights: expected {len(preds)} values (one per layer), got {len(w)}")
-        if not all(abs(x) < float("inf") for x in w):
-            raise ValueError(f"weights: expected finite values, got {w}")
+            raise InputError(f"pred_feats[{i}]: expected at least one element per sample, got shape {tuple(p.shape)}")
+    w = [1.0] * len(preds) if weights is None else check_weights("weights", weights, len(preds))
     check_choice("reduction", reduction, REDUCTIONS)
     return preds, targets, w
 
@@ -198,7 +190,7 @@ def feature_mse(pred_feats: Sequence[Tensor], target_feats: Sequence[Tensor],
     Args:
         pred_feats: one tensor per layer, each (B, ...); gradients flow into these.
         target_feats: tensors of the same shapes and dtype (never differentiated).
-        weights: one float per layer (default 1.0 each).
+        weights: one finite float >= 0 per layer (default 1.0 each).
         reduction: "mean" over the batch, "sum", or "none" for the (B,) per-sample loss.
         backend: "auto", "reference", "cpu", "triton" or "cuda" (see `python -m fastperc.info`).
         consume_targets: let the kernels write the gradient over `target_feats` (saves one

@@ -16,6 +16,7 @@ from .._per_sample import accumulation_dtype, per_sample
 from .._validation import check_like, check_tensor
 from . import _backend, _ext, reference
 from ._layout import as_same_layout, empty_like_layout, same_layout
+from ..errors import InputError
 
 COEF_NAMES = ("a", "b", "alpha_prime", "sigma_prime")
 
@@ -33,7 +34,7 @@ def _run(x_t: Tensor, p: Tensor, x0: Tensor, noise: Tensor, coefs: Tensor, fake:
         from ._triton import renoise as tri
         tri.forward(x_t, p, x0, noise, coefs, fake, real)
     else:  # the reference is plain autograd over reference.py (renoise below), never a custom op
-        raise ValueError(f"backend: the fused op runs 'cpu', 'cuda' or 'triton', got {backend!r}")
+        raise InputError(f"backend: the fused op runs 'cpu', 'cuda' or 'triton', got {backend!r}")
 
 
 @torch.library.custom_op("fastperc::renoise", mutates_args=())
@@ -80,9 +81,9 @@ def _check(x_t, model_output, x0, noise, coefs) -> None:
     for name, c in zip(COEF_NAMES, coefs):
         check_tensor(name, c)
         if c.shape != (model_output.shape[0],):
-            raise ValueError(f"{name}: expected shape ({model_output.shape[0]},) (one per sample), got {tuple(c.shape)}")
+            raise InputError(f"{name}: expected shape ({model_output.shape[0]},) (one per sample), got {tuple(c.shape)}")
         if c.device != model_output.device:
-            raise ValueError(f"{name}: expected device {model_output.device}, got {c.device}")
+            raise InputError(f"{name}: expected device {model_output.device}, got {c.device}")
 
 
 def renoise(x_t: Tensor, model_output: Tensor, x0: Tensor, noise: Tensor, a: Tensor, b: Tensor,

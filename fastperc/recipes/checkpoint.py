@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from ..errors import InputError, MissingFileError
 
 FORMAT = "fastperc-checkpoint-v1"
 
@@ -64,14 +65,14 @@ def load(path: str | os.PathLike, map_location="cpu") -> dict:
     if path.is_dir():
         path = path / "checkpoint.pt"
     if not path.exists():
-        raise ValueError(f"checkpoint: {path} does not exist")
+        raise MissingFileError(f"checkpoint: {path} does not exist")
     prev = previous(path)
     hint = f"; the previous checkpoint is kept as {prev}" if prev.exists() else ""
     try:
         obj = torch.load(path, map_location=map_location, weights_only=False)
     except Exception as e:  # torch raises several types for truncated/corrupt files
-        raise ValueError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: "
+        raise InputError(f"checkpoint: {path} is not a readable checkpoint ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''}){hint}") from e
     if not isinstance(obj, dict) or obj.get("format") != FORMAT:
-        raise ValueError(f"checkpoint: {path} is not a {FORMAT} file{hint}")
+        raise InputError(f"checkpoint: {path} is not a {FORMAT} file{hint}")
     return obj

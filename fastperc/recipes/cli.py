@@ -5,7 +5,8 @@ import argparse
 import os
 import sys
 
-from .config import MODEL_OPTIONS, add_train_options, bounded, config_from_args
+from .config import add_train_options, bounded, config_from_args
+from ..errors import InputError, MissingFileError
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -108,44 +109,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"fastperc {args.command}: error: needs {TRAIN_EXTRA[top]}, which is not installed; install the "
               "application's extra: pip install 'fastperc[train]'", file=sys.stderr)
         return 2
-    # Expected failures: bad values found after parsing (data, checkpoints, combinations), missing
-    # files, a checkpoint that does not fit the model, a run that diverged. One line, exit code 2.
-    except (ValueError, TypeError, FileNotFoundError, RuntimeError) as e:
+    # What the user can fix (InputError: bad values found after parsing, missing files, a checkpoint
+    # that does not fit its model, a run that diverged): one line, exit code 2. Anything else is a
+    # bug or a failure inside a model and keeps its traceback.
+    except InputError as e:
         if os.environ.get("FASTPERC_DEBUG"):
             raise
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         print(f"fastperc {args.command}: error: {first} (FASTPERC_DEBUG=1 shows the traceback)", file=sys.stderr)
         return 2
-
-
-def _model_options_from_init(args) -> None:
-    """Fill the model options: from --init's checkpoint when given (an explicit value that disagrees is
-    an error naming it), else the defaults."""
-    given = {k: getattr(args, k) for k in MODEL_OPTIONS if getattr(args, k) is not None}
-    if args.init:
-        from .checkpoint import load
-        from .models import model_options_of
-        held = model_options_of(load(args.init)["model_config"])
-        bad = [k for k, v in given.items() if (tuple(v) if isinstance(v, (list, tuple)) else v) != held[k]]
-        if bad:
-            raise ValueError("init: " + "; ".join(f"{_flag(k)} {given[k]!r} disagrees with {args.init}, which holds "
-                                                  f"{held[k]!r}" for k in bad) + " (omit them: --init sets the model)")
-        values = held
-    else:
-        values = {**MODEL_OPTIONS, **given}
-        if values["schedule"] == "flow" and "prediction_type" not in given:
-            values["prediction_type"] = "flow_prediction"  # the flow schedule's own prediction
-    for k, v in values.items():
-        setattr(args, k, v)
-
-
-def _flag(name: str) -> str:
-    """The command-line flag of a TrainConfig option."""
-    from dataclasses import fields
-
-    from .config import TrainConfig
-    meta = next(f.metadata for f in fields(TrainConfig) if f.name == name)
-    return meta["flag"] or "--" + name.replace("_", "-")
 
 
 def _find_classifier(samples: list[str]) -> str:
@@ -155,7 +127,7 @@ def _find_classifier(samples: list[str]) -> str:
     for folder in [here, *here.parents][:4]:
         if (folder / "classifier" / "classifier.pt").exists():
             return str(folder / "classifier")
-    raise FileNotFoundError(f"classifier: none given and no classifier/ folder beside {samples[0]} or above it; "
+    raise MissingFileError(f"classifier: none given and no classifier/ folder beside {samples[0]} or above it; "
                             "train one with `fastperc train-classifier --out DIR` and pass --classifier DIR")
 
 
@@ -166,8 +138,7 @@ def _dispatch(args) -> int:
         return 0
     if args.command == "train":
         from .train import train
-        _model_options_from_init(args)
-        cfg = config_from_args(args)
+        cfg = config_from_args(args)  # model options left unset come from --init (or their defaults)
         try:
             result = train(cfg)
         finally:
@@ -194,7 +165,7 @@ def _dispatch(args) -> int:
         from .models import load_model
         model, model_config = load_model(args.checkpoint, use_ema=args.ema)
         if args.cfg_scale != 1.0 and model_config.get("num_classes") is None:
-            raise ValueError("cfg-scale: guidance needs a conditional model (trained with --conditional)")
+            raise InputError("cfg-scale: guidance needs a conditional model (trained with --conditional)")
         imgs, labels = generate(model, model_config, args.n, steps=args.steps, cfg_scale=args.cfg_scale,
                                 guidance_rescale=args.guidance_rescale, seed=args.seed, batch_size=args.batch_size,
                                 device="cuda" if torch.cuda.is_available() else "cpu")

@@ -1,14 +1,17 @@
-"""The training options, each defined once: default, type, bounds and help. `TrainConfig.validate`
-checks them, `fastperc train` builds its flags from them (`add_train_options`), and `fastperc study`
-accepts any of them in a variant, so the three never disagree."""
+"""The training options, each defined once: default, type, bounds, help, and what may be done with it
+(changed on resume, varied by a study, taken from --init's checkpoint). `TrainConfig.validate` checks
+them, `fastperc train` builds its flags from them (`add_train_options`), `fastperc study` accepts the
+study options in a variant, a resumed run refuses a change to any option that is not resumable, and
+`with_model_options` fills the model options from --init for the CLI and Python callers alike."""
 from __future__ import annotations
 
 import argparse
-from dataclasses import MISSING, Field, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields, replace
 
 from ..loss import FEATURE_NORMS
 from ..schedule import DENSITIES, FLOW_PREDICTION_TYPES, PREDICTION_TYPES, TimestepDistribution
 from .models import ARCHS
+from ..errors import InputError
 
 OBJECTIVES = ("mse", "self_perceptual")
 
@@ -21,28 +24,36 @@ BOUNDS = {
 
 
 def option(default, help: str, *, type=None, bound: str | None = None, choices=None, flag: str | None = None,
-           metavar: str | None = None, model: bool = False, group: str | None = None, cli: bool = True) -> Field:
+           metavar: str | None = None, model: bool = False, group: str | None = None, cli: bool = True,
+           resumable: bool = False, study: bool = True, per_schedule: dict | None = None) -> Field:
     """A TrainConfig field with what the CLI and the checks need. `type`: int, float, str, bool, or a
     1-tuple (int,) / (float,) / (str,) for a comma-separated list. `model`: an option that describes the
-    model, taken from the checkpoint with --init. `group`: flags of one group exclude each other."""
+    model: it defaults to None, "from --init's checkpoint, else `default`" (see `with_model_options`).
+    `group`: flags of one group exclude each other. `resumable`: a resumed run may change it (where and
+    how long it runs and how it reports, not what it learns). `study`: a `fastperc study` variant may
+    set it (not the run's identity: folder, seed, length, teacher). `per_schedule`: the default per
+    value of `schedule`, used instead of `default`."""
     meta = dict(help=help, type=type, bound=bound, choices=choices, flag=flag, metavar=metavar, model=model,
-                group=group, cli=cli)
+                group=group, cli=cli, resumable=resumable, study=study, per_schedule=per_schedule, default=default)
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
-    return field(default=default, metadata=meta)
+    return field(default=None if model else default, metadata=meta)
 
 
 @dataclass
 class TrainConfig:
-    out: str = option(MISSING, "run folder: checkpoint.pt, log.jsonl", type=str)
+    out: str = option(MISSING, "run folder: checkpoint.pt, log.jsonl", type=str, resumable=True, study=False)
     objective: str = option("mse", "plain MSE, or the self-perceptual objective (needs --init or --teacher)",
                             type=str, choices=OBJECTIVES)
     mse_weight: float = option(0.0, "add this times the MSE loss to the self-perceptual loss", type=float,
                                bound="non_negative")
     init: str | None = option(None, "start from this checkpoint's model and EMA weights (file or run folder)",
-                              type=str)
-    teacher: str | None = option(None, "frozen perceptual network checkpoint (default: --init)", type=str)
-    layers: tuple[str, ...] = option(("mid_block",), "comma-separated teacher layers", type=(str,))
+                              type=str, resumable=True, study=False)
+    teacher: str | None = option(None, "frozen perceptual network checkpoint (default: --init)", type=str,
+                                 study=False)
+    layers: tuple[str, ...] | None = option(None, "comma-separated teacher layers (default: the library's tap for "
+                                            "the architecture: mid_block for a UNet, a mid-depth block for a "
+                                            "DiT)", type=(str,))
     layer_weights: tuple[float, ...] | None = option(None, "one weight >= 0 per layer (default 1 each)",
                                                      type=(float,), bound="non_negative")
     feature_norm: str = option("none", "scale each tapped channel by the real features' RMS (per sample), so "
@@ -56,7 +67,7 @@ class TrainConfig:
     objective_t_range: tuple[int, int] | None = option(None, "use the self-perceptual objective where t is in "
                                                        "[LOW, HIGH], plain MSE elsewhere", type=(int,),
                                                        bound="non_negative", metavar="LOW,HIGH")
-    arch: str = option("unet", "the denoiser", type=str, choices=ARCHS)
+    arch: str = option("unet", "the denoiser", type=str, choices=ARCHS, model=True)
     block_channels: tuple[int, ...] = option((32, 64, 128), "UNet channels per resolution level", type=(int,),
                                              bound="positive", flag="--channels-per-level", model=True)
     dit_width: int = option(128, "DiT token width (a multiple of 4; 4 attention heads)", type=int, bound="positive",
@@ -69,7 +80,7 @@ class TrainConfig:
                                   "rescaled to zero terminal SNR, except for epsilon (which cannot be converted "
                                   "where alpha = 0): the SD 1.5 table. flow: flow_prediction (noise - x0), the "
                                   "default there", type=str, choices=PREDICTION_TYPES + FLOW_PREDICTION_TYPES,
-                                  model=True)
+                                  model=True, per_schedule={"ddpm": "v_prediction", "flow": "flow_prediction"})
     schedule: str = option("ddpm", "the noise process: ddpm (variance preserving, 1000 steps) or flow (rectified "
                            "flow, diffusers' FlowMatchEulerDiscreteScheduler table; sampled with Euler steps)",
                            type=str, choices=("ddpm", "flow"), model=True)
@@ -96,28 +107,29 @@ class TrainConfig:
     ema_decay: float = option(0.999, "EMA decay, warmed up as (1+step)/(10+step) from step 0", type=float,
                               bound="unit_interval")
     precision: str = option("fp32", "bf16: autocast student and teacher", type=str, choices=("fp32", "bf16"))
-    compile: bool = option(False, "torch.compile the student and the teacher", type=bool)
+    compile: bool = option(False, "torch.compile the student and the teacher", type=bool, resumable=True)
     teacher_checkpoint: bool = option(False, "recompute the teacher's activations in backward, one stage at a "
-                                      "time (less memory, one more teacher forward)", type=bool)
-    seed: int = option(0, "seeds every draw of every step (exact resume)", type=int)
-    max_steps: int = option(1000, "optimizer steps in all", type=int, bound="non_negative")
+                                      "time (less memory, one more teacher forward)", type=bool, resumable=True)
+    seed: int = option(0, "seeds every draw of every step (exact resume)", type=int, study=False)
+    max_steps: int = option(1000, "optimizer steps in all", type=int, bound="non_negative", resumable=True,
+                            study=False)
     save_every: int = option(500, "checkpoint every N steps (the previous one is kept as checkpoint.prev.pt)",
-                             type=int, bound="positive")
-    log_every: int = option(10, "a log.jsonl line every N steps", type=int, bound="positive")
+                             type=int, bound="positive", resumable=True)
+    log_every: int = option(10, "a log.jsonl line every N steps", type=int, bound="positive", resumable=True)
     max_bad_steps: int = option(5, "stop after this many steps in a row with a NaN/Inf loss or gradient (each is "
                                 "skipped: no optimizer, EMA or LR-schedule step); checked on logging steps",
-                                type=int, bound="positive")
+                                type=int, bound="positive", resumable=True)
     resume: bool = option(False, "continue from OUT/checkpoint.pt when present (with the same options)",
-                          type=bool, group="run_mode")
+                          type=bool, group="run_mode", resumable=True, study=False)
     overwrite: bool = option(False, "start over in an OUT that holds a run (else that is an error)", type=bool,
-                             group="run_mode")
-    progress: bool = option(True, "no progress bar", type=bool, flag="--no-progress")
-    extra: dict = option({}, "free-form notes kept in the checkpoint", cli=False)
+                             group="run_mode", resumable=True)
+    progress: bool = option(True, "no progress bar", type=bool, flag="--no-progress", resumable=True, study=False)
+    extra: dict = option({}, "free-form notes kept in the checkpoint", cli=False, resumable=True)
 
     def validate(self) -> None:
         """Every option against its definition, then the combinations; a ValueError names the option."""
         def bad(name, expected, got):
-            raise ValueError(f"{name}: expected {expected}, got {got!r}")
+            raise InputError(f"{name}: expected {expected}, got {got!r}")
 
         for f in fields(self):
             value, meta = getattr(self, f.name), f.metadata
@@ -143,18 +155,18 @@ class TrainConfig:
             if r is not None and not (len(r) == 2 and r[0] <= r[1]):
                 bad(name, "two timesteps low <= high", r)
         if self.objective == "self_perceptual" and not (self.teacher or self.init):
-            raise ValueError("teacher: the self_perceptual objective needs a frozen MSE-trained network; "
+            raise InputError("teacher: the self_perceptual objective needs a frozen MSE-trained network; "
                              "pass --teacher CKPT or --init CKPT")
-        if self.layer_weights is not None and len(self.layer_weights) != len(self.layers):
+        if self.layer_weights is not None and self.layers is not None and len(self.layer_weights) != len(self.layers):
             bad("layer_weights", f"{len(self.layers)} values (one per layer)", self.layer_weights)
         if self.resume and self.overwrite:
-            raise ValueError("resume: --resume and --overwrite exclude each other")
+            raise InputError("resume: --resume and --overwrite exclude each other")
         flow = self.prediction_type in FLOW_PREDICTION_TYPES
-        if (self.schedule == "flow") != flow:
+        if self.schedule is not None and self.prediction_type is not None and (self.schedule == "flow") != flow:
             expected = "flow_prediction" if self.schedule == "flow" else f"one of {list(PREDICTION_TYPES)}"
-            raise ValueError(f"prediction_type: the {self.schedule} schedule trains {expected}, got "
+            raise InputError(f"prediction_type: the {self.schedule} schedule trains {expected}, got "
                              f"{self.prediction_type!r}")
-        if self.arch == "dit" and self.dit_width % 4:
+        if self.arch == "dit" and self.dit_width is not None and self.dit_width % 4:
             bad("dit_width", "a multiple of 4", self.dit_width)
 
     def t_prime_distribution(self) -> TimestepDistribution:
@@ -163,8 +175,44 @@ class TrainConfig:
                                     float(self.t_prime_loc), float(self.t_prime_scale))
 
 
-# Options that describe the model: with --init they come from the checkpoint.
-MODEL_OPTIONS = {f.name: f.default for f in fields(TrainConfig) if f.metadata.get("model")}
+# What each option's metadata says, gathered once for the places that ask.
+# Options that describe the model (with --init they come from the checkpoint), with their defaults.
+MODEL_OPTIONS = {f.name: f.metadata["default"] for f in fields(TrainConfig) if f.metadata.get("model")}
+# Options a resumed run may change.
+RESUMABLE_OPTIONS = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("resumable"))
+# Options a study variant (or its base) may set.
+STUDY_OPTIONS = frozenset(f.name for f in fields(TrainConfig) if f.metadata.get("study"))
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of a TrainConfig option."""
+    meta = next(f.metadata for f in fields(TrainConfig) if f.name == name)
+    return meta["flag"] or "--" + name.replace("_", "-")
+
+
+def _plain(value):
+    return tuple(value) if isinstance(value, list) else value
+
+
+def with_model_options(cfg: TrainConfig, held: dict | None) -> TrainConfig:
+    """`cfg` with every model option set. With `held` (the model options of --init's checkpoint, from
+    `models.model_options_of`) they come from it, and one set in `cfg` that disagrees is an InputError
+    naming it; without, an unset option takes its default (per schedule where the option has one, e.g.
+    flow_prediction for the flow schedule). The same for the CLI and for Python callers."""
+    given = {k: _plain(getattr(cfg, k)) for k in MODEL_OPTIONS if getattr(cfg, k) is not None}
+    if held is not None:
+        bad = [k for k, v in given.items() if v != _plain(held[k])]
+        if bad:
+            raise InputError("init: " + "; ".join(f"{flag_of(k)} {given[k]!r} disagrees with {cfg.init}, which "
+                                                  f"holds {held[k]!r}" for k in bad) + " (omit them: --init sets the "
+                                                                                        "model)")
+        return replace(cfg, **{k: held[k] for k in MODEL_OPTIONS})
+    values = {**MODEL_OPTIONS, **given}
+    for f in fields(TrainConfig):
+        per_schedule = f.metadata.get("per_schedule")
+        if per_schedule and f.name not in given:
+            values[f.name] = per_schedule[values["schedule"]]
+    return replace(cfg, **values)
 
 
 def bounded(kind: type, bound: str | None = None):
@@ -208,7 +256,10 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         if isinstance(f.default, tuple) and not meta["model"]:
             kw["help"] = f"{help_text} (default: {','.join(map(str, f.default))})"
         if meta["model"]:
-            default = ",".join(map(str, f.default)) if isinstance(f.default, tuple) else f.default
+            default = meta["default"]
+            default = ",".join(map(str, default)) if isinstance(default, tuple) else default
+            if meta["per_schedule"]:
+                default = ", ".join(f"{v} for --schedule {k}" for k, v in meta["per_schedule"].items())
             kw["help"] = f"{help_text} (default: {default}; with --init: the checkpoint's)"
             kw["default"] = None
         if meta["type"] is bool:

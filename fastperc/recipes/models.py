@@ -7,6 +7,7 @@ from torch import nn
 from ..models.dit import DiT
 from ..models.unet import UNet
 from . import checkpoint, latent
+from ..errors import InputError
 
 ARCHS = ("unet", "diffusers-unet2d", "dit")
 
@@ -39,7 +40,7 @@ def build_model(config: dict) -> nn.Module:
                            out_channels=config["in_channels"], block_out_channels=ch, layers_per_block=1,
                            down_block_types=down, up_block_types=up, norm_num_groups=8,
                            num_class_embeds=None if ncls is None else ncls + 1)
-    raise ValueError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
+    raise InputError(f"arch: expected one of {list(ARCHS)}, got {arch!r}")
 
 
 SCHEDULE_KINDS = ("scaled_linear", "linear", "cosine", "flow_matching")
@@ -72,7 +73,7 @@ def schedule_of(config: dict):
             "rescale_zero_terminal_snr": config.get("zero_terminal_snr", prediction_type != "epsilon")}
     kind = stored.get("kind")
     if kind not in SCHEDULE_KINDS:
-        raise ValueError(f"schedule: expected a kind in {list(SCHEDULE_KINDS)}, got {kind!r}")
+        raise InputError(f"schedule: expected a kind in {list(SCHEDULE_KINDS)}, got {kind!r}")
     return getattr(NoiseSchedule, kind)(**{k: v for k, v in stored.items() if k != "kind"})
 
 
@@ -81,7 +82,7 @@ def model_options_of(config: dict) -> dict:
     from its model config: what `--init` sets."""
     kind = (config.get("schedule") or {}).get("kind", "scaled_linear")
     dit = config.get("dit", {})
-    return {"conditional": config.get("num_classes") is not None, "block_channels": tuple(config["block_channels"]),
+    return {"arch": config.get("arch", "unet"), "conditional": config.get("num_classes") is not None, "block_channels": tuple(config["block_channels"]),
             "prediction_type": config["prediction_type"], "schedule": "flow" if kind == "flow_matching" else "ddpm",
             "dit_width": dit.get("width", 128), "dit_depth": dit.get("depth", 6)}
 
@@ -110,7 +111,7 @@ def model_config_of(cfg, num_classes: int | None) -> dict:
         ae = latent.load_autoencoder(cfg.latent)
         channels, size, _ = ae.latent_shape(cfg.image_size)
         if ae.config["in_channels"] != cfg.channels:
-            raise ValueError(f"latent: {cfg.latent} encodes {ae.config['in_channels']}-channel images, the data "
+            raise InputError(f"latent: {cfg.latent} encodes {ae.config['in_channels']}-channel images, the data "
                              f"has {cfg.channels} (--channels)")
         model_config |= {"in_channels": channels, "image_size": size,
                          "autoencoder": {"autoencoder": ae.state_dict(), "config": ae.config}}
@@ -121,5 +122,9 @@ def load_model(path: str, use_ema: bool = False) -> tuple[nn.Module, dict]:
     """The model (or its EMA) stored in a checkpoint, and its model config."""
     ckpt = checkpoint.load(path)
     model = build_model(ckpt["model_config"])
-    model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    try:
+        model.load_state_dict(ckpt["ema" if use_ema else "model"])
+    except RuntimeError as e:  # torch's size-mismatch report: the weights are not this model's
+        raise InputError(f"checkpoint: the weights in {path} do not fit the model its config describes "
+                         f"({str(e).strip().splitlines()[0]})") from e
     return model, ckpt["model_config"]

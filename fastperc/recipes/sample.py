@@ -13,12 +13,13 @@ from . import latent
 from .data import to_uint8
 from .models import null_class, predict, schedule_of
 from ..schedule import FlowMatchingSchedule, NoiseSchedule
+from ..errors import InputError
 
 
 def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
     """diffusers' "trailing" spacing: starts at T-1, so zero-terminal-SNR models see pure noise first."""
     if not 1 <= steps <= num_train_timesteps:
-        raise ValueError(f"steps: expected 1..{num_train_timesteps}, got {steps}")
+        raise InputError(f"steps: expected 1..{num_train_timesteps}, got {steps}")
     return (np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1).tolist()
 
 
@@ -53,7 +54,7 @@ def flow_sigmas(schedule: FlowMatchingSchedule, steps: int) -> list[float]:
     shifts these already-shifted end points once more), then 0."""
     T = schedule.num_train_timesteps
     if not 1 <= steps <= T:
-        raise ValueError(f"steps: expected 1..{T}, got {steps}")
+        raise InputError(f"steps: expected 1..{T}, got {steps}")
     u = np.linspace(float(schedule.sigmas.max()), float(schedule.sigmas.min()), steps)
     k = schedule.shift
     return [float(k * v / (1 + (k - 1) * v)) for v in u] + [0.0]
@@ -84,7 +85,7 @@ def _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_res
     if not guided:
         return predict(model, x, tt, labels).float()
     if null_label is None:
-        raise ValueError("cfg_scale: classifier-free guidance needs a conditional model with a null class")
+        raise InputError("cfg_scale: classifier-free guidance needs a conditional model with a null class")
     both = predict(model, torch.cat([x, x]), torch.cat([tt, tt]), torch.cat([labels, torch.full_like(labels, null_label)]))
     cond, uncond = both.float().chunk(2)
     p = uncond + cfg_scale * (cond - uncond)
@@ -101,7 +102,7 @@ def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: f
     """n images as uint8 (N, H, W) or (N, H, W, C), and int64 labels (balanced; -1 if unconditional).
     A latent model's samples are decoded by the autoencoder stored in its model config."""
     if n < 1:
-        raise ValueError(f"n: expected >= 1, got {n}")
+        raise InputError(f"n: expected >= 1, got {n}")
     device = torch.device(device)
     model = model.to(device).eval()
     schedule = schedule_of(model_config)
@@ -147,7 +148,7 @@ def save_samples(images: np.ndarray, labels: np.ndarray, path: str | Path) -> tu
     """Write FILE.npz (images, labels) and FILE.png beside it (grid sorted by label when labelled)."""
     path = Path(path)
     if path.suffix != ".npz":
-        raise ValueError(f"out: expected a .npz path, got {path}")
+        raise InputError(f"out: expected a .npz path, got {path}")
     path.parent.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(path, images=images, labels=labels)
     order = np.argsort(labels, kind="stable") if (labels >= 0).all() else np.arange(len(labels))

@@ -46,13 +46,13 @@ import torch
 
 from . import metrics, report
 from .sample import generate, save_samples
-from .config import TrainConfig
+from .config import STUDY_OPTIONS, TrainConfig
 from .models import load_model
 from .train import train
+from ..errors import InputError, MissingFileError
 
 BASELINE = "MSE continued"
 METRICS = ("fd", "classifier_score", "precision", "recall", "label_accuracy")
-_RESERVED = {"out", "init", "teacher", "seed", "max_steps", "resume", "progress"}
 
 
 @dataclass
@@ -70,19 +70,19 @@ class StudySpec:
     variants: list[tuple[str, dict]] = field(default_factory=list)
 
     def validate(self) -> None:
-        options = {f.name for f in fields(TrainConfig)} - _RESERVED
+        options = STUDY_OPTIONS
         for name, opts in [("base", self.base)] + [(f"variant {n!r}", o) for n, o in self.variants]:
             unknown = sorted(set(opts) - options)
             if unknown:
-                raise ValueError(f"{name}: unknown training options {unknown}; expected names among {sorted(options)}")
+                raise InputError(f"{name}: unknown training options {unknown}; expected names among {sorted(options)}")
         names = [n for n, _ in self.variants]
         if len(set(names)) != len(names):
-            raise ValueError(f"variant: expected distinct names, got {names}")
+            raise InputError(f"variant: expected distinct names, got {names}")
         for key in ("steps", "samples", "sample_steps"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) < 1:
-                raise ValueError(f"{key}: expected a positive integer, got {getattr(self, key)!r}")
+                raise InputError(f"{key}: expected a positive integer, got {getattr(self, key)!r}")
         if not self.training_seeds or not self.sampling_seeds:
-            raise ValueError("training_seeds/sampling_seeds: expected at least one seed each")
+            raise InputError("training_seeds/sampling_seeds: expected at least one seed each")
         for name, opts in self.variants:
             TrainConfig(out="", **self._train_options(opts)).validate()
 
@@ -94,27 +94,27 @@ def load_spec(path: str | Path, out: str | None = None) -> StudySpec:
     """Read a study spec (TOML); `out` overrides [study].out (default: the spec's folder / its name)."""
     path = Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"spec: {path} does not exist")
+        raise MissingFileError(f"spec: {path} does not exist")
     try:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ValueError(f"spec: {path} is not valid TOML ({e})") from e
+        raise InputError(f"spec: {path} is not valid TOML ({e})") from e
     study = dict(doc.get("study", {}))
     if "teacher" not in study:
-        raise ValueError(f"spec: {path} has no [study] teacher = \"<MSE-trained checkpoint>\"")
+        raise InputError(f"spec: {path} has no [study] teacher = \"<MSE-trained checkpoint>\"")
     variants = []
     for i, v in enumerate(doc.get("variant", [])):
         v = dict(v)
         name = v.pop("name", None)
         if not isinstance(name, str) or not name:
-            raise ValueError(f"variant {i}: expected a name = \"...\"")
+            raise InputError(f"variant {i}: expected a name = \"...\"")
         variants.append((name, _tuples(v)))
     if not any(o.get("objective", study.get("base", {}).get("objective", "mse")) == "mse" for _, o in variants):
         variants.insert(0, (BASELINE, {"objective": "mse"}))
     known = {f.name for f in fields(StudySpec)} - {"variants", "out"}
     unknown = sorted(set(study) - known - {"out"})
     if unknown:
-        raise ValueError(f"study: unknown keys {unknown}; expected {sorted(known | {'out'})}")
+        raise InputError(f"study: unknown keys {unknown}; expected {sorted(known | {'out'})}")
     spec = StudySpec(out=out or study.pop("out", None) or str(path.with_suffix("")),
                      **{k: v for k, v in study.items() if k != "out"}, variants=variants)
     spec.base = _tuples(spec.base)

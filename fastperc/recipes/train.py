@@ -14,7 +14,7 @@ import math
 import os
 import signal
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -24,10 +24,11 @@ from torch import nn
 
 from ..loss import self_perceptual_loss
 from ..schedule import FlowMatchingSchedule, NoiseSchedule, TimestepDistribution
-from ..teacher import FrozenTeacher
+from ..teacher import FrozenTeacher, default_layers
 from . import checkpoint, data, latent
-from .config import TrainConfig
-from .models import build_model, load_model, model_config_of, null_class, predict, schedule_of
+from .config import RESUMABLE_OPTIONS, TrainConfig, with_model_options
+from .models import build_model, load_model, model_config_of, model_options_of, null_class, predict, schedule_of
+from ..errors import InputError
 
 # ---- distributed --------------------------------------------------------------------------------
 def _setup_distributed() -> tuple[int, int, torch.device]:
@@ -137,9 +138,9 @@ class Run:
 def _training_images(cfg: TrainConfig) -> data.ImageSet:
     images = data.load(cfg.data, cfg.image_size, cfg.channels)
     if cfg.conditional and images.labels is None:
-        raise ValueError("conditional: the data has no labels (use class sub-folders or an .npz with 'labels')")
+        raise InputError("conditional: the data has no labels (use class sub-folders or an .npz with 'labels')")
     if images.images.shape[1:] != (cfg.channels, cfg.image_size, cfg.image_size):
-        raise ValueError(f"data: images are {tuple(images.images.shape[1:])}, expected "
+        raise InputError(f"data: images are {tuple(images.images.shape[1:])}, expected "
                          f"({cfg.channels}, {cfg.image_size}, {cfg.image_size}) (set --channels/--image-size)")
     return images
 
@@ -150,7 +151,7 @@ def _frozen_teacher(cfg: TrainConfig, model_config: dict, device: torch.device) 
     path = cfg.teacher or cfg.init
     model, teacher_config = load_model(path, use_ema=False)  # the raw MSE model, not its EMA (as the paper)
     if (teacher_config["arch"], teacher_config["in_channels"]) != (model_config["arch"], model_config["in_channels"]):
-        raise ValueError(f"teacher: {path} holds a {teacher_config['arch']} with {teacher_config['in_channels']} "
+        raise InputError(f"teacher: {path} holds a {teacher_config['arch']} with {teacher_config['in_channels']} "
                          f"channels, the student is a {model_config['arch']} with {model_config['in_channels']}")
     return FrozenTeacher(model.to(device), cfg.layers, copy=False, checkpoint=cfg.teacher_checkpoint)
 
@@ -158,10 +159,12 @@ def _frozen_teacher(cfg: TrainConfig, model_config: dict, device: torch.device) 
 def build_run(cfg: TrainConfig) -> Run:
     """Validate, set up the processes, load the data, and build the model, EMA, teacher and optimizer,
     from `init` or from the checkpoint being resumed."""
+    init_state = checkpoint.load(cfg.init) if cfg.init else None
+    cfg = with_model_options(cfg, model_options_of(init_state["model_config"]) if init_state else None)
     cfg.validate()
     rank, world, device = _setup_distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
-        raise ValueError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
+        raise InputError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
                          f"got {cfg.batch_size}")
     out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
@@ -172,11 +175,9 @@ def build_run(cfg: TrainConfig) -> Run:
     if not cfg.resume and rank == 0:
         _refuse_or_clear_earlier_run(out, cfg.overwrite)
     state = checkpoint.load(out / "checkpoint.pt") if resumed else None
-    if state is not None:
-        _refuse_changed_options(state.get("config", {}), cfg, out / "checkpoint.pt")
-    init = checkpoint.load(cfg.init) if (cfg.init and not resumed) else None
+    init = init_state if not resumed else None
     if cfg.latent and init is not None:
-        raise ValueError(f"latent: --init {cfg.init} sets the model and its space (a latent checkpoint keeps its "
+        raise InputError(f"latent: --init {cfg.init} sets the model and its space (a latent checkpoint keeps its "
                          "autoencoder); omit --latent")
     model_config = (state or init or {}).get("model_config") or model_config_of(cfg, images.num_classes)
     model = build_model(model_config).to(device)
@@ -185,6 +186,10 @@ def build_run(cfg: TrainConfig) -> Run:
     if start is not None:
         model.load_state_dict(start["model"])
         ema.load_state_dict(start["ema"])
+    if cfg.layers is None:  # the library's tap for this architecture, written into the run's config
+        cfg = replace(cfg, layers=default_layers(model))
+    if state is not None:
+        _refuse_changed_options(state.get("config", {}), cfg, out / "checkpoint.pt")
     teacher = _frozen_teacher(cfg, model_config, device)
     opt = _optimizer(cfg, model, device)
     counters = {name: torch.zeros((), dtype=torch.int64, device=device) for name in ("good", "bad", "bad_in_row")}
@@ -337,8 +342,9 @@ def _log_step(run: Run, log_path: Path, done: int, total: torch.Tensor, t0: floa
     return loss_value
 
 
-class NonFiniteTraining(RuntimeError):
-    """Raised when more than `max_bad_steps` steps in a row had a non-finite loss or gradient."""
+class NonFiniteTraining(InputError, RuntimeError):
+    """Raised when more than `max_bad_steps` steps in a row had a non-finite loss or gradient: the
+    options (most often the learning rate) or the data made the run diverge, which the user fixes."""
 
 
 def _last_logged_loss(path: Path) -> float | None:
@@ -354,15 +360,10 @@ def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
     if not found:
         return
     if not overwrite:
-        raise ValueError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
+        raise InputError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
                          "it or --overwrite to start over")
     for p in found:
         p.unlink()
-
-
-# Options a resumed run may change: where and how long it runs and how it reports, not what it learns.
-_RESUMABLE_CHANGES = {"out", "init", "max_steps", "save_every", "log_every", "max_bad_steps", "resume", "overwrite",
-                      "progress", "compile", "teacher_checkpoint", "extra"}
 
 
 def _refuse_changed_options(saved: dict, cfg: TrainConfig, path: Path) -> None:
@@ -370,9 +371,9 @@ def _refuse_changed_options(saved: dict, cfg: TrainConfig, path: Path) -> None:
     under a new learning rate); name what differs instead."""
     now = asdict(cfg)
     changed = [f"{k}: checkpoint {_plain(saved[k])!r}, now {_plain(now[k])!r}" for k in saved
-               if k in now and k not in _RESUMABLE_CHANGES and _plain(saved[k]) != _plain(now[k])]
+               if k in now and k not in RESUMABLE_OPTIONS and _plain(saved[k]) != _plain(now[k])]
     if changed:
-        raise ValueError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
+        raise InputError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
                          "same options, or start over (`fastperc train --overwrite`, `fastperc demo --fresh`)")
 
 

@@ -17,6 +17,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from . import feature_mse, renoise
+from ...errors import InputError
 
 DTYPES = {"fp32": tl.float32, "bf16": tl.float32, "fp16": tl.float32, "fp64": tl.float64}  # data -> accumulation
 VARIANTS = ("aligned", "unaligned")
@@ -61,7 +62,7 @@ def compile_kernel(name: str, dt: str, variant: str = "aligned", arch: int = 90)
         if n == name:
             src = ASTSource(fn, signature=sig, constexprs=const, attrs=attrs_for(fn, sig, variant))
             return triton.compile(src, target=GPUTarget("cuda", arch, 32))
-    raise ValueError(f"name: expected one of the kernels in specs(), got {name!r}")
+    raise InputError(f"name: expected one of the kernels in specs(), got {name!r}")
 
 
 def compile_all(arch: int = 90) -> list[tuple[str, str, str, int, int]]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from ...errors import InputError
 
 MAX_GRID_X = 2**31 - 1  # CUDA grid limits: x up to 2^31 - 1 blocks, y and z up to 65535
 MAX_GRID_YZ = 65535
@@ -32,14 +33,14 @@ def rows_by_chunks_grid(batch: int, n: int, block: int, max_yz: int = MAX_GRID_Y
     rows >= batch (the last z slice may be partial).
     """
     if batch < 1 or n < 1 or block < 1:
-        raise ValueError(f"grid: expected batch, n and block >= 1, got {batch}, {n}, {block}")
+        raise InputError(f"grid: expected batch, n and block >= 1, got {batch}, {n}, {block}")
     chunks = cdiv(n, block)
     if chunks > MAX_GRID_X:
-        raise ValueError(f"grid: {n} elements per row need {chunks} chunks of {block}, more than {MAX_GRID_X}")
+        raise InputError(f"grid: {n} elements per row need {chunks} chunks of {block}, more than {MAX_GRID_X}")
     rows_y = min(batch, max_yz)
     rows_z = cdiv(batch, rows_y)
     if rows_z > max_yz:
-        raise ValueError(f"grid: {batch} rows exceed {max_yz} x {max_yz}")
+        raise InputError(f"grid: {batch} rows exceed {max_yz} x {max_yz}")
     return chunks, rows_y, rows_z
 
 
@@ -47,5 +48,5 @@ def flat_programs(counts: list[int]) -> int:
     """Programs of a 1-D launch covering several segments; refuses what the x axis cannot hold."""
     total = sum(counts)
     if total > MAX_GRID_X:
-        raise ValueError(f"grid: {total} programs exceed the {MAX_GRID_X} a launch can hold")
+        raise InputError(f"grid: {total} programs exceed the {MAX_GRID_X} a launch can hold")
     return total
