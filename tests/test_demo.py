@@ -61,6 +61,13 @@ def test_the_dit_setup_taps_blocks_that_exist_and_the_mid_depth_block_for_the_pa
         demo.arch_setup(PRESETS["quick"], "vit", "flow")
 
 
+def test_presets_are_typed_and_refuse_a_misspelled_field():
+    assert all(isinstance(p, demo.Preset) for p in PRESETS.values())
+    assert PRESETS["full"].training_seeds == (0, 1, 2) and PRESETS["quick"].training_seeds == ()
+    with pytest.raises(TypeError, match="mse_stepz"):
+        replace(PRESETS["quick"], mse_stepz=3)
+
+
 def test_the_rows_and_their_sources(tmp_path):
     rows = [k for k, _ in demo.rows_of(demo.arch_setup(PRESETS["quick"], "unet", "ddpm"))]
     assert rows == ["mse", "mse_cfg", "sp", "sp_paper", "uncond_mse", "uncond_sp"]  # paper rows: conditional only
