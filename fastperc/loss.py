@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import warnings
 import weakref
 from collections.abc import Sequence
@@ -110,9 +111,31 @@ def as_schedule(schedule) -> NoiseSchedule:
                     "NoiseSchedule.from_diffusers(scheduler)")
 
 
-# Per-sample conditioning a teacher gets: each must have the batch size of model_output.
+# Per-sample conditioning a teacher gets: each must have the batch size of model_output, and the
+# objective on a share of the batch gives the teacher its first k rows.
 _PER_SAMPLE_KWARGS = ("encoder_hidden_states", "class_labels", "timestep_cond", "pooled_projections", "text_embeds",
-                      "time_ids", "encoder_attention_mask")
+                      "time_ids", "encoder_attention_mask", "attention_mask", "guidance", "resolution",
+                      "aspect_ratio")
+
+
+def _first_rows(kwargs: dict, k: int) -> dict:
+    """teacher_kwargs for the first k samples: per-sample tensors (nested dicts too) sliced, the rest
+    (Flux's position ids, attention processors' options) as they are."""
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, dict):
+            out[name] = _first_rows(value, k)
+        elif name in _PER_SAMPLE_KWARGS and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            out[name] = value[:k]
+        else:
+            out[name] = value
+    return out
+
+
+def teacher_batch(batch: int, batch_fraction: float) -> int:
+    """How many samples of a batch the teacher sees: k = ceil(batch_fraction * batch), at least one
+    (static: it depends on shapes only, so a compiled step keeps its graph)."""
+    return min(batch, max(1, math.ceil(round(batch_fraction * batch, 6))))  # round: 0.3 * 10 is 3.0000000000000004
 
 
 def _check_teacher_kwargs(frozen: FrozenTeacher, kwargs: dict, batch: int) -> None:
@@ -180,10 +203,11 @@ class _Recipe:
     reduction: str
     backend: str
     check_values: bool
+    batch_fraction: float = 1.0
 
     @classmethod
     def checked(cls, *, layer_weights=None, feature_norm="none", timesteps_prime=None, prediction_type=None,
-                reduction="mean", backend="auto", check_values=False) -> "_Recipe":
+                reduction="mean", backend="auto", check_values=False, batch_fraction=1.0) -> "_Recipe":
         check_choice("reduction", reduction, REDUCTIONS)
         check_choice("feature_norm", feature_norm, FEATURE_NORMS)
         if layer_weights is not None:  # the count is checked against the teacher's layers
@@ -193,7 +217,11 @@ class _Recipe:
                             f"{type(timesteps_prime).__name__}")
         if not isinstance(check_values, bool):
             raise TypeError(f"check_values: expected a bool, got {type(check_values).__name__}")
-        return cls(layer_weights, feature_norm, timesteps_prime, prediction_type, reduction, backend, check_values)
+        if isinstance(batch_fraction, bool) or not isinstance(batch_fraction, (int, float)) \
+                or not 0 < batch_fraction <= 1:
+            raise InputError(f"batch_fraction: expected a number in (0, 1], got {batch_fraction!r}")
+        return cls(layer_weights, feature_norm, timesteps_prime, prediction_type, reduction, backend, check_values,
+                   float(batch_fraction))
 
     def weights_for(self, teacher: FrozenTeacher) -> list[float] | None:
         if self.layer_weights is not None and len(self.layer_weights) != len(teacher.layers):
@@ -235,7 +263,23 @@ def _objective(frozen: FrozenTeacher, schedule: NoiseSchedule, recipe: _Recipe, 
     # casts its inputs to its own dtype.
     wide = torch.promote_types(model_output.dtype, x0.dtype)
     model_output, x0, noise = model_output.to(wide), x0.to(wide), noise.to(wide)
-    coef_dtype = accumulation_dtype(wide)
+    k = teacher_batch(batch, recipe.batch_fraction)
+    if k < batch:  # the teacher on the first k samples; plain MSE to the schedule's target on the rest
+        rest = slice(k, None)
+        target = schedule.target(x0[rest], noise[rest], timesteps[rest], prediction_type)
+        mse = (model_output[rest] - target).square().flatten(1).mean(1).to(accumulation_dtype(wide))
+        sp = _self_perceptual(frozen, schedule, recipe, weights, prediction_type, model_output[:k], x0[:k], noise[:k],
+                              timesteps[:k], timesteps_prime[:k], _first_rows(kwargs, k), "none")
+        per_sample = torch.cat([sp, mse])
+        return {"none": per_sample, "mean": per_sample.mean(), "sum": per_sample.sum()}[recipe.reduction]
+    return _self_perceptual(frozen, schedule, recipe, weights, prediction_type, model_output, x0, noise, timesteps,
+                            timesteps_prime, kwargs, recipe.reduction)
+
+
+def _self_perceptual(frozen, schedule, recipe, weights, prediction_type, model_output, x0, noise, timesteps,
+                     timesteps_prime, kwargs, reduction) -> torch.Tensor:
+    """schedule -> re-noise -> teacher -> feature MSE on checked inputs of one dtype."""
+    coef_dtype = accumulation_dtype(model_output.dtype)
     a, b, alpha_prime, sigma_prime = schedule.renoise_coefficients(timesteps, timesteps_prime, prediction_type,
                                                                    coef_dtype)
     x_t = schedule._add_noise(x0, noise, timesteps)  # arguments checked above
@@ -244,8 +288,7 @@ def _objective(frozen: FrozenTeacher, schedule: NoiseSchedule, recipe: _Recipe, 
         real_feats = _call_teacher(frozen, real, timesteps_prime, kwargs)
     fake_feats = _call_teacher(frozen, fake, timesteps_prime, kwargs)
     real_feats, fake_feats = normalize_features(real_feats, fake_feats, recipe.feature_norm)
-    return feature_mse(fake_feats, real_feats, weights, recipe.reduction, backend=recipe.backend,
-                       consume_targets=True)
+    return feature_mse(fake_feats, real_feats, weights, reduction, backend=recipe.backend, consume_targets=True)
 
 
 def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor,
@@ -255,7 +298,7 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
                          timesteps_prime: torch.Tensor | TimestepDistribution | None = None,
                          reduction: str = "mean", backend: str = "auto",
                          generator: torch.Generator | None = None, check_values: bool = False,
-                         feature_norm: str = "none") -> torch.Tensor:
+                         feature_norm: str = "none", batch_fraction: float = 1.0) -> torch.Tensor:
     """Self-perceptual loss: compare a frozen teacher's features of the truth and of the prediction,
     both re-noised to a fresh timestep t'. Replaces `F.mse_loss(model_output, target)` in a step.
 
@@ -310,6 +353,10 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
         feature_norm: "none" (the paper) or "channel_rms": both branches' features divided by the
             real features' RMS per sample and channel (see `normalize_features`), so every channel of
             every tapped layer counts alike; useful with several taps of different scales.
+        batch_fraction: the share f of the batch the teacher sees, in (0, 1]: the objective on the first
+            k = ceil(f * B) samples (shuffle the batch as usual; the shapes stay static), plain MSE to
+            the schedule's target on the other B - k, and the mean over all B (with reduction="none",
+            per sample in batch order). The teacher's cost scales with k. Default 1 (the paper).
 
     Returns:
         The loss (float32, or float64 for float64 inputs): a scalar, or (B,) with reduction="none".
@@ -330,7 +377,7 @@ def self_perceptual_loss(teacher: nn.Module, model_output: torch.Tensor, x0: tor
     """
     recipe = _Recipe.checked(layer_weights=layer_weights, feature_norm=feature_norm, timesteps_prime=timesteps_prime,
                              prediction_type=prediction_type, reduction=reduction, backend=backend,
-                             check_values=check_values)
+                             check_values=check_values, batch_fraction=batch_fraction)
     if teacher_kwargs is not None and not isinstance(teacher_kwargs, dict):
         raise TypeError(f"teacher_kwargs: expected a dict or None, got {type(teacher_kwargs).__name__}")
     return _objective(as_teacher(teacher, layers), as_schedule(schedule), recipe, model_output, x0, noise, timesteps,
@@ -367,7 +414,7 @@ class SelfPerceptualLoss(nn.Module):
         timesteps_prime: the re-noise timesteps t': a fastperc.TimestepDistribution to draw them from
             (a range, a logit-normal or mode density), or a fixed (B,) tensor; default uniform over the
             table (the paper). A call's own `timesteps_prime=` overrides it.
-        prediction_type, reduction, backend, check_values: as in self_perceptual_loss.
+        prediction_type, reduction, backend, check_values, batch_fraction: as in self_perceptual_loss.
         teacher_dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16).
         teacher_checkpoint: recompute the teacher's activations in backward, one stage at a time
             (see FrozenTeacher's `checkpoint`).
@@ -394,11 +441,12 @@ class SelfPerceptualLoss(nn.Module):
                  feature_norm: str = "none", timesteps_prime: torch.Tensor | TimestepDistribution | None = None,
                  prediction_type: str | None = None, reduction: str = "mean", backend: str = "auto",
                  teacher_dtype: torch.dtype | None = None, teacher_checkpoint: bool = False,
-                 check_values: bool = False):
+                 check_values: bool = False, batch_fraction: float = 1.0):
         super().__init__()
         self.recipe = _Recipe.checked(layer_weights=layer_weights, feature_norm=feature_norm,
                                       timesteps_prime=timesteps_prime, prediction_type=prediction_type,
-                                      reduction=reduction, backend=backend, check_values=check_values)
+                                      reduction=reduction, backend=backend, check_values=check_values,
+                                      batch_fraction=batch_fraction)
         if isinstance(teacher, FrozenTeacher):
             if layers is not None and tuple(layers) != teacher.layers:
                 raise InputError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}")
@@ -426,4 +474,4 @@ class SelfPerceptualLoss(nn.Module):
     def extra_repr(self) -> str:
         r = self.recipe
         return (f"schedule={self.schedule}, weights={r.layer_weights}, feature_norm={r.feature_norm!r}, "
-                f"timesteps_prime={r.timesteps_prime}, reduction={r.reduction!r}")
+                f"timesteps_prime={r.timesteps_prime}, reduction={r.reduction!r}, batch_fraction={r.batch_fraction}")

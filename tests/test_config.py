@@ -10,8 +10,8 @@ from fastperc.recipes.config import (BOUNDS, MODEL_OPTIONS, RESUMABLE_OPTIONS, S
                                      with_model_options)
 
 # A value just outside each bound, and one inside it.
-OUTSIDE = {"positive": "0", "non_negative": "-1", "unit_interval": "1"}
-INSIDE = {"positive": "1", "non_negative": "0", "unit_interval": "0.5"}
+OUTSIDE = {"positive": "0", "non_negative": "-1", "unit_interval": "1", "fraction": "0"}
+INSIDE = {"positive": "1", "non_negative": "0", "unit_interval": "0.5", "fraction": "0.5"}
 BOUNDED = [f for f in fields(TrainConfig) if f.metadata.get("bound")]
 
 

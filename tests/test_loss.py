@@ -264,3 +264,43 @@ def test_feature_mse_and_the_loss_refuse_the_same_weights(weights, gen):
 def test_teacher_options_given_with_a_frozen_teacher_are_refused():
     with pytest.raises(ValueError, match="teacher_dtype/teacher_checkpoint: they build the teacher's copy"):
         SelfPerceptualLoss(FrozenTeacher(tiny_unet()), NoiseSchedule.scaled_linear(), teacher_dtype=torch.bfloat16)
+
+
+# ---- the objective on a share of the batch -------------------------------------------------------------
+@pytest.mark.parametrize("fraction, k", [(0.25, 2), (0.3, 3), (0.5, 4), (1.0, 8)])
+def test_the_teacher_sees_the_first_k_samples_on_both_branches(fraction, k, gen):
+    teacher = FrozenTeacher(tiny_unet(num_classes=3), ("conv_in", "mid_block"))
+    seen = []
+    teacher.model.conv_in.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[0]))
+    p, x0, noise, t = _inputs(gen, 8 if fraction != 0.3 else 10)
+    labels = torch.randint(0, 3, (p.shape[0],), generator=gen)
+    self_perceptual_loss(teacher, p, x0, noise, t, NoiseSchedule.scaled_linear(), batch_fraction=fraction,
+                         teacher_kwargs={"class_labels": labels})
+    assert seen == [k, k]  # real and fake branch
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_a_share_of_the_batch_is_the_objective_on_k_samples_and_mse_on_the_rest(reduction, gen):
+    schedule, teacher = NoiseSchedule.scaled_linear(), FrozenTeacher(tiny_unet(), ("down_blocks.0", "mid_block"))
+    p, x0, noise, t = _inputs(gen, 8)
+    p.requires_grad_(True)
+    t2 = torch.randint(0, 1000, (8,), generator=gen)
+    got = self_perceptual_loss(teacher, p, x0, noise, t, schedule, timesteps_prime=t2, batch_fraction=0.25,
+                               reduction=reduction, layer_weights=[0.5, 2.0])
+    (g,) = torch.autograd.grad(got.sum(), p)
+
+    q = p.detach().clone().requires_grad_(True)
+    sp = self_perceptual_loss(teacher, q[:2], x0[:2], noise[:2], t[:2], schedule, timesteps_prime=t2[:2],
+                              reduction="none", layer_weights=[0.5, 2.0])
+    mse = (q[2:] - schedule.target(x0[2:], noise[2:], t[2:])).square().flatten(1).mean(1)
+    per_sample = torch.cat([sp, mse])
+    want = {"mean": per_sample.mean(), "sum": per_sample.sum(), "none": per_sample}[reduction]
+    (g_want,) = torch.autograd.grad(want.sum(), q)
+    assert_close(got, want, rtol=1e-6, atol=1e-8, what="loss")
+    assert_close(g, g_want, rtol=1e-5, atol=1e-9, what="gradient")
+
+
+@pytest.mark.parametrize("fraction", [0.0, -0.5, 1.5, float("nan"), True])
+def test_a_batch_fraction_outside_0_1_is_refused(fraction):
+    with pytest.raises(ValueError, match=r"batch_fraction: expected a number in \(0, 1\]"):
+        SelfPerceptualLoss(tiny_unet(), NoiseSchedule.scaled_linear(), batch_fraction=fraction)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastperc import FrozenTeacher, NoiseSchedule, TimestepDistribution, self_perceptual_loss
 from fastperc.recipes import checkpoint
 from fastperc.loss import normalize_features
-from fastperc.recipes.train import TrainConfig, _objective, train
+from fastperc.recipes.train import TimestepStrata, TrainConfig, _objective, train
 
 from .helpers import tiny_unet
 
@@ -86,21 +86,34 @@ def test_bad_feature_norm_is_refused(gen):
         self_perceptual_loss(teacher, p, x0, noise, torch.tensor([1, 2, 3, 4]), schedule, feature_norm="lpips")
 
 
-@pytest.mark.parametrize("band, expect", [((0, 999), "self_perceptual"), ((1000, 2000), "mse"), ((0, 499), "mixed")])
-def test_objective_on_a_band_of_t_uses_mse_elsewhere(band, expect, gen):
+@pytest.mark.parametrize("band, k", [((0, 999), 4), ((1000, 2000), 0), ((0, 499), 2)])
+def test_objective_on_a_band_of_t_runs_the_teacher_on_the_first_k_and_mse_on_the_rest(band, k, gen):
     schedule = NoiseSchedule.scaled_linear()
-    model = tiny_unet()
-    teacher = FrozenTeacher(model)
+    teacher = FrozenTeacher(tiny_unet())
     x0, noise = torch.randn(2, 4, 1, 8, 8, generator=gen).unbind(0)
-    t, t2 = torch.tensor([100, 800, 300, 900]), torch.tensor([50, 60, 70, 80])
+    t, t2 = torch.tensor([100, 300, 800, 900]), torch.tensor([50, 60, 70, 80])
     pred = torch.randn(4, 1, 8, 8, generator=gen)
     cfg = TrainConfig(out="", objective="self_perceptual", init="x", objective_t_range=band)
-    got = _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, None)
+    assert TimestepStrata.of(cfg, schedule, 4, torch.device("cpu")).k == k  # the band's share of 4 samples
+    got = _objective(cfg, teacher, schedule, pred, x0, noise, t, t2, None, k)
     sp = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, timesteps_prime=t2, reduction="none")
     mse = (pred - schedule.target(x0, noise, t)).square().flatten(1).mean(1)
-    want = {"self_perceptual": sp.mean(), "mse": mse.mean(),
-            "mixed": torch.stack([sp[0], mse[1], sp[2], mse[3]]).mean()}[expect]
-    assert torch.allclose(got, want, rtol=1e-6)
+    assert torch.allclose(got, torch.cat([sp[:k], mse[k:]]).mean(), rtol=1e-6)
+
+
+@pytest.mark.parametrize("band", [(0, 99), (0, 499), (250, 260), (0, 999), (1000, 2000)])
+@pytest.mark.parametrize("flow", [False, True])
+def test_a_band_of_t_is_drawn_stratified_with_the_same_k_in_every_micro_batch(band, flow):
+    schedule = NoiseSchedule.flow_matching() if flow else NoiseSchedule.scaled_linear()
+    cfg = TrainConfig(out="", objective="self_perceptual", init="x", objective_t_range=band, schedule="ddpm")
+    strata = TimestepStrata.of(cfg, schedule, 8, torch.device("cpu"))
+    values = schedule.timesteps if flow else torch.arange(1000)
+    share = float(((values >= band[0]) & (values <= band[1])).float().mean())
+    assert strata.k == round(8 * share)
+    t = strata.draw(64, torch.Generator().manual_seed(0)).view(8, 8)  # 8 micro-batches of 8
+    inside = (t >= band[0]) & (t <= band[1])
+    assert inside[:, :strata.k].all() and not inside[:, strata.k:].any()
+    assert t.dtype == values.dtype and bool(torch.isin(t, values).all())
 
 
 TINY = dict(block_channels=(8, 16), batch_size=8, warmup_steps=1, log_every=1, progress=False)
@@ -149,5 +162,5 @@ def test_reference_mse_target_is_what_the_plain_objective_uses(gen):
     x0, noise, pred = torch.randn(3, 2, 1, 8, 8, generator=gen).unbind(0)
     t = torch.tensor([3, 700])
     cfg = TrainConfig(out="")
-    assert torch.equal(_objective(cfg, None, schedule, pred, x0, noise, t, t, None),
+    assert torch.equal(_objective(cfg, None, schedule, pred, x0, noise, t, t, None, 0),
                        F.mse_loss(pred, schedule.velocity(x0, noise, t)))

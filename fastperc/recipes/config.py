@@ -20,6 +20,7 @@ BOUNDS = {
     "positive": (lambda v: v > 0, "a value > 0"),
     "non_negative": (lambda v: v >= 0, "a value >= 0"),
     "unit_interval": (lambda v: 0 <= v < 1, "a value in [0, 1)"),
+    "fraction": (lambda v: 0 < v <= 1, "a value in (0, 1]"),
 }
 
 
@@ -65,8 +66,14 @@ class TrainConfig:
     t_prime_loc: float = option(0.0, "logit-normal location (< 0: low-noise t')", type=float)
     t_prime_scale: float = option(1.0, "logit-normal scale", type=float, bound="positive")
     objective_t_range: tuple[int, int] | None = option(None, "use the self-perceptual objective where t is in "
-                                                       "[LOW, HIGH], plain MSE elsewhere", type=(int,),
+                                                       "[LOW, HIGH], plain MSE elsewhere: t is drawn so that a "
+                                                       "fixed share of each micro-batch (the band's share of the "
+                                                       "table) falls in the band, and only those samples run "
+                                                       "the teacher", type=(int,),
                                                        bound="non_negative", metavar="LOW,HIGH")
+    sp_fraction: float = option(1.0, "the share of each micro-batch that gets the self-perceptual objective (the "
+                                "first ceil(f * micro-batch) samples; the rest plain MSE): the teacher runs on "
+                                "that share only", type=float, bound="fraction")
     arch: str = option("unet", "the denoiser", type=str, choices=ARCHS, model=True)
     block_channels: tuple[int, ...] = option((32, 64, 128), "UNet channels per resolution level", type=(int,),
                                              bound="positive", flag="--channels-per-level", model=True)
@@ -159,6 +166,9 @@ class TrainConfig:
                              "pass --teacher CKPT or --init CKPT")
         if self.layer_weights is not None and self.layers is not None and len(self.layer_weights) != len(self.layers):
             bad("layer_weights", f"{len(self.layers)} values (one per layer)", self.layer_weights)
+        if self.objective_t_range is not None and self.sp_fraction < 1:
+            raise InputError("sp_fraction: --objective-t-range sets the share that gets the objective itself "
+                             f"(the band's share of the table); expected 1 with it, got {self.sp_fraction}")
         if self.resume and self.overwrite:
             raise InputError("resume: --resume and --overwrite exclude each other")
         flow = self.prediction_type in FLOW_PREDICTION_TYPES

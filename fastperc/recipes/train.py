@@ -22,7 +22,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from ..loss import self_perceptual_loss
+from ..loss import self_perceptual_loss, teacher_batch
 from ..schedule import FlowMatchingSchedule, NoiseSchedule, TimestepDistribution
 from ..teacher import FrozenTeacher, default_layers
 from . import checkpoint, data, latent
@@ -67,8 +67,49 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tens
         eb.copy_(b)
 
 
-def _step_generator(seed: int, step: int) -> torch.Generator:
-    return torch.Generator().manual_seed(seed * 1_000_003 + step)
+def _seed_for(seed: int, step: int) -> int:
+    """Every draw of a step comes from (seed, step): a resumed run repeats the uninterrupted one."""
+    return seed * 1_000_003 + step
+
+
+@dataclass(frozen=True)
+class TimestepStrata:
+    """Which samples of a micro-batch get the teacher, and how their t is drawn. In each micro-batch of
+    `micro` samples the first `k` get the self-perceptual objective and the rest plain MSE (static
+    shapes). With `objective_t_range` the first k are drawn from the table entries inside the band and
+    the others from the rest, k = round(micro * the band's share of the table); without it t is uniform
+    over the table and k is the `sp_fraction` share of the micro-batch."""
+    micro: int
+    k: int
+    values: torch.Tensor                 # the table's timesteps by index, on the device (ints, or sigma * T)
+    inside: torch.Tensor | None = None   # indices of the entries in the band (on the device)
+    outside: torch.Tensor | None = None  # ... and of the others
+
+    @classmethod
+    def of(cls, cfg: TrainConfig, schedule: NoiseSchedule, micro: int, device: torch.device) -> "TimestepStrata":
+        # diffusers' training scripts draw a flow table's float timesteps, a VP table's indices
+        values = schedule.timesteps if isinstance(schedule, FlowMatchingSchedule) else \
+            torch.arange(schedule.num_train_timesteps)
+        if cfg.objective != "self_perceptual":
+            return cls(micro, 0, values.to(device))
+        if cfg.objective_t_range is None:
+            return cls(micro, teacher_batch(micro, cfg.sp_fraction), values.to(device))
+        low, high = cfg.objective_t_range
+        band = (values >= low) & (values <= high)
+        k = round(micro * float(band.float().mean()))
+        return cls(micro, k, values.to(device), band.nonzero()[:, 0].to(device), (~band).nonzero()[:, 0].to(device))
+
+    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
+        """(batch,) timesteps for the global batch (every micro-batch laid out alike)."""
+        device = self.values.device
+        n = len(self.values)
+        if self.inside is None or not len(self.inside) or not len(self.outside):  # no band, or all or nothing
+            pool = None if self.inside is None else self.inside if len(self.inside) else self.outside
+            i = torch.randint(0, len(pool) if pool is not None else n, (batch,), generator=generator, device=device)
+            return self.values[i if pool is None else pool[i]]
+        inside = self.inside[torch.randint(0, len(self.inside), (batch,), generator=generator, device=device)]
+        outside = self.outside[torch.randint(0, len(self.outside), (batch,), generator=generator, device=device)]
+        return self.values[torch.where(torch.arange(batch, device=device) % self.micro < self.k, inside, outside)]
 
 
 class _StopFlag:
@@ -113,6 +154,8 @@ class Run:
     x_all: torch.Tensor         # the training images (or latents), in model range, on the device
     y_all: torch.Tensor | None
     t_prime: TimestepDistribution
+    strata: TimestepStrata      # which samples get the teacher, how t is drawn
+    generator: torch.Generator  # on the device, reseeded from (seed, step) every step
     start: int                  # the step this attempt starts at (> 0 when resumed)
     resumed: bool
     elapsed: float              # seconds spent by earlier attempts
@@ -214,28 +257,28 @@ def build_run(cfg: TrainConfig) -> Run:
     schedule = schedule_of(model_config)
     t_prime = cfg.t_prime_distribution()
     t_prime.bounds(schedule.num_train_timesteps)
+    strata = TimestepStrata.of(cfg, schedule, cfg.batch_size // (world * cfg.grad_accum), device)
     return Run(cfg=cfg, rank=rank, world=world, device=device, model=model, net=net, ema=ema, teacher=teacher,
                opt=opt, schedule=schedule, model_config=model_config, counters=counters, x_all=x_all, y_all=y_all,
-               t_prime=t_prime, start=state["step"] if state is not None else 0, resumed=resumed,
+               t_prime=t_prime, strata=strata, generator=torch.Generator(device=device), start=state["step"] if state is not None else 0, resumed=resumed,
                elapsed=state.get("elapsed", 0.0) if state is not None else 0.0)
 
 
 # ---- one step ----------------------------------------------------------------------------------------
 def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
     """One optimizer step (with gradient accumulation); returns the mean loss as a device tensor. All
-    draws of the step come from (seed, step) for the global batch; each rank takes its slice. A
-    NaN/Inf in the loss or any gradient (after DDP's all-reduce, so every rank agrees) skips the whole
-    update: the optimizer, the EMA and the warm-up counter. No host sync."""
+    draws of the step are made on the device from (seed, step), for the global batch; each rank takes
+    its slice. A NaN/Inf in the loss or any gradient (after DDP's all-reduce, so every rank agrees)
+    skips the whole update: the optimizer, the EMA and the warm-up counter. No host sync, and nothing
+    made on the host and copied over."""
     cfg, device, world, schedule = run.cfg, run.device, run.world, run.schedule
-    B, T = cfg.batch_size, schedule.num_train_timesteps
-    g = _step_generator(cfg.seed, step)
-    idx = torch.randint(0, run.x_all.shape[0], (B,), generator=g)
-    noise_all = torch.randn((B, *run.x_all.shape[1:]), generator=g)
-    t_all = torch.randint(0, T, (B,), generator=g)
-    if isinstance(schedule, FlowMatchingSchedule):  # the table's float timesteps, as diffusers' scripts draw them
-        t_all = schedule.timesteps[t_all]
+    B = cfg.batch_size
+    g = run.generator.manual_seed(_seed_for(cfg.seed, step))
+    idx = torch.randint(0, run.x_all.shape[0], (B,), generator=g, device=device)
+    noise_all = torch.randn((B, *run.x_all.shape[1:]), generator=g, device=device)
+    t_all = run.strata.draw(B, g)
     t_prime_all = run.t_prime.sample(B, generator=g, schedule=schedule)
-    drop_all = torch.rand(B, generator=g) < cfg.label_dropout
+    drop_all = torch.rand(B, generator=g, device=device) < cfg.label_dropout
 
     per_rank = B // world
     micro = per_rank // cfg.grad_accum
@@ -246,18 +289,18 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
     total = torch.zeros((), device=device)
     for k in range(cfg.grad_accum):
         sl = slice(first + k * micro, first + (k + 1) * micro)
-        rows = idx[sl].to(device)
+        rows = idx[sl]
         x0 = run.x_all[rows]
-        noise, t, t_prime = noise_all[sl].to(device), t_all[sl].to(device), t_prime_all[sl].to(device)
+        noise, t, t_prime = noise_all[sl], t_all[sl], t_prime_all[sl]
         labels = None
         if run.y_all is not None:
-            labels = torch.where(drop_all[sl].to(device), torch.full_like(run.y_all[rows], null_class(run.model_config)),
+            labels = torch.where(drop_all[sl], torch.full_like(run.y_all[rows], null_class(run.model_config)),
                                  run.y_all[rows])
         last = k == cfg.grad_accum - 1
         with (run.net.no_sync() if world > 1 and not last else contextlib.nullcontext()):
             with autocast:  # bf16: the student and the teacher; losses accumulate in fp32
                 pred = predict(run.net, schedule._add_noise(x0, noise, t), t, labels).float()
-                loss = _objective(cfg, run.teacher, schedule, pred, x0, noise, t, t_prime, labels)
+                loss = _objective(cfg, run.teacher, schedule, pred, x0, noise, t, t_prime, labels, run.strata.k)
             (loss / cfg.grad_accum).backward()
         total += loss.detach() / cfg.grad_accum
 
@@ -292,18 +335,24 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"{cfg.objective} -> {run.out}", dynamic_ncols=True)
     loss_value = _last_logged_loss(log_path) if run.resumed else None
     warmup = max(1, min(int(cfg.warmup_steps), cfg.max_steps // 5))  # capped: a short run must leave it
-    step = run.start
+    step, signum = run.start, 0
     with _StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(run.start, cfg.max_steps):
             total = train_step(run, step, warmup)
             done = step + 1
-            if done % cfg.log_every == 0 or done == cfg.max_steps:
+            logged = done % cfg.log_every == 0 or done == cfg.max_steps
+            if logged:
                 loss_value = _log_step(run, log_path, done, total, t0)
             if bar is not None:
                 bar.update(1)
                 if loss_value is not None:
                     bar.set_postfix(loss=f"{loss_value:.4f}")
-            signum = _agreed_stop(stop.signum, run.world, run.device)
+            # A signal: one process acts on its own flag at the end of the step; several agree on logging
+            # steps only (they read the device anyway), so no step waits on the host for it.
+            if run.world == 1:
+                signum = stop.signum
+            elif logged:
+                signum = _agreed_stop(stop.signum, run.world, run.device)
             if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
                 run.save(done, t0)
             if signum:
@@ -316,7 +365,7 @@ def train(cfg: TrainConfig) -> dict:
     if run.world > 1:
         dist.barrier()
     return {"step": step, "steps_run": step - run.start, "loss": loss_value, "finished": step >= cfg.max_steps,
-            "interrupted": _agreed_stop(stop.signum, 1, run.device), "checkpoint": str(run.checkpoint_path)}
+            "interrupted": signum, "checkpoint": str(run.checkpoint_path)}
 
 
 def _log(path: Path, row: dict) -> None:
@@ -396,28 +445,24 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torc
     return torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
 
 
-def _objective(cfg, teacher, schedule, pred, x0, noise, t, t_prime, labels) -> torch.Tensor:
+def _objective(cfg, teacher, schedule, pred, x0, noise, t, t_prime, labels, k: int) -> torch.Tensor:
+    """The step's loss on one micro-batch: MSE, or the self-perceptual objective on its first k samples
+    (the teacher's static share: `sp_fraction`, or the samples drawn inside `objective_t_range`) and MSE
+    on the rest, averaged over the micro-batch; plus `mse_weight` times the MSE."""
     target = schedule.target(x0, noise, t, schedule.prediction_type)
-    if cfg.objective == "mse":
+    if cfg.objective == "mse" or k == 0:
         return F.mse_loss(pred, target)
     kwargs = {"class_labels": labels} if labels is not None else {}
-    per_sample = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
-                                      teacher_kwargs=kwargs, timesteps_prime=t_prime, reduction="none",
-                                      feature_norm=cfg.feature_norm)
-    if cfg.objective_t_range is not None:  # the objective on a band of t, plain MSE on the rest
-        mse = (pred - target).square().flatten(1).mean(1)
-        inside = (t >= cfg.objective_t_range[0]) & (t <= cfg.objective_t_range[1])
-        per_sample = torch.where(inside, per_sample, mse)
-    loss = per_sample.mean()
+    loss = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
+                                teacher_kwargs=kwargs, timesteps_prime=t_prime, feature_norm=cfg.feature_norm,
+                                batch_fraction=k / pred.shape[0])
     if cfg.mse_weight > 0:
         loss = loss + cfg.mse_weight * F.mse_loss(pred, target)
     return loss
 
 
 def _agreed_stop(signum: int, world: int, device) -> int:
-    """All ranks stop at the same step when any of them got a signal."""
-    if world <= 1:
-        return signum
+    """All ranks stop at the same step when any of them got a signal (a host read: logging steps only)."""
     flag = torch.tensor([signum], device=device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     return int(flag)
