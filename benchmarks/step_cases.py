@@ -7,6 +7,9 @@ Objectives, all on the same student, teacher weights and batch:
   trick         the well-known truncation trick: the same, with a hook that raises after the midblock
   fastperc      fastperc.self_perceptual_loss (truncated teacher, fused ops)
   checkpointed  fastperc with FrozenTeacher(checkpoint=True)
+  fastperc-quarter   fastperc on a quarter of the batch (batch_fraction=0.25; MSE on the rest)
+  4tap, 4tap-quarter the search's best configuration (conv_in, down_blocks.0, down_blocks.1, mid_block;
+                channel RMS; t' in [0, 100]) on the whole batch and on a quarter
   mse-compiled, fastperc-compiled   torch.compile of student forward + loss (backward compiled by AOTAutograd)
 
 Models: "default" (fastperc's UNet, 1x32x32, 10 classes), "sd-like" (a diffusers UNet2DConditionModel
@@ -22,7 +25,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("mse", "naive", "trick", "fastperc", "checkpointed", "mse-compiled", "fastperc-compiled")
+OBJECTIVES = ("mse", "naive", "trick", "fastperc", "checkpointed", "fastperc-quarter", "4tap", "4tap-quarter",
+              "mse-compiled", "fastperc-compiled")
+FOUR_TAPS = ("conv_in", "down_blocks.0", "down_blocks.1", "mid_block")
 
 
 @dataclass
@@ -99,7 +104,7 @@ def _hooked_features(teacher, layer: str, sample, t, kwargs, stop: bool) -> torc
 
 def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None):
     """A closure running one step; the student's gradients are dropped after each step."""
-    from fastperc import FrozenTeacher, NoiseSchedule, self_perceptual_loss
+    from fastperc import FrozenTeacher, NoiseSchedule, TimestepDistribution, self_perceptual_loss
 
     device = setup.x0.device
     schedule = NoiseSchedule.scaled_linear()
@@ -110,18 +115,25 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None):
     t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
     t2 = torch.randint(0, 1000, (batch,), generator=gen, device=device)
     base = objective.removesuffix("-compiled")
+    share = 0.25 if base.endswith("-quarter") else 1.0
+    base = base.removesuffix("-quarter")
+    options = {}
+    if base == "4tap":
+        low_t2 = TimestepDistribution(0, 100).sample(batch, 1000, gen)
+        options = dict(feature_norm="channel_rms")
 
     if base in ("naive", "trick"):
         plain_teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    elif base in ("fastperc", "checkpointed"):
+    elif base in ("fastperc", "checkpointed", "4tap"):
         extra = {"checkpoint": True} if base == "checkpointed" else {}
-        teacher = FrozenTeacher(student, ("mid_block",), **extra)
+        teacher = FrozenTeacher(student, FOUR_TAPS if base == "4tap" else ("mid_block",), **extra)
 
     def loss_of(v):
         if base == "mse":
             return F.mse_loss(v.float(), schedule.velocity(x0, noise, t).float())
-        if base in ("fastperc", "checkpointed"):
-            return self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=t2, teacher_kwargs=kw)
+        if base in ("fastperc", "checkpointed", "4tap"):
+            return self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=low_t2 if base == "4tap"
+                                        else t2, teacher_kwargs=kw, batch_fraction=share, **options)
         # naive / trick: re-noise by hand, as a user would write it
         x_t = schedule.add_noise(x0, noise, t)
         x0_hat, eps_hat = schedule.convert(x_t, v.float(), t)

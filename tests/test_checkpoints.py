@@ -222,3 +222,23 @@ def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     state = checkpoint.load(out)
     assert state["step"] >= 2 and "optimizer" in state and "ema" in state
     assert not list(out.glob(".*.tmp")), "a temporary checkpoint was left behind"
+
+
+@pytest.mark.slow
+def test_two_processes_stop_together_at_a_logging_step_on_sigterm(tmp_path):
+    """torchrun forwards SIGTERM to both workers; they agree on it at the next logging step (no step
+    reads the host for it), save once and stop."""
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             "29519", "-m", "fastperc", "train", "--out", str(out), "--max-steps", "100000",
+                             "--batch-size", "8", "--channels-per-level", "8,16", "--log-every", "3",
+                             "--save-every", "100000", "--no-progress"], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    _wait_for_log_lines(out / "log.jsonl", 2, proc, deadline_s=180)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=180)
+    state = checkpoint.load(out)
+    logged = [json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()]
+    assert state["step"] % 3 == 0 and state["step"] == logged[-1] >= 6, (state["step"], logged, err[-2000:])
+    assert not list(out.glob(".*.tmp")), "a temporary checkpoint was left behind"

@@ -72,3 +72,43 @@ def test_training_steps_add_no_host_sync(tmp_path):
                               max_steps=n, **tiny))
         counts.append(len(alarm.hits))
     assert counts[0] == counts[1], f"4 more steps added {counts[1] - counts[0]} host syncs"
+
+
+def test_nothing_in_a_training_step_is_made_on_the_host_and_copied_over():
+    """Static: every tensor train_step creates is created on the device (no `.to(...)` of a draw, no
+    host generator): on a GPU a host copy per step is a stall per step."""
+    import ast
+    import inspect
+    import textwrap
+
+    from fastperc.recipes import train as train_mod
+    tree = ast.parse(textwrap.dedent(inspect.getsource(train_mod.train_step)))
+    makers = {"randint", "randn", "rand", "zeros", "ones", "full", "arange", "tensor", "empty", "randperm"}
+    bad = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        name, owner = node.func.attr, node.func.value
+        if name == "to":
+            bad.append(ast.unparse(node))
+        if isinstance(owner, ast.Name) and owner.id == "torch" and (name in makers or name == "Generator") \
+                and "device" not in {k.arg for k in node.keywords}:
+            bad.append(ast.unparse(node))
+    assert not bad, bad
+    assert "strata.draw" in ast.unparse(tree) and "generator=g, device=device" in ast.unparse(tree)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
+def test_training_steps_run_under_cuda_sync_debug_mode_error(tmp_path):
+    from fastperc.recipes.train import TrainConfig, build_run, train, train_step
+    tiny = dict(conditional=True, block_channels=(8, 16), batch_size=8, save_every=100, log_every=100, progress=False)
+    train(TrainConfig(out=str(tmp_path / "mse"), max_steps=1, **tiny))
+    run = build_run(TrainConfig(out=str(tmp_path / "sp"), objective="self_perceptual", init=str(tmp_path / "mse"),
+                                objective_t_range=(0, 499), max_steps=10, **tiny))
+    train_step(run, 0, 5)  # warm-up: first calls initialise tables and kernels
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(1, 6):
+            train_step(run, step, 5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

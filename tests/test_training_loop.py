@@ -144,6 +144,15 @@ def test_the_teacher_sees_the_class_labels_the_student_got(mse_run, tmp_path, mo
             assert torch.equal(call["class_labels"], labels)
 
 
+@pytest.mark.parametrize("sp_fraction, grad_accum, k", [(0.25, 1, 2), (0.5, 2, 2), (1.0, 1, 8)])
+def test_sp_fraction_runs_the_teacher_on_that_share_of_each_micro_batch(mse_run, tmp_path, monkeypatch,
+                                                                         sp_fraction, grad_accum, k):
+    seen = _record_teacher(monkeypatch)
+    train(TrainConfig(out=str(tmp_path / "sp"), objective="self_perceptual", init=str(mse_run), conditional=True,
+                      sp_fraction=sp_fraction, grad_accum=grad_accum, max_steps=1, save_every=1, **TINY))
+    assert [len(kw["class_labels"]) for kw in seen["kwargs"]] == [k] * (2 * grad_accum)  # real + fake branches
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     args = ["train", "--max-steps", "3", "--batch-size", "8", "--channels-per-level", "8,16", "--lr", "1e-3",
