@@ -100,8 +100,14 @@ def test_nothing_in_a_training_step_is_made_on_the_host_and_copied_over():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA sync debug mode needs a GPU")
 def test_training_steps_run_under_cuda_sync_debug_mode_error(tmp_path):
+    import numpy as np
+
     from fastperc.recipes.train import TrainConfig, build_run, train, train_step
-    tiny = dict(conditional=True, block_channels=(8, 16), batch_size=8, save_every=100, log_every=100, progress=False)
+    data = tmp_path / "digits.npz"  # an .npz: the GPU check's machine has torch and the test tools only
+    rng = np.random.default_rng(0)
+    np.savez(data, images=rng.integers(0, 256, (64, 32, 32), dtype=np.uint8), labels=np.arange(64) % 10)
+    tiny = dict(conditional=True, block_channels=(8, 16), batch_size=8, save_every=100, log_every=100, progress=False,
+                data=str(data), held_out=8)
     train(TrainConfig(out=str(tmp_path / "mse"), max_steps=1, **tiny))
     run = build_run(TrainConfig(out=str(tmp_path / "sp"), objective="self_perceptual", init=str(tmp_path / "mse"),
                                 objective_t_range=(0, 499), max_steps=10, **tiny))
