@@ -167,6 +167,12 @@ def _wait_for_log_lines(log: Path, n: int, proc, deadline_s: float = 180) -> Non
     raise AssertionError(f"{log} did not reach {n} lines (process exit code {proc.poll()})")
 
 
+def _popen(*command) -> subprocess.Popen:
+    """A training process of its own (one thread), its output kept for the failure message."""
+    return subprocess.Popen([sys.executable, "-m", *command], env={**os.environ, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
 @pytest.mark.slow
 def test_sigterm_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path):
     args = ["train", "--max-steps", "60", "--batch-size", "4", "--channels-per-level", "8,16", "--lr", "1e-3",
@@ -176,11 +182,9 @@ def test_sigterm_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path):
     assert full.returncode == 0, full.stderr[-3000:]
 
     out = tmp_path / "cut"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
     def start(*extra):
-        return subprocess.Popen([sys.executable, "-m", "fastperc", *args, "--out", str(out), *extra], env=env,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        return _popen("fastperc", *args, "--out", str(out), *extra)
 
     proc = start()
     _wait_for_log_lines(out / "log.jsonl", 10, proc)
@@ -209,11 +213,8 @@ def test_sigterm_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path):
 @pytest.mark.slow
 def test_sigterm_saves_a_loadable_checkpoint(tmp_path):
     out = tmp_path / "run"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "fastperc", "train", "--out", str(out), "--max-steps", "100000",
-                             "--batch-size", "4", "--channels-per-level", "8,16", "--log-every", "1",
-                             "--save-every", "100000", "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _popen("fastperc", "train", "--out", str(out), "--max-steps", "100000", "--batch-size", "4",
+                  "--channels-per-level", "8,16", "--log-every", "1", "--save-every", "100000", "--no-progress")
     _wait_for_log_lines(out / "log.jsonl", 2, proc, deadline_s=120)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
@@ -229,12 +230,9 @@ def test_two_processes_stop_together_at_a_logging_step_on_sigterm(tmp_path):
     """torchrun forwards SIGTERM to both workers; they agree on it at the next logging step (no step
     reads the host for it), save once and stop."""
     out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                             "29519", "-m", "fastperc", "train", "--out", str(out), "--max-steps", "100000",
-                             "--batch-size", "8", "--channels-per-level", "8,16", "--log-every", "3",
-                             "--save-every", "100000", "--no-progress"], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = _popen("torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", "-m", "fastperc",
+                  "train", "--out", str(out), "--max-steps", "100000", "--batch-size", "8", "--channels-per-level",
+                  "8,16", "--log-every", "3", "--save-every", "100000", "--no-progress")
     _wait_for_log_lines(out / "log.jsonl", 2, proc, deadline_s=180)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=180)
