@@ -73,3 +73,9 @@ def one_epoch_classifier(tmp_path_factory):
     """The metrics' classifier after one epoch: {"accuracy", "checkpoint"} (classifier/classifier.pt)."""
     from fastperc.recipes import metrics
     return metrics.train_classifier(str(tmp_path_factory.mktemp("run") / "classifier"), epochs=1, progress=False)
+
+
+def pytest_terminal_summary(terminalreporter):
+    if FUZZ:  # -q hides the header: say the seed again where it is read
+        terminalreporter.write_line(f"fastperc fuzz seed: FASTPERC_SEED={SEED} replays the torch draws (a failing "
+                                    "hypothesis example is printed by hypothesis itself)")
