@@ -111,21 +111,22 @@ def as_schedule(schedule) -> NoiseSchedule:
                     "NoiseSchedule.from_diffusers(scheduler)")
 
 
-# Per-sample conditioning a teacher gets: each must have the batch size of model_output, and the
-# objective on a share of the batch gives the teacher its first k rows.
+# Per-sample conditioning a teacher gets: each must have the batch size of model_output.
 _PER_SAMPLE_KWARGS = ("encoder_hidden_states", "class_labels", "timestep_cond", "pooled_projections", "text_embeds",
-                      "time_ids", "encoder_attention_mask", "attention_mask", "guidance", "resolution",
-                      "aspect_ratio")
+                      "time_ids", "encoder_attention_mask")
+# ... and those that may also be per sample (or broadcast): the objective on a share of the batch gives
+# the teacher the first k rows of each that has one row per sample.
+_ROW_KWARGS = _PER_SAMPLE_KWARGS + ("attention_mask", "guidance", "resolution", "aspect_ratio")
 
 
-def _first_rows(kwargs: dict, k: int) -> dict:
-    """teacher_kwargs for the first k samples: per-sample tensors (nested dicts too) sliced, the rest
-    (Flux's position ids, attention processors' options) as they are."""
+def _first_rows(kwargs: dict, k: int, batch: int) -> dict:
+    """teacher_kwargs for the first k of `batch` samples: per-sample tensors (nested dicts too) sliced,
+    the rest (Flux's position ids, a broadcast guidance, attention processors' options) as they are."""
     out = {}
     for name, value in kwargs.items():
         if isinstance(value, dict):
-            out[name] = _first_rows(value, k)
-        elif name in _PER_SAMPLE_KWARGS and isinstance(value, torch.Tensor) and value.dim() >= 1:
+            out[name] = _first_rows(value, k, batch)
+        elif name in _ROW_KWARGS and isinstance(value, torch.Tensor) and value.dim() >= 1 and value.shape[0] == batch:
             out[name] = value[:k]
         else:
             out[name] = value
@@ -269,7 +270,7 @@ def _objective(frozen: FrozenTeacher, schedule: NoiseSchedule, recipe: _Recipe, 
         target = schedule.target(x0[rest], noise[rest], timesteps[rest], prediction_type)
         mse = (model_output[rest] - target).square().flatten(1).mean(1).to(accumulation_dtype(wide))
         sp = _self_perceptual(frozen, schedule, recipe, weights, prediction_type, model_output[:k], x0[:k], noise[:k],
-                              timesteps[:k], timesteps_prime[:k], _first_rows(kwargs, k), "none")
+                              timesteps[:k], timesteps_prime[:k], _first_rows(kwargs, k, batch), "none")
         per_sample = torch.cat([sp, mse])
         return {"none": per_sample, "mean": per_sample.mean(), "sum": per_sample.sum()}[recipe.reduction]
     return _self_perceptual(frozen, schedule, recipe, weights, prediction_type, model_output, x0, noise, timesteps,

@@ -304,3 +304,13 @@ def test_a_share_of_the_batch_is_the_objective_on_k_samples_and_mse_on_the_rest(
 def test_a_batch_fraction_outside_0_1_is_refused(fraction):
     with pytest.raises(ValueError, match=r"batch_fraction: expected a number in \(0, 1\]"):
         SelfPerceptualLoss(tiny_unet(), NoiseSchedule.scaled_linear(), batch_fraction=fraction)
+
+
+def test_a_share_of_the_batch_slices_per_sample_conditioning_only():
+    from fastperc.loss import _first_rows
+    kw = {"encoder_hidden_states": torch.randn(8, 5, 16), "added_cond_kwargs": {"time_ids": torch.randn(8, 6)},
+          "img_ids": torch.randn(8, 3), "guidance": torch.full((1,), 3.5), "joint_attention_kwargs": None}
+    got = _first_rows(kw, 2, 8)
+    assert got["encoder_hidden_states"].shape == (2, 5, 16) and got["added_cond_kwargs"]["time_ids"].shape == (2, 6)
+    assert got["img_ids"] is kw["img_ids"]  # positions, not samples (even with 8 rows)
+    assert got["guidance"] is kw["guidance"] and got["joint_attention_kwargs"] is None  # broadcast, options
