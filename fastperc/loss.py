@@ -43,8 +43,9 @@ def normalize_features(real: list[torch.Tensor], fake: list[torch.Tensor], how: 
 
 class _TeacherCache(dict):
     """The FrozenTeacher wrappers of one frozen plain module, by layers. Kept on the module itself (in
-    its __dict__, not as a submodule), so a wrapper lives exactly as long as its module; copies and
-    pickles of the module start with an empty cache."""
+    its __dict__, not as a submodule), so no global table keeps a module alive: module and wrappers form
+    a cycle that Python's cycle collector frees together. Deep copies and pickles of the module start
+    with an empty cache; a shallow copy, which shares it, gets its own on first use."""
 
     def __deepcopy__(self, memo):
         return _TeacherCache()
@@ -78,7 +79,7 @@ def as_teacher(teacher, layers: Sequence[str] | None = None) -> FrozenTeacher:
             "fastperc.FrozenTeacher(mse_model) (a frozen copy, built once) or a model already frozen with "
             ".requires_grad_(False)")
     cache = model.__dict__.get(_CACHE)
-    if cache is None:
+    if cache is None or any(f.model is not model for f in cache.values()):  # none yet, or a shallow copy's
         cache = model.__dict__[_CACHE] = _TeacherCache()
     key = None if layers is None else (layers,) if isinstance(layers, str) else tuple(layers)
     frozen = cache.get(key)
@@ -171,6 +172,9 @@ def _describe(kwargs: dict) -> str:
     return "{" + ", ".join(f"{k}: {one(v)}" for k, v in kwargs.items()) + "}" if kwargs else "nothing"
 
 
+_OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # top-level from torch 2.5
+
+
 def _call_teacher(frozen: FrozenTeacher, sample, timesteps, kwargs: dict):
     """The teacher's features. An exception raised inside the teacher keeps its type (a bug in a model,
     a dtype mismatch, running out of memory are not the caller's conditioning); in eager mode it gets
@@ -179,7 +183,7 @@ def _call_teacher(frozen: FrozenTeacher, sample, timesteps, kwargs: dict):
         return frozen(sample, timesteps, **kwargs)
     try:
         return frozen(sample, timesteps, **kwargs)
-    except torch.OutOfMemoryError:
+    except _OUT_OF_MEMORY:
         raise  # what the teacher got does not explain it
     except Exception as e:
         if hasattr(e, "add_note"):  # Python >= 3.11

@@ -157,6 +157,17 @@ def test_resuming_with_other_training_options_is_refused_naming_them(tmp_path):
     assert result["step"] == 3
 
 
+def test_a_resumed_run_takes_its_model_options_from_its_checkpoint(tmp_path):
+    cfg = TrainConfig(out=str(tmp_path / "r"), max_steps=2, save_every=2, **TINY)
+    train(cfg)
+    # unset model options come from the checkpoint being resumed (not from the defaults)...
+    resumed = replace(cfg, resume=True, max_steps=3, block_channels=None)
+    assert train(resumed)["step"] == 3
+    # ... and one that disagrees with it is named
+    with pytest.raises(ValueError, match=r"resume: --channels-per-level \(16, 32\) disagrees with .*checkpoint.pt"):
+        train(replace(cfg, resume=True, max_steps=4, block_channels=(16, 32)))
+
+
 # ---- end to end: real signals to a separate process ---------------------------------------------------
 def _wait_for_log_lines(log: Path, n: int, proc, deadline_s: float = 180) -> None:
     deadline = time.time() + deadline_s

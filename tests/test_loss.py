@@ -314,3 +314,13 @@ def test_a_share_of_the_batch_slices_per_sample_conditioning_only():
     assert got["encoder_hidden_states"].shape == (2, 5, 16) and got["added_cond_kwargs"]["time_ids"].shape == (2, 6)
     assert got["img_ids"] is kw["img_ids"]  # positions, not samples (even with 8 rows)
     assert got["guidance"] is kw["guidance"] and got["joint_attention_kwargs"] is None  # broadcast, options
+
+
+def test_a_shallow_copy_of_a_module_gets_its_own_wrapper(gen):
+    import copy
+
+    from fastperc.loss import as_teacher
+    model = tiny_unet().requires_grad_(False)
+    first = as_teacher(model)
+    twin = copy.copy(model)  # shares the original's __dict__ entries, the cache among them
+    assert as_teacher(twin).model is twin and as_teacher(model) is first

@@ -101,7 +101,7 @@ def test_objective_on_a_band_of_t_runs_the_teacher_on_the_first_k_and_mse_on_the
     assert torch.allclose(got, torch.cat([sp[:k], mse[k:]]).mean(), rtol=1e-6)
 
 
-@pytest.mark.parametrize("band", [(0, 99), (0, 499), (250, 260), (0, 999), (1000, 2000)])
+@pytest.mark.parametrize("band", [(0, 99), (0, 499), (250, 499), (0, 1000), (1001, 2000)])
 @pytest.mark.parametrize("flow", [False, True])
 def test_a_band_of_t_is_drawn_stratified_with_the_same_k_in_every_micro_batch(band, flow):
     schedule = NoiseSchedule.flow_matching() if flow else NoiseSchedule.scaled_linear()
@@ -164,3 +164,10 @@ def test_reference_mse_target_is_what_the_plain_objective_uses(gen):
     cfg = TrainConfig(out="")
     assert torch.equal(_objective(cfg, None, schedule, pred, x0, noise, t, t, None, 0),
                        F.mse_loss(pred, schedule.velocity(x0, noise, t)))
+
+
+@pytest.mark.parametrize("band, micro", [((0, 100), 4), ((0, 899), 4)])
+def test_a_band_that_rounds_to_none_or_all_of_a_micro_batch_is_refused(band, micro):
+    cfg = TrainConfig(out="", objective="self_perceptual", init="x", objective_t_range=band)
+    with pytest.raises(ValueError, match=r"objective_t_range: the band .* would never be drawn"):
+        TimestepStrata.of(cfg, NoiseSchedule.scaled_linear(), micro, torch.device("cpu"))

@@ -204,18 +204,21 @@ def _plain(value):
     return tuple(value) if isinstance(value, list) else value
 
 
-def with_model_options(cfg: TrainConfig, held: dict | None) -> TrainConfig:
-    """`cfg` with every model option set. With `held` (the model options of --init's checkpoint, from
-    `models.model_options_of`) they come from it, and one set in `cfg` that disagrees is an InputError
-    naming it; without, an unset option takes its default (per schedule where the option has one, e.g.
-    flow_prediction for the flow schedule). The same for the CLI and for Python callers."""
+def with_model_options(cfg: TrainConfig, held: dict | None, source: str | None = None) -> TrainConfig:
+    """`cfg` with every model option set. With `held` (the model options of the checkpoint the model
+    comes from, from `models.model_options_of`: --init's, or the one being resumed, named by `source`)
+    they come from it, and one set in `cfg` that disagrees is an InputError naming it; without, an unset
+    option takes its default (per schedule where the option has one, e.g. flow_prediction for the flow
+    schedule). The same for the CLI and for Python callers."""
     given = {k: _plain(getattr(cfg, k)) for k in MODEL_OPTIONS if getattr(cfg, k) is not None}
     if held is not None:
+        source = source or cfg.init
         bad = [k for k, v in given.items() if v != _plain(held[k])]
         if bad:
-            raise InputError("init: " + "; ".join(f"{flag_of(k)} {given[k]!r} disagrees with {cfg.init}, which "
-                                                  f"holds {held[k]!r}" for k in bad) + " (omit them: --init sets the "
-                                                                                        "model)")
+            what = "init" if source == cfg.init else "resume"
+            raise InputError(f"{what}: " + "; ".join(f"{flag_of(k)} {given[k]!r} disagrees with {source}, which "
+                                                     f"holds {held[k]!r}" for k in bad)
+                             + " (omit them: the checkpoint sets the model)")
         return replace(cfg, **{k: held[k] for k in MODEL_OPTIONS})
     values = {**MODEL_OPTIONS, **given}
     for f in fields(TrainConfig):

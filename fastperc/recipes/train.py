@@ -26,7 +26,7 @@ from ..loss import self_perceptual_loss, teacher_batch
 from ..schedule import FlowMatchingSchedule, NoiseSchedule, TimestepDistribution
 from ..teacher import FrozenTeacher, default_layers
 from . import checkpoint, data, latent
-from .config import RESUMABLE_OPTIONS, TrainConfig, with_model_options
+from .config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TrainConfig, with_model_options
 from .models import build_model, load_model, model_config_of, model_options_of, null_class, predict, schedule_of
 from ..errors import InputError
 
@@ -96,7 +96,13 @@ class TimestepStrata:
             return cls(micro, teacher_batch(micro, cfg.sp_fraction), values.to(device))
         low, high = cfg.objective_t_range
         band = (values >= low) & (values <= high)
-        k = round(micro * float(band.float().mean()))
+        share = float(band.float().mean())
+        k = round(micro * share)
+        if 0 < share < 1 and k in (0, micro):  # t on one side of the band would never be drawn
+            raise InputError(f"objective_t_range: the band [{low}, {high}] holds {share:.1%} of the table, so a "
+                             f"micro-batch of {micro} samples gets {k} in it and t "
+                             f"{'inside' if k == 0 else 'outside'} the band would never be drawn; use a wider or "
+                             "narrower band or a larger micro-batch (--batch-size / processes / --grad-accum)")
         return cls(micro, k, values.to(device), band.nonzero()[:, 0].to(device), (~band).nonzero()[:, 0].to(device))
 
     def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -201,24 +207,24 @@ def _frozen_teacher(cfg: TrainConfig, model_config: dict, device: torch.device) 
 
 def build_run(cfg: TrainConfig) -> Run:
     """Validate, set up the processes, load the data, and build the model, EMA, teacher and optimizer,
-    from `init` or from the checkpoint being resumed."""
-    init_state = checkpoint.load(cfg.init) if cfg.init else None
-    cfg = with_model_options(cfg, model_options_of(init_state["model_config"]) if init_state else None)
+    from `init` or from the checkpoint being resumed (which then also sets the model options)."""
+    out = Path(cfg.out)
+    resumed = cfg.resume and (out / "checkpoint.pt").exists()
+    state = checkpoint.load(out / "checkpoint.pt") if resumed else None
+    init = checkpoint.load(cfg.init) if (cfg.init and not resumed) else None
+    source, source_name = (state, str(out / "checkpoint.pt")) if state is not None else (init, cfg.init)
+    cfg = with_model_options(cfg, model_options_of(source["model_config"]) if source else None, source_name)
     cfg.validate()
     rank, world, device = _setup_distributed()
     if cfg.batch_size % (world * cfg.grad_accum):
         raise InputError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
                          f"got {cfg.batch_size}")
-    out = Path(cfg.out)
     torch.manual_seed(cfg.seed)
     images = _training_images(cfg)
     train_set, _ = images.split(min(cfg.held_out, len(images) // 10), cfg.split_seed)
 
-    resumed = cfg.resume and (out / "checkpoint.pt").exists()
     if not cfg.resume and rank == 0:
         _refuse_or_clear_earlier_run(out, cfg.overwrite)
-    state = checkpoint.load(out / "checkpoint.pt") if resumed else None
-    init = init_state if not resumed else None
     if cfg.latent and init is not None:
         raise InputError(f"latent: --init {cfg.init} sets the model and its space (a latent checkpoint keeps its "
                          "autoencoder); omit --latent")
@@ -229,11 +235,11 @@ def build_run(cfg: TrainConfig) -> Run:
     if start is not None:
         model.load_state_dict(start["model"])
         ema.load_state_dict(start["ema"])
-    if cfg.layers is None:  # the library's tap for this architecture, written into the run's config
-        cfg = replace(cfg, layers=default_layers(model))
+    teacher = _frozen_teacher(cfg, model_config, device)
+    if cfg.layers is None:  # the teacher's tap for its architecture (the student's without one), kept in the config
+        cfg = replace(cfg, layers=teacher.layers if teacher is not None else default_layers(model))
     if state is not None:
         _refuse_changed_options(state.get("config", {}), cfg, out / "checkpoint.pt")
-    teacher = _frozen_teacher(cfg, model_config, device)
     opt = _optimizer(cfg, model, device)
     counters = {name: torch.zeros((), dtype=torch.int64, device=device) for name in ("good", "bad", "bad_in_row")}
     if state is not None:
@@ -420,7 +426,8 @@ def _refuse_changed_options(saved: dict, cfg: TrainConfig, path: Path) -> None:
     under a new learning rate); name what differs instead."""
     now = asdict(cfg)
     changed = [f"{k}: checkpoint {_plain(saved[k])!r}, now {_plain(now[k])!r}" for k in saved
-               if k in now and k not in RESUMABLE_OPTIONS and _plain(saved[k]) != _plain(now[k])]
+               if k in now and k not in RESUMABLE_OPTIONS and k not in MODEL_OPTIONS  # the model: from the checkpoint
+               and _plain(saved[k]) != _plain(now[k])]
     if changed:
         raise InputError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
                          "same options, or start over (`fastperc train --overwrite`, `fastperc demo --fresh`)")
@@ -450,12 +457,15 @@ def _objective(cfg, teacher, schedule, pred, x0, noise, t, t_prime, labels, k: i
     (the teacher's static share: `sp_fraction`, or the samples drawn inside `objective_t_range`) and MSE
     on the rest, averaged over the micro-batch; plus `mse_weight` times the MSE."""
     target = schedule.target(x0, noise, t, schedule.prediction_type)
-    if cfg.objective == "mse" or k == 0:
+    if cfg.objective == "mse":
         return F.mse_loss(pred, target)
-    kwargs = {"class_labels": labels} if labels is not None else {}
-    loss = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
-                                teacher_kwargs=kwargs, timesteps_prime=t_prime, feature_norm=cfg.feature_norm,
-                                batch_fraction=k / pred.shape[0])
+    if k == 0:  # a band outside the table: every sample gets MSE
+        loss = F.mse_loss(pred, target)
+    else:
+        kwargs = {"class_labels": labels} if labels is not None else {}
+        loss = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
+                                    teacher_kwargs=kwargs, timesteps_prime=t_prime, feature_norm=cfg.feature_norm,
+                                    batch_fraction=k / pred.shape[0])
     if cfg.mse_weight > 0:
         loss = loss + cfg.mse_weight * F.mse_loss(pred, target)
     return loss
