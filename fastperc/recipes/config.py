@@ -68,8 +68,8 @@ class TrainConfig:
     objective_t_range: tuple[int, int] | None = option(None, "use the self-perceptual objective where t is in "
                                                        "[LOW, HIGH], plain MSE elsewhere: t is drawn so that a "
                                                        "fixed share of each micro-batch (the band's share of the "
-                                                       "table) falls in the band, and only those samples run "
-                                                       "the teacher", type=(int,),
+                                                       "table, rounded to whole samples) falls in the band, and "
+                                                       "only those samples run the teacher", type=(int,),
                                                        bound="non_negative", metavar="LOW,HIGH")
     sp_fraction: float = option(1.0, "the share of each micro-batch that gets the self-perceptual objective (the "
                                 "first ceil(f * micro-batch) samples; the rest plain MSE): the teacher runs on "
