@@ -287,7 +287,7 @@ def _self_perceptual(frozen, schedule, recipe, weights, prediction_type, model_o
     coef_dtype = accumulation_dtype(model_output.dtype)
     a, b, alpha_prime, sigma_prime = schedule.renoise_coefficients(timesteps, timesteps_prime, prediction_type,
                                                                    coef_dtype)
-    x_t = schedule._add_noise(x0, noise, timesteps)  # arguments checked above
+    x_t = schedule.add_noise(x0, noise, timesteps, check=False)  # arguments checked above
     fake, real = renoise(x_t, model_output, x0, noise, a, b, alpha_prime, sigma_prime, backend=recipe.backend)
     with torch.no_grad():  # the real branch keeps no graph
         real_feats = _call_teacher(frozen, real, timesteps_prime, kwargs)

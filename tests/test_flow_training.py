@@ -10,7 +10,7 @@ from fastperc import NoiseSchedule
 from fastperc.recipes.cli import main
 from fastperc.recipes.config import TrainConfig
 from fastperc.recipes.models import load_model
-from fastperc.recipes.sample import euler_flow_sample, flow_sigmas, generate
+from fastperc.recipes.sample import generate, sample_loop
 from fastperc.recipes.train import train
 
 TINY_DIT = dict(arch="dit", dit_width=16, dit_depth=2, schedule="flow", prediction_type="flow_prediction",
@@ -23,11 +23,11 @@ def test_flow_sigmas_are_diffusers_euler_sigmas(shift, steps):
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=shift)
     sched.set_timesteps(steps)
-    ours = flow_sigmas(NoiseSchedule.flow_matching(shift=shift), steps)
+    ours = NoiseSchedule.flow_matching(shift=shift).sigmas_for_sampling(steps)
     np.testing.assert_allclose(ours, sched.sigmas.double().numpy(), rtol=1e-6, atol=1e-7)
 
 
-def test_euler_flow_sample_follows_flow_match_euler_steps(gen):
+def test_flow_sampling_follows_flow_match_euler_steps(gen):
     """With a stand-in model, our loop and diffusers' scheduler.step give the same trajectory."""
     diffusers = pytest.importorskip("diffusers")
     w = torch.randn(1, 2, 1, 1, generator=gen)
@@ -36,7 +36,7 @@ def test_euler_flow_sample_follows_flow_match_euler_steps(gen):
         return x * w + (t / 1000)[:, None, None, None]
 
     noise = torch.randn(3, 2, 4, 4, generator=gen)
-    ours = euler_flow_sample(model, NoiseSchedule.flow_matching(shift=3.0), noise, steps=6, clip=False)
+    ours = sample_loop(model, NoiseSchedule.flow_matching(shift=3.0), noise, steps=6, clip=False)
     sched = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
     sched.set_timesteps(6)
     x = noise.clone()

@@ -8,7 +8,7 @@ import torch
 from fastperc.recipes import checkpoint, data
 from fastperc.recipes.cli import main
 from fastperc.recipes.latent import encode_images, load_autoencoder, of_model_config, train_autoencoder
-from fastperc.recipes.sample import ddim_sample, generate
+from fastperc.recipes.sample import generate, sample_loop
 from fastperc.recipes.models import null_class, schedule_of
 from fastperc.recipes.config import TrainConfig
 from fastperc.recipes.models import load_model
@@ -52,7 +52,7 @@ def test_a_latent_run_keeps_its_autoencoder_and_samples_decode_to_pixels(autoenc
     assert imgs.shape == (6, 32, 32) and imgs.dtype == np.uint8 and labels.tolist() == [0, 1, 2, 3, 4, 5]
     # the same images by hand: unclipped latents from DDIM, then the stored decoder
     noise = torch.randn((6, 4, 8, 8), generator=torch.Generator().manual_seed(4))
-    z = ddim_sample(model.eval(), schedule_of(mconf), noise, steps=3, labels=torch.arange(6),
+    z = sample_loop(model.eval(), schedule_of(mconf), noise, steps=3, labels=torch.arange(6),
                     null_label=null_class(mconf), clip=False)
     assert float(z.abs().max()) > 0  # latents are not images: nothing clamps them
     expected = data.to_uint8(ae_kept.decode(z))[:, 0].numpy()

@@ -33,9 +33,9 @@ def test_sampling_is_reproducible_by_seed(mse_run):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_trailing_timesteps_start_at_the_last_step():
-    from fastperc.recipes.sample import trailing_timesteps
-    ts = trailing_timesteps(1000, 50)
+def test_vp_sampling_timesteps_are_trailing_and_start_at_the_last_step():
+    from fastperc import NoiseSchedule
+    ts = NoiseSchedule.scaled_linear().sampling_timesteps(50).tolist()
     assert ts[0] == 999 and ts[-1] == 19 and len(ts) == 50 and ts == sorted(ts, reverse=True)
 
 

@@ -2,7 +2,7 @@ import pytest
 import torch
 from diffusers import DDPMScheduler
 
-from fastperc import NoiseSchedule
+from fastperc import FlowMatchingSchedule, NoiseSchedule, VPSchedule
 
 
 @pytest.mark.parametrize("rescale", [True, False])
@@ -98,7 +98,7 @@ def test_epsilon_on_sd15_table_is_finite_at_the_last_step():
 def test_large_conversion_coefficients_are_warned_once_when_checked():
     ac = torch.linspace(0.9999, 1e-6, 100, dtype=torch.float64)  # alpha_min = 1e-3: 1/alpha = 1000
     with pytest.warns(RuntimeWarning, match=r"conversion coefficients reach 1000 \(> 100\) at timesteps"):
-        s = NoiseSchedule(ac, prediction_type="epsilon")
+        s = VPSchedule(ac, prediction_type="epsilon")
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -112,7 +112,7 @@ def test_large_conversion_coefficients_are_warned_once_when_checked():
 ])
 def test_bad_alphas_cumprod_raise(bad, exc, match):
     with pytest.raises(exc, match=match):
-        NoiseSchedule(bad)
+        VPSchedule(bad)
 
 
 def test_unknown_prediction_type_raises():
@@ -124,3 +124,73 @@ def test_add_noise_rejects_out_of_range_timesteps():
     s = NoiseSchedule.scaled_linear()
     with pytest.raises(ValueError, match=r"timesteps: expected values in \[0, 999\]"):
         s.add_noise(torch.randn(2, 1, 4, 4), torch.randn(2, 1, 4, 4), torch.tensor([0, 1000]))
+
+
+# ---- the protocol: two siblings, every caller uses its methods only ---------------------------------
+SIBLINGS = {"vp": lambda: NoiseSchedule.scaled_linear(), "flow": lambda: NoiseSchedule.flow_matching(shift=3.0)}
+
+
+@pytest.mark.parametrize("kind", SIBLINGS)
+def test_every_public_attribute_of_either_schedule_answers(kind):
+    s = SIBLINGS[kind]()
+    assert isinstance(s, NoiseSchedule)
+    for name in dir(s):
+        if not name.startswith("_"):
+            getattr(s, name)  # no property that raises (as an inherited table did before)
+    abstract = {n for n in dir(NoiseSchedule) if getattr(getattr(NoiseSchedule, n), "__isabstractmethod__", False)}
+    assert abstract and not getattr(type(s), "__abstractmethods__", None)
+    assert abstract <= set(dir(s))
+
+
+def test_the_siblings_are_not_each_other():
+    vp, flow = SIBLINGS["vp"](), SIBLINGS["flow"]()
+    assert isinstance(vp, VPSchedule) and not isinstance(vp, FlowMatchingSchedule)
+    assert isinstance(flow, FlowMatchingSchedule) and not isinstance(flow, VPSchedule)
+    assert not hasattr(flow, "alphas_cumprod")  # a flow table has no variance-preserving table to give
+
+
+def test_the_old_constructor_name_builds_a_vp_schedule_with_a_deprecation_warning():
+    ac = NoiseSchedule.scaled_linear().alphas_cumprod
+    with pytest.warns(DeprecationWarning, match="use VPSchedule"):
+        s = NoiseSchedule(ac, prediction_type="v_prediction")
+    assert type(s) is VPSchedule and torch.equal(s.alphas_cumprod, ac) and s.prediction_type == "v_prediction"
+    with pytest.raises(ValueError, match="alphas_cumprod"), pytest.warns(DeprecationWarning):
+        NoiseSchedule(torch.tensor([0.9, 1.5]))
+
+
+@pytest.mark.parametrize("kind", SIBLINGS)
+def test_the_timestep_table_is_ordered_both_ways(kind):
+    s = SIBLINGS[kind]()
+    by_noise = s.timesteps_by_noise()
+    assert torch.equal(by_noise, s.timesteps.flip(0)) and by_noise.shape == (s.num_train_timesteps,)
+    _, sigma = s.alpha_sigma(by_noise, torch.float64)
+    assert bool((sigma[1:] >= sigma[:-1]).all())  # increasing noise
+    assert by_noise.dtype == (torch.float32 if kind == "flow" else torch.int64)
+
+
+@pytest.mark.parametrize("kind", SIBLINGS)
+def test_a_sampler_step_reaches_x0_and_stepping_to_the_same_timestep_stays_put(kind, gen):
+    s = SIBLINGS[kind]()
+    x0, eps = torch.randn(3, 2, 4, 4, generator=gen, dtype=torch.float64), torch.randn(3, 2, 4, 4, generator=gen,
+                                                                                          dtype=torch.float64)
+    t = s.sampling_timesteps(4)[1:4]
+    x_t = s.add_noise(x0, eps, t)
+    exact = s.target(x0, eps, t)  # a perfect model
+    torch.testing.assert_close(s.sampler_step(x_t, exact, t, None), x0)
+    torch.testing.assert_close(s.sampler_step(x_t, exact, t, t), x_t)
+    t_next = s.sampling_timesteps(4)[[2, 3, 3]]
+    torch.testing.assert_close(s.sampler_step(x_t, exact, t, t_next), s.add_noise(x0, eps, t_next))
+
+
+@pytest.mark.parametrize("kind", SIBLINGS)
+def test_sampling_timesteps_refuse_bad_step_counts(kind):
+    s = SIBLINGS[kind]()
+    for bad in (0, s.num_train_timesteps + 1, 2.5, True):
+        with pytest.raises(ValueError, match="steps: expected an int in 1..1000"):
+            s.sampling_timesteps(bad)
+
+
+def test_add_noise_without_checks_gives_what_the_checked_call_gives(gen):
+    s = NoiseSchedule.scaled_linear()
+    x0, eps, t = torch.randn(2, 1, 4, 4, generator=gen), torch.randn(2, 1, 4, 4, generator=gen), torch.tensor([3, 998])
+    assert torch.equal(s.add_noise(x0, eps, t, check=False), s.add_noise(x0, eps, t))

@@ -1,5 +1,5 @@
-"""DDIM sampling (eta = 0) with "trailing" timestep spacing for variance-preserving models, Euler
-sampling for flow-matching models (as diffusers' FlowMatchEulerDiscreteScheduler), both with
+"""Deterministic sampling (DDIM with eta = 0 and "trailing" timestep spacing for variance-preserving
+models, Euler steps for flow-matching models, as diffusers' FlowMatchEulerDiscreteScheduler), with
 classifier-free guidance and guidance rescale (Lin et al. 2023), and the .npz + PNG-grid outputs of
 `fastperc sample`."""
 from __future__ import annotations
@@ -12,68 +12,28 @@ import torch
 from . import latent
 from .data import to_uint8
 from .models import null_class, predict, schedule_of
-from ..schedule import FlowMatchingSchedule, NoiseSchedule
+from ..schedule import NoiseSchedule
 from ..errors import InputError
 
 
-def trailing_timesteps(num_train_timesteps: int, steps: int) -> list[int]:
-    """diffusers' "trailing" spacing: starts at T-1, so zero-terminal-SNR models see pure noise first."""
-    if not 1 <= steps <= num_train_timesteps:
-        raise InputError(f"steps: expected 1..{num_train_timesteps}, got {steps}")
-    return (np.round(np.arange(num_train_timesteps, 0, -num_train_timesteps / steps)).astype(np.int64) - 1).tolist()
-
-
 @torch.no_grad()
-def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int = 50,
+def sample_loop(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: int = 50,
                 labels: torch.Tensor | None = None, null_label: int | None = None, cfg_scale: float = 1.0,
                 guidance_rescale: float = 0.0, clip: bool = True) -> torch.Tensor:
     """Denoise `noise` (B, C, H, W) to images in [-1, 1] (`clip=False`: unclipped, for latents).
 
-    With labels and cfg_scale != 1, each step evaluates the conditional and the null-class prediction
-    in one batch and mixes them: p = p_uncond + s * (p_cond - p_uncond), then rescales p towards the
-    conditional prediction's std by `guidance_rescale`.
+    The schedule says where to step (`sampling_timesteps`) and how (`sampler_step`): DDIM with eta = 0
+    on a VP table's "trailing" timesteps, Euler steps of the flow on diffusers' flow sigmas. With labels
+    and cfg_scale != 1, each step evaluates the conditional and the null-class prediction in one batch
+    and mixes them: p = p_uncond + s * (p_cond - p_uncond), then rescales p towards the conditional
+    prediction's std by `guidance_rescale`.
     """
-    ts = trailing_timesteps(schedule.num_train_timesteps, steps)
-    ac = schedule.alphas_cumprod
-    x = noise
-    for i, t in enumerate(ts):
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        p = _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale)
-        x0, eps = schedule.convert(x, p, tt, schedule.prediction_type)
-        if i + 1 == len(ts):
-            x = x0
-        else:
-            a_prev = float(ac[ts[i + 1]]) ** 0.5
-            x = a_prev * x0 + (1 - a_prev**2) ** 0.5 * eps
-    return x.clamp(-1, 1) if clip else x
-
-
-def flow_sigmas(schedule: FlowMatchingSchedule, steps: int) -> list[float]:
-    """diffusers' FlowMatchEulerDiscreteScheduler.set_timesteps (without dynamic shifting): `steps`
-    values evenly spaced from the table's largest to its smallest sigma, each then shifted (diffusers
-    shifts these already-shifted end points once more), then 0."""
-    T = schedule.num_train_timesteps
-    if not 1 <= steps <= T:
-        raise InputError(f"steps: expected 1..{T}, got {steps}")
-    u = np.linspace(float(schedule.sigmas.max()), float(schedule.sigmas.min()), steps)
-    k = schedule.shift
-    return [float(k * v / (1 + (k - 1) * v)) for v in u] + [0.0]
-
-
-@torch.no_grad()
-def euler_flow_sample(model, schedule: FlowMatchingSchedule, noise: torch.Tensor, *, steps: int = 50,
-                      labels: torch.Tensor | None = None, null_label: int | None = None, cfg_scale: float = 1.0,
-                      guidance_rescale: float = 0.0, clip: bool = True) -> torch.Tensor:
-    """Integrate dx/dsigma = v (the model's flow prediction, noise - x0) from sigma = 1 (pure noise) to
-    0 with Euler steps, as diffusers' FlowMatchEulerDiscreteScheduler; the model sees the float
-    timesteps sigma * T it was trained on. Guidance as in ddim_sample."""
-    sigmas = flow_sigmas(schedule, steps)
-    T = schedule.num_train_timesteps
+    ts = schedule.sampling_timesteps(steps).to(noise.device)
     x = noise.float()
-    for s, s_next in zip(sigmas[:-1], sigmas[1:]):
-        tt = torch.full((x.shape[0],), s * T, device=x.device, dtype=torch.float32)
-        v = _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale)
-        x = x + (s_next - s) * v
+    for i in range(len(ts)):
+        tt = ts[i].expand(x.shape[0])
+        p = _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale)
+        x = schedule.sampler_step(x, p, tt, ts[i + 1].expand(x.shape[0]) if i + 1 < len(ts) else None)
     return x.clamp(-1, 1) if clip else x
 
 
@@ -116,8 +76,7 @@ def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: f
     out = []
     for s in range(0, n, batch_size):
         lab = labels[s:s + batch_size].to(device) if ncls else None
-        sampler = euler_flow_sample if isinstance(schedule, FlowMatchingSchedule) else ddim_sample
-        x = sampler(model, schedule, noise[s:s + batch_size].to(device), steps=steps, labels=lab,
+        x = sample_loop(model, schedule, noise[s:s + batch_size].to(device), steps=steps, labels=lab,
                     null_label=null_class(model_config), cfg_scale=cfg_scale, guidance_rescale=guidance_rescale,
                     clip=ae is None)
         if ae is not None:

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..loss import self_perceptual_loss, teacher_batch
-from ..schedule import FlowMatchingSchedule, NoiseSchedule, TimestepDistribution
+from ..schedule import NoiseSchedule, TimestepDistribution
 from ..teacher import FrozenTeacher, default_layers
 from . import checkpoint, data, latent
 from .config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TrainConfig, with_model_options
@@ -88,8 +88,7 @@ class TimestepStrata:
     @classmethod
     def of(cls, cfg: TrainConfig, schedule: NoiseSchedule, micro: int, device: torch.device) -> "TimestepStrata":
         # diffusers' training scripts draw a flow table's float timesteps, a VP table's indices
-        values = schedule.timesteps if isinstance(schedule, FlowMatchingSchedule) else \
-            torch.arange(schedule.num_train_timesteps)
+        values = schedule.timesteps_by_noise()
         if cfg.objective != "self_perceptual":
             return cls(micro, 0, values.to(device))
         if cfg.objective_t_range is None:
@@ -305,7 +304,7 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
         last = k == cfg.grad_accum - 1
         with (run.net.no_sync() if world > 1 and not last else contextlib.nullcontext()):
             with autocast:  # bf16: the student and the teacher; losses accumulate in fp32
-                pred = predict(run.net, schedule._add_noise(x0, noise, t), t, labels).float()
+                pred = predict(run.net, schedule.add_noise(x0, noise, t, check=False), t, labels).float()
                 loss = _objective(cfg, run.teacher, schedule, pred, x0, noise, t, t_prime, labels, run.strata.k)
             (loss / cfg.grad_accum).backward()
         total += loss.detach() / cfg.grad_accum
