@@ -11,7 +11,7 @@ import torch
 import torch.utils.checkpoint  # called as torch.utils.checkpoint.checkpoint: looked up per call
 from torch import nn
 
-from .truncated_forwards import find_adapter, joint_blocks
+from .adapters import family_of, find_adapter, is_joint_block, mid_depth_block
 from .errors import InputError
 
 
@@ -32,9 +32,9 @@ def first_tensor(output) -> torch.Tensor:
 
 
 def tapped_output(module: nn.Module, output) -> torch.Tensor:
-    """What a tap on `module` gives: a joint text-image block's image stream (output[1] for the classes
-    in `joint_blocks()`: SD3 and Flux blocks return (text, image)), else `first_tensor(output)`."""
-    if isinstance(output, (tuple, list)) and isinstance(module, joint_blocks()):
+    """What a tap on `module` gives: a joint text-image block's image stream (output[1] for the blocks
+    registered as joint: SD3 and Flux blocks return (text, image)), else `first_tensor(output)`."""
+    if isinstance(output, (tuple, list)) and is_joint_block(module):
         return first_tensor(output[1])
     return first_tensor(output)
 
@@ -140,8 +140,8 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     model = unwrap(model)
     if "mid_block" in dict(model.named_modules()):
         return ("mid_block",)
-    adapter = find_adapter(model)
-    blocks = adapter.blocks(model) if adapter is not None else []
+    family = family_of(model)
+    blocks = family.blocks(model) if family is not None else []
     if not blocks:
         lists = [(name, len(child)) for name, child in model.named_children()
                  if isinstance(child, nn.ModuleList) and len(child)]
@@ -151,7 +151,7 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     if not blocks:
         raise InputError(f"layers: {type(model).__name__} has no `mid_block` and no list of blocks to take a "
                          "mid-depth block from; pass layers=(...) with submodule names from model.named_modules()")
-    return (blocks[max(len(blocks) // 2 - 1, 0)],)
+    return (mid_depth_block(blocks),)
 
 
 def _no_midblock_hint(name: str, model: nn.Module) -> str:
@@ -316,13 +316,13 @@ class FrozenTeacher(nn.Module):
         self.layers = layers
         self.dtype = dtype
 
-        # The architecture (timestep conversion) and the truncation plan: which stage each layer lives
-        # in, and the last stage to run.
-        self._arch = find_adapter(model)
+        # The family (timestep conversion, required conditioning: they hold on the hook path too) and the
+        # truncation plan: the adapter whose probe passed, which stage each layer lives in, the last to run.
+        self._arch = family_of(model)
         # The conditioning the model cannot run without, known for the adapters' architectures.
         self.required_kwargs: tuple[str, ...] = self._arch.required(model) if self._arch is not None else ()
         self._time_keyword = _time_keyword(model)
-        self._adapter = self._arch
+        self._adapter = find_adapter(model)
         self._stop: str | None = None
         self._nested: tuple[str, ...] = ()
         if self._adapter is not None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..adapters.base import FeatureCollector
 from .unet import TimestepEmbedding, condition_embedding
 from ..errors import InputError
 
@@ -108,25 +109,20 @@ class DiT(nn.Module):
                  keep: frozenset[str] = frozenset(), stop: str | None = None):
         """Run stage by stage; return ({name: output} for stages in `keep`, final output or None).
         Block outputs are token maps (B, tokens, hidden). With `stop`, nothing after that stage runs."""
-        out: dict[str, torch.Tensor] = {}
+        taps = FeatureCollector(keep, stop)
         cond = condition_embedding(self, sample, timestep, class_labels)
         x = self.x_embedder(sample).flatten(2).transpose(1, 2) + self.pos_embed.to(sample.dtype)
-        first = self.stage_names()[0]
-        if first in keep:
-            out[first] = x
-        if stop == first:
-            return out, None
+        if taps.step(self.stage_names()[0], x):
+            return taps.out, None
         for i, block in enumerate(self.blocks):
             x = block(x, cond)
-            if f"blocks.{i}" in keep:
-                out[f"blocks.{i}"] = x
-            if stop == f"blocks.{i}":
-                return out, None
+            if taps.step(f"blocks.{i}", x):
+                return taps.out, None
         shift, scale = self.adaLN_out(F.silu(cond)).chunk(2, dim=-1)
         x = self.proj_out(_modulate(self.norm_out(x), shift, scale))
         p, c, g = self.patch_size, self.in_channels, self.grid
         x = x.view(-1, g, g, p, p, c).permute(0, 5, 1, 3, 2, 4).reshape(-1, c, g * p, g * p)
-        return out, x
+        return taps.out, x
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if sample.dim() != 4 or sample.shape[1:] != (self.in_channels, self.image_size, self.image_size):
@@ -135,10 +131,4 @@ class DiT(nn.Module):
         return self.features(sample, timestep, class_labels)[1]
 
 
-def default_depth_tap(model: DiT) -> str:
-    """The mid-depth block: the transformer analogue of a UNet's midblock (no paper result exists for
-    transformers; halfway down the stack the tokens are most abstract before decoding starts)."""
-    return f"blocks.{len(model.blocks) // 2 - 1 if len(model.blocks) > 1 else 0}"
-
-
-__all__ = ["DiT", "DiTBlock", "default_depth_tap"]
+__all__ = ["DiT", "DiTBlock"]

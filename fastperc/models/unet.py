@@ -12,6 +12,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from ..adapters.base import FeatureCollector
 from ..errors import InputError
 
 
@@ -220,40 +221,34 @@ class UNet(nn.Module):
 
         With `stop`, nothing after that stage runs (used by FrozenTeacher to skip the decoder).
         """
-        out: dict[str, torch.Tensor] = {}
-
-        def done(name: str, value: torch.Tensor) -> bool:
-            if name in keep:
-                out[name] = value
-            return name == stop
-
+        c = FeatureCollector(keep, stop)
         emb = self._embed(sample, timestep, class_labels)
-        if done("time_embedding", emb) or done("class_embedding", emb):
-            return out, None
+        if c.step("time_embedding", emb) or c.step("class_embedding", emb):
+            return c.out, None
         h = self.conv_in(sample)
-        if done("conv_in", h):
-            return out, None
+        if c.step("conv_in", h):
+            return c.out, None
         skips = [h]
         for i, block in enumerate(self.down_blocks):
             h, res = block(h, emb)
             skips.extend(res)
-            if done(f"down_blocks.{i}", h):
-                return out, None
+            if c.step(f"down_blocks.{i}", h):
+                return c.out, None
         h = self.mid_block(h, emb)
-        if done("mid_block", h):
-            return out, None
+        if c.step("mid_block", h):
+            return c.out, None
         for i, block in enumerate(self.up_blocks):
             n = len(block.resnets)
             h = block(h, skips[-n:], emb)
             skips = skips[:-n]
-            if done(f"up_blocks.{i}", h):
-                return out, None
+            if c.step(f"up_blocks.{i}", h):
+                return c.out, None
         h = self.conv_norm_out(h)
-        if done("conv_norm_out", h):
-            return out, None
+        if c.step("conv_norm_out", h):
+            return c.out, None
         h = self.conv_out(F.silu(h))
-        done("conv_out", h)
-        return out, h
+        c.step("conv_out", h)
+        return c.out, h
 
     def forward(self, sample: torch.Tensor, timestep, class_labels: torch.Tensor | None = None) -> torch.Tensor:
         if sample.dim() != 4 or sample.shape[1] != self.in_channels:

@@ -29,6 +29,7 @@ from .sample import generate, save_samples
 from .config import TrainConfig
 from .models import load_model
 from .train import train
+from ..adapters import mid_depth_block
 from ..errors import InputError
 
 # The search's best self-perceptual configuration (docs/RESULTS.md, "The search"): it beats the
@@ -109,7 +110,7 @@ def arch_setup(p: Preset, arch: str, schedule: str) -> Plan:
                     sp_paper=dict(layers=("mid_block",)), model_name=f"UNet {tuple(p.block_channels)}")
     best = dict(DIT_BEST, layers=tuple(x for x in DIT_BEST["layers"] if int(x.split(".")[1]) < p.dit_depth))
     return Plan(**preset, model=dict(model, dit_width=p.dit_width, dit_depth=p.dit_depth), sp_best=best,
-                sp_paper=dict(layers=(f"blocks.{max(p.dit_depth // 2 - 1, 0)}",)), best_name=DIT_BEST_NAME,
+                sp_paper=dict(layers=(mid_depth_block([f"blocks.{i}" for i in range(p.dit_depth)]),)), best_name=DIT_BEST_NAME,
                 paper_name=DIT_PAPER_NAME, model_name=f"DiT (width {p.dit_width}, depth {p.dit_depth})")
 
 
