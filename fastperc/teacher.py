@@ -214,6 +214,15 @@ def _wrap_forward(module: nn.Module) -> None:
     module.forward = functools.partial(_checkpointed_forward, fwd)
 
 
+def _is_fsdp2_module(model: nn.Module) -> bool:
+    """True for a module sharded with FSDP2's fully_shard (its class becomes FSDP<Name>)."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(model, FSDPModule)
+
+
 def nearest_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
     close = difflib.get_close_matches(name, names, n=n, cutoff=0.4)
     return close or [x for x in names if x and "." not in x][:n]
@@ -306,6 +315,10 @@ class FrozenTeacher(nn.Module):
             raise TypeError(f"checkpoint: expected a bool (True or False), got {type(checkpoint).__name__} "
                             f"{checkpoint!r}")
 
+        if copy and _is_fsdp2_module(model):
+            raise InputError(f"copy: a model sharded with FSDP2's fully_shard ({type(model).__name__}) cannot be "
+                             "deep-copied; build the teacher from the unsharded model (then shard the teacher), or "
+                             "pass copy=False with a frozen sharded copy of your own")
         if copy:
             model = _copy.deepcopy(model)
             _disable_gradient_checkpointing(model)  # a copy is ours; the caller's model keeps its setting
@@ -323,6 +336,7 @@ class FrozenTeacher(nn.Module):
         self.required_kwargs: tuple[str, ...] = self._arch.required(model) if self._arch is not None else ()
         self._time_keyword = _time_keyword(model)
         self._adapter = find_adapter(model)
+        self._fsdp_root = _is_fsdp2_module(model)
         self._stop: str | None = None
         self._nested: tuple[str, ...] = ()
         if self._adapter is not None:
@@ -364,10 +378,18 @@ class FrozenTeacher(nn.Module):
             timestep = self._arch.model_timestep(timestep)
         if self._adapter is not None and self._adapter.supports(kwargs):
             if not self._nested:
-                out = self._adapter.run(self.model, sample, timestep, frozenset(self.layers), self._stop, **kwargs)
+                out = self._run_adapter(sample, timestep, frozenset(self.layers), kwargs)
                 return [first_tensor(out[name]) for name in self.layers]
             return self._run_with_hooks(sample, timestep, kwargs, stop_early=False)
         return self._run_with_hooks(sample, timestep, kwargs, stop_early=True)
+
+    def _run_adapter(self, sample, timestep, keep: frozenset[str], kwargs) -> dict[str, torch.Tensor]:
+        if self._fsdp_root:
+            # The truncated forward calls the blocks, not the sharded root, so FSDP2's root hooks never
+            # gather the root's own parameters (embeddings, conv_in): gather them here (a no-op once
+            # gathered; the root's parameters are small, the blocks are their own units and reshard).
+            self.model.unshard()
+        return self._adapter.run(self.model, sample, timestep, keep, self._stop, **kwargs)
 
     def _run_with_hooks(self, sample, timestep, kwargs, stop_early: bool) -> list[torch.Tensor]:
         captured: dict[str, torch.Tensor] = {}
@@ -391,7 +413,7 @@ class FrozenTeacher(nn.Module):
                     self.model(sample, **{self._time_keyword: timestep}, **kwargs)
             else:
                 keep = frozenset(self.layers) - set(self._nested)
-                stages_out = self._adapter.run(self.model, sample, timestep, keep, self._stop, **kwargs)
+                stages_out = self._run_adapter(sample, timestep, keep, kwargs)
         except _StopForward:
             pass
         finally:

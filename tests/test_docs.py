@@ -8,7 +8,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-MODULES = ["fastperc.schedule", "fastperc.teacher", "fastperc.loss", "fastperc.ops.feature_mse",
+MODULES = ["fastperc.schedule.base", "fastperc.schedule.variance_preserving", "fastperc.schedule.flow_matching",
+           "fastperc.schedule.timestep_distribution", "fastperc.adapters.base", "fastperc.adapters.registry",
+           "fastperc.teacher", "fastperc.loss", "fastperc.ops.feature_mse",
            "fastperc.ops.renoise", "fastperc.models.unet", "fastperc.models.dit", "fastperc.recipes.latent"]
 
 
