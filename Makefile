@@ -9,7 +9,7 @@ SOURCES     := setup.py pyproject.toml requirements-dev.txt $(wildcard csrc/*.cp
 # A torch already in the base interpreter (e.g. a CUDA build) is reused, never replaced.
 SYSTEM_TORCH := $(shell $(PYTHON) -c "import torch" >/dev/null 2>&1 && echo --system-site-packages)
 
-.PHONY: install test test-slow fuzz demo bench info clean
+.PHONY: install test test-slow test-compat fuzz demo bench info clean
 
 install: $(STAMP)
 
@@ -33,6 +33,22 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow tests
 
+# The other end of the supported diffusers range: a second environment with the oldest diffusers the
+# adapters support (pyproject's floor; `make install` resolves the newest), running the teacher, adapter
+# and flow tests against the package built in place. Run by the slow suite (tests/test_compat.py).
+COMPAT_VENV      ?= .venv-compat
+CPY              := $(COMPAT_VENV)/bin/python
+DIFFUSERS_OLDEST ?= diffusers==0.35.0
+COMPAT_TESTS     := tests/test_teacher.py tests/test_diffusers.py tests/test_transformer_teachers.py \
+                    tests/test_adapters.py tests/test_flow_matching.py tests/test_schedule.py \
+                    tests/test_checkpointed_teacher.py tests/test_drop_in.py
+test-compat: $(STAMP)
+	@test -x $(CPY) || $(PYTHON) -m venv $(SYSTEM_TORCH) $(COMPAT_VENV)
+	@$(CPY) -c "import torch" 2>/dev/null || $(CPY) -m pip install -q -c $(VENV)/keep-torch.txt "$(TORCH_SPEC)"
+	$(CPY) -m pip install -q -c $(VENV)/keep-torch.txt numpy "pytest>=8" "pytest-benchmark>=4" "hypothesis>=6.80" "$(DIFFUSERS_OLDEST)"
+	@$(CPY) -c "import diffusers, torch; print('compat environment: diffusers', diffusers.__version__, 'torch', torch.__version__)"
+	PYTHONPATH=$(CURDIR) $(CPY) -m pytest -q -m "not slow" -p no:cacheprovider $(COMPAT_TESTS)
+
 # The hypothesis parity suite at length, with fresh random examples and a fresh seed (printed in the
 # header; FASTPERC_SEED=... replays it): every backend present (reference, cpu, triton under the
 # interpreter on CPU) x dtypes, shapes, layouts, weights, reductions, consume on/off, aliased taps.
@@ -50,4 +66,4 @@ info: $(STAMP)
 	$(PY) -m fastperc.info
 
 clean:
-	rm -rf build *.egg-info fastperc/*.so .pytest_cache .benchmarks
+	rm -rf build *.egg-info fastperc/*.so .pytest_cache .benchmarks $(COMPAT_VENV)
