@@ -235,12 +235,14 @@ class FrozenTeacher(nn.Module):
     `model.named_modules()`, e.g. `mid_block`, `transformer_blocks.7`, `single_transformer_blocks.9`),
     in `layers` order. A tuple output gives its first element, except a joint text-image block's (SD3's
     JointTransformerBlock, Flux's FluxTransformerBlock and FluxSingleTransformerBlock return (text,
-    image)), which gives its image stream. Nothing after the deepest tapped layer runs: for fastperc's
-    UNet, diffusers' UNet2DModel / UNet2DConditionModel (encoder and midblock) and diffusers'
-    DiTTransformer2DModel, PixArtTransformer2DModel, SD3Transformer2DModel (SD3 and SD3.5) and
-    FluxTransformer2DModel, a truncated forward without hooks or exceptions (torch.compile friendly);
-    for any other module (a SiT, a decoder tap, unsupported kwargs), forward hooks that stop the
-    forward once every tap has fired.
+    image)), which gives its image stream. Nothing after the deepest tapped layer runs: for a model of a
+    registered family (`fastperc.adapters`: fastperc's UNet and DiT, diffusers' UNet2DModel /
+    UNet2DConditionModel (encoder and midblock), DiTTransformer2DModel, PixArtTransformer2DModel,
+    SD3Transformer2DModel (SD3 and SD3.5) and FluxTransformer2DModel, their subclasses and FSDP2-sharded
+    forms, and classes added with `register_adapter`) whose adapter's probe passes, a truncated forward
+    without hooks or exceptions (torch.compile friendly); for any other module (a SiT, a decoder tap,
+    unsupported kwargs, a family's model that fails its probe, which is warned about once), forward
+    hooks that stop the forward once every tap has fired.
 
     Timesteps: `timestep` is what the loss passes, the schedule's timesteps (DDPM indices 0..T-1; for a
     flow-matching schedule the scheduler's float timesteps sigma * T with T = num_train_timesteps =

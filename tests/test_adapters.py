@@ -221,3 +221,13 @@ def test_every_adapter_file_registers_a_family_with_a_probe():
         assert adapters, module.__name__
         for cls in adapters:
             assert cls.probe is not Adapter.probe, f"{cls.__name__} relies on structure it does not probe"
+
+
+def test_the_old_module_name_forwards_with_a_deprecation_warning():
+    import fastperc.truncated_forwards as old
+    with pytest.warns(DeprecationWarning, match="use fastperc.adapters"):
+        assert old.find_adapter is find_adapter
+    with pytest.warns(DeprecationWarning):
+        assert old.FluxAdapter is flux_family.FluxAdapter
+    with pytest.raises(AttributeError):
+        old.no_such_name

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
+import torch
 
 from fastperc.recipes import checkpoint
 from fastperc.recipes.cli import main
@@ -55,3 +57,17 @@ def test_eval_finds_the_classifier_beside_the_samples(mse_run, one_epoch_classif
     assert "FD-MNIST" in capsys.readouterr().out
     assert main(["eval", str(mse_run / "nowhere.npz")]) == 2
     assert "classifier: none given and no classifier/ folder beside" in capsys.readouterr().err
+
+
+def test_the_old_sampler_names_are_deprecated_aliases_of_the_one_loop(gen):
+    from fastperc import NoiseSchedule
+    from fastperc.recipes.sample import ddim_sample, euler_flow_sample, sample_loop
+
+    def model(x, t):
+        return 0.5 * x
+    noise = torch.randn(2, 1, 4, 4, generator=gen)
+    for old, schedule in ((ddim_sample, NoiseSchedule.scaled_linear()), (euler_flow_sample,
+                                                                          NoiseSchedule.flow_matching())):
+        with pytest.warns(DeprecationWarning, match="use sample_loop"):
+            got = old(model, schedule, noise, steps=3)
+        assert torch.equal(got, sample_loop(model, schedule, noise, steps=3))

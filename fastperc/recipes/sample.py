@@ -4,6 +4,7 @@ classifier-free guidance and guidance rescale (Lin et al. 2023), and the .npz + 
 `fastperc sample`."""
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,20 @@ def sample_loop(model, schedule: NoiseSchedule, noise: torch.Tensor, *, steps: i
         p = _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale)
         x = schedule.sampler_step(x, p, tt, ts[i + 1].expand(x.shape[0]) if i + 1 < len(ts) else None)
     return x.clamp(-1, 1) if clip else x
+
+
+def ddim_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Deprecated alias of `sample_loop` (removed in the next release)."""
+    warnings.warn("fastperc: ddim_sample is deprecated; use sample_loop (the schedule picks the step)",
+                  DeprecationWarning, stacklevel=2)
+    return sample_loop(model, schedule, noise, **kwargs)
+
+
+def euler_flow_sample(model, schedule: NoiseSchedule, noise: torch.Tensor, **kwargs) -> torch.Tensor:
+    """Deprecated alias of `sample_loop` (removed in the next release)."""
+    warnings.warn("fastperc: euler_flow_sample is deprecated; use sample_loop (the schedule picks the step)",
+                  DeprecationWarning, stacklevel=2)
+    return sample_loop(model, schedule, noise, **kwargs)
 
 
 def _guided_prediction(model, x, tt, labels, null_label, cfg_scale, guidance_rescale) -> torch.Tensor:
