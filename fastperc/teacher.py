@@ -1,7 +1,6 @@
 """FrozenTeacher: a frozen copy of a diffusion model that returns the features of named layers."""
 from __future__ import annotations
 
-import copy as _copy
 import difflib
 import functools
 import inspect
@@ -12,6 +11,7 @@ import torch.utils.checkpoint  # called as torch.utils.checkpoint.checkpoint: lo
 from torch import nn
 
 from .adapters import family_of, find_adapter, is_joint_block, mid_depth_block
+from .teacher_pruning import copy_without, held, unused_by_trace
 from .errors import InputError
 
 
@@ -137,6 +137,8 @@ def default_layers(model: nn.Module) -> tuple[str, ...]:
     `blocks` of DiT/SiT code). The paper reports no result for transformers; a mid-depth block is the
     natural analogue of the UNet midblock (the most compressed, most semantic point of the network,
     with later blocks turning back towards the output). Raises ValueError when neither exists."""
+    if isinstance(model, FrozenTeacher):
+        return model.layers
     model = unwrap(model)
     if "mid_block" in dict(model.named_modules()):
         return ("mid_block",)
@@ -212,6 +214,25 @@ def _wrap_forward(module: nn.Module) -> None:
     if isinstance(fwd, functools.partial) and fwd.func is _checkpointed_forward:
         return  # already wrapped (copy=False on a model another teacher wrapped)
     module.forward = functools.partial(_checkpointed_forward, fwd)
+
+
+def _call_model(model: nn.Module, time_keyword: str | None, sample, timestep, kwargs: dict):
+    """The hook path's full call: the timestep by keyword where the forward names it (PixArt, SD3 and Flux
+    take encoder_hidden_states second), else positionally."""
+    if time_keyword is None:
+        return model(sample, timestep, **kwargs)
+    return model(sample, **{time_keyword: timestep}, **kwargs)
+
+
+def _check_example_inputs(example_inputs) -> tuple:
+    """(sample, timestep) or (sample, timestep, kwargs), as the teacher will be called."""
+    if not isinstance(example_inputs, tuple) or len(example_inputs) not in (2, 3) or \
+            not isinstance(example_inputs[0], torch.Tensor) or \
+            (len(example_inputs) == 3 and not isinstance(example_inputs[2], dict)):
+        raise InputError(f"example_inputs: expected (sample, timestep) or (sample, timestep, kwargs dict), as the "
+                         f"teacher will be called, got {type(example_inputs).__name__}")
+    sample, timestep, *rest = example_inputs
+    return sample, timestep, (rest[0] if rest else {})
 
 
 def _is_fsdp2_module(model: nn.Module) -> bool:
@@ -291,13 +312,15 @@ class FrozenTeacher(nn.Module):
     """
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, copy: bool = True,
-                 dtype: torch.dtype | None = None, checkpoint: bool = False):
+                 dtype: torch.dtype | None = None, checkpoint: bool = False, *, prune: bool = True,
+                 example_inputs: tuple | None = None):
         super().__init__()
+        source = model if isinstance(model, FrozenTeacher) else None
         model = unwrap(model)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if layers is None:
-            layers = default_layers(model)
+            layers = source.layers if source is not None else default_layers(model)
         if isinstance(layers, str):
             layers = (layers,)
         layers = tuple(layers)
@@ -309,20 +332,62 @@ class FrozenTeacher(nn.Module):
             raise InputError(f"layers: expected distinct names, got {layers!r}")
         for name in layers:
             if name not in modules:
+                pruned = (f"; the teacher passed in was pruned after {source.layers} (build it with prune=False "
+                          "to tap deeper)") if source is not None and source.pruned else ""
                 raise InputError(f"layers: unknown layer {name!r} in {type(model).__name__}; nearest valid names: "
-                                 f"{nearest_names(name, list(modules))}{_no_midblock_hint(name, model)}")
+                                 f"{nearest_names(name, list(modules))}{_no_midblock_hint(name, model)}{pruned}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
         if not isinstance(checkpoint, bool):
             raise TypeError(f"checkpoint: expected a bool (True or False), got {type(checkpoint).__name__} "
                             f"{checkpoint!r}")
 
+        if not isinstance(prune, bool):
+            raise TypeError(f"prune: expected a bool (True or False), got {type(prune).__name__} {prune!r}")
+        if example_inputs is not None:
+            example_inputs = _check_example_inputs(example_inputs)
+
+        # The family (timestep conversion, required conditioning: they hold on the hook path too) and the
+        # truncation plan (the adapter whose probe passed, the stage of each layer, the last to run), all
+        # read from the model as given: a pruned teacher's model is never probed again as a whole model.
+        if source is not None and source.pruned:
+            arch, adapter = source._arch, source._adapter
+        else:
+            arch, adapter = family_of(model), find_adapter(model)
+        stop: str | None = None
+        nested: tuple[str, ...] = ()
+        if adapter is not None:
+            stages = adapter.stages(model)
+            idx = [adapter.stage_of(model, name) for name in layers]
+            if any(i is None for i in idx):
+                adapter = None  # a tap outside the covered stages (e.g. the decoder of a diffusers UNet)
+            else:
+                stop = stages[max(idx)]
+                nested = tuple(n for n in layers if n not in stages)
+        time_keyword = _time_keyword(model)
+
+        # What the copy leaves out: what runs after the deepest tap (known from the adapter's stages, or
+        # traced on example inputs for the hook path). Nothing is dropped without a copy.
+        drop: list[str] = []
+        if copy and prune:
+            if adapter is not None:
+                drop = adapter.unused(model, stop)
+            elif example_inputs is not None:
+                sample, timestep, kwargs = example_inputs
+                if arch is not None:
+                    timestep = arch.model_timestep(timestep)
+                drop = unused_by_trace(model, layers,
+                                       lambda: _call_model(model, time_keyword, sample, timestep, kwargs))
+        elif example_inputs is not None:
+            raise InputError("example_inputs: they only serve to prune a copy; with copy=False or prune=False "
+                             "leave them out")
+
         if copy and _is_fsdp2_module(model):
             raise InputError(f"copy: a model sharded with FSDP2's fully_shard ({type(model).__name__}) cannot be "
                              "deep-copied; build the teacher from the unsharded model (then shard the teacher), or "
                              "pass copy=False with a frozen sharded copy of your own")
         if copy:
-            model = _copy.deepcopy(model)
+            model = copy_without(model, drop)  # the dropped modules are never copied
             _disable_gradient_checkpointing(model)  # a copy is ours; the caller's model keeps its setting
         if dtype is not None:
             model = model.to(dtype)
@@ -331,24 +396,13 @@ class FrozenTeacher(nn.Module):
         self.layers = layers
         self.dtype = dtype
 
-        # The family (timestep conversion, required conditioning: they hold on the hook path too) and the
-        # truncation plan: the adapter whose probe passed, which stage each layer lives in, the last to run.
-        self._arch = family_of(model)
+        self._arch, self._adapter, self._stop, self._nested = arch, adapter, stop, nested
         # The conditioning the model cannot run without, known for the adapters' architectures.
-        self.required_kwargs: tuple[str, ...] = self._arch.required(model) if self._arch is not None else ()
-        self._time_keyword = _time_keyword(model)
-        self._adapter = find_adapter(model)
+        self.required_kwargs: tuple[str, ...] = arch.required(model) if arch is not None else ()
+        self._time_keyword = time_keyword
         self._fsdp_root = _is_fsdp2_module(model)
-        self._stop: str | None = None
-        self._nested: tuple[str, ...] = ()
-        if self._adapter is not None:
-            stages = self._adapter.stages(model)
-            idx = [self._adapter.stage_of(model, name) for name in layers]
-            if any(i is None for i in idx):
-                self._adapter = None  # a tap outside the covered stages (e.g. the decoder of a diffusers UNet)
-            else:
-                self._stop = stages[max(idx)]
-                self._nested = tuple(n for n in layers if n not in stages)
+        self.pruned: tuple[str, ...] = tuple(drop) if source is None else source.pruned + tuple(drop)
+        self.held_parameters, self.held_bytes = held(model)
 
         # Stage-by-stage checkpointing: one checkpoint per block, so backward rebuilds one block at a time
         # (one checkpoint around the whole branch would rebuild all of it while the student's activations
@@ -409,10 +463,7 @@ class FrozenTeacher(nn.Module):
         handles = [modules[name].register_forward_hook(make_hook(name)) for name in hooked]
         try:
             if stop_early:
-                if self._time_keyword is None:
-                    self.model(sample, timestep, **kwargs)
-                else:  # by keyword: PixArt, SD3 and Flux take encoder_hidden_states second
-                    self.model(sample, **{self._time_keyword: timestep}, **kwargs)
+                _call_model(self.model, self._time_keyword, sample, timestep, kwargs)
             else:
                 keep = frozenset(self.layers) - set(self._nested)
                 stages_out = self._run_adapter(sample, timestep, keep, kwargs)
@@ -429,4 +480,6 @@ class FrozenTeacher(nn.Module):
         return [captured[name] for name in self.layers]
 
     def extra_repr(self) -> str:
-        return f"layers={self.layers}, truncated={self.truncated}, stop={self._stop!r}, checkpoint={self.checkpoint}"
+        return (f"layers={self.layers}, truncated={self.truncated}, stop={self._stop!r}, checkpoint={self.checkpoint}, "
+                f"held={self.held_parameters:,} parameters ({self.held_bytes / 2**20:.1f} MiB), "
+                f"pruned={len(self.pruned)} modules")

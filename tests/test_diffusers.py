@@ -45,7 +45,7 @@ def test_teacher_features_match_full_forward(arch, layers):
 @pytest.mark.parametrize("arch", CASES)
 def test_midblock_teacher_never_runs_the_decoder(arch):
     make, shape, kwargs = CASES[arch]
-    teacher = FrozenTeacher(make())
+    teacher = FrozenTeacher(make(), prune=False)  # truncation alone: nothing pruned to call
     calls = []
     for name in ("up_blocks.0", "up_blocks.1", "conv_out"):
         dict(teacher.model.named_modules())[name].register_forward_pre_hook(lambda m, a, n=name: calls.append(n))

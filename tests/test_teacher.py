@@ -50,7 +50,7 @@ def _count_calls(module: nn.Module, names):
 
 
 def test_nothing_after_the_deepest_tap_runs_on_fastperc_unet():
-    teacher = FrozenTeacher(tiny_unet(), layers=("mid_block",))
+    teacher = FrozenTeacher(tiny_unet(), layers=("mid_block",), prune=False)  # truncation, not pruning
     counts = _count_calls(teacher.model, ["mid_block", "up_blocks.0", "up_blocks.1", "conv_out"])
     teacher(torch.randn(2, 1, 8, 8), torch.tensor([3, 4]))
     assert counts == {"mid_block": 1, "up_blocks.0": 0, "up_blocks.1": 0, "conv_out": 0}
@@ -58,7 +58,7 @@ def test_nothing_after_the_deepest_tap_runs_on_fastperc_unet():
 
 
 def test_a_tap_nested_inside_a_stage_stops_early_but_is_not_hook_free():
-    teacher = FrozenTeacher(tiny_unet(), layers=("mid_block.resnets.0",))
+    teacher = FrozenTeacher(tiny_unet(), layers=("mid_block.resnets.0",), prune=False)
     counts = _count_calls(teacher.model, ["mid_block", "up_blocks.0", "conv_out"])
     teacher(torch.randn(2, 1, 8, 8), torch.tensor([3, 4]))
     assert counts == {"mid_block": 1, "up_blocks.0": 0, "conv_out": 0}

@@ -93,6 +93,19 @@ class Adapter(ABC):
         block signatures of another library version); [] when it fits."""
         return []
 
+    def tail(self, model: nn.Module) -> list[str]:
+        """Names of the modules (or parameters) after the last stage, which `run` never reaches (the
+        output head). A pruned teacher drops them."""
+        return []
+
+    def unused(self, model: nn.Module, stop: str) -> list[str]:
+        """Names of the modules (or parameters) a run that stops after `stop` never reaches: the stages
+        after it and the tail. Names the model lacks (an optional module left None) are left out."""
+        stages = self.stages(model)
+        after = [name for stage in stages[stages.index(stop) + 1:] for name in stage.split("|")]
+        present = {n for n, _ in model.named_modules()} | {n for n, _ in model.named_parameters()}
+        return [n for n in after + list(self.tail(model)) if n in present]
+
     def stage_of(self, model: nn.Module, layer: str) -> int | None:
         """Index of the stage that contains `layer` (a submodule name), or None if not covered."""
         for i, stage in enumerate(self.stages(model)):

@@ -22,6 +22,9 @@ class DiTAdapter(BlockStack):
     def prelude(self, model):
         return ["pos_embed"]
 
+    def tail(self, model):
+        return ["norm_out", "proj_out_1", "proj_out_2"]
+
     def probe(self, model):
         problems = missing_attributes(model, ("pos_embed", "transformer_blocks"))
         if not problems and len(model.transformer_blocks):
@@ -54,6 +57,9 @@ class PixArtAdapter(BlockStack):
 
     def prelude(self, model):
         return ["pos_embed", self.PRELUDE]
+
+    def tail(self, model):
+        return ["norm_out", "scale_shift_table", "proj_out"]  # the output modulation and projection
 
     def required(self, model):
         return ("encoder_hidden_states",) + (("added_cond_kwargs",) if model.use_additional_conditions else ())

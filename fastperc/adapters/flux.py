@@ -20,6 +20,9 @@ class FluxAdapter(BlockStack):
     KWARGS = frozenset({"encoder_hidden_states", "pooled_projections", "img_ids", "txt_ids", "guidance",
                         "joint_attention_kwargs"})
 
+    def tail(self, model):
+        return ["norm_out", "proj_out"]
+
     def prelude(self, model):
         return ["x_embedder", self.PRELUDE]
 

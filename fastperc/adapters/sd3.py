@@ -17,6 +17,9 @@ class SD3Adapter(BlockStack):
     PRELUDE = "time_text_embed|context_embedder"
     KWARGS = frozenset({"encoder_hidden_states", "pooled_projections", "joint_attention_kwargs"})
 
+    def tail(self, model):
+        return ["norm_out", "proj_out"]
+
     def prelude(self, model):
         return ["pos_embed", self.PRELUDE]
 

@@ -17,6 +17,9 @@ class DiffusersUNet2DAdapter(Adapter):
     def stages(self, model):
         return [self.PRELUDE, "conv_in"] + [f"down_blocks.{i}" for i in range(len(model.down_blocks))] + ["mid_block"]
 
+    def tail(self, model):
+        return ["up_blocks", "conv_norm_out", "conv_act", "conv_out"]  # the decoder and output head
+
     def probe(self, model):
         problems = missing_attributes(model, ("time_proj", "time_embedding", "class_embedding", "conv_in",
                                               "down_blocks", "mid_block", "config"))
@@ -69,6 +72,9 @@ class DiffusersUNet2DConditionAdapter(Adapter):
 
     def stages(self, model):
         return [self.PRELUDE, "conv_in"] + [f"down_blocks.{i}" for i in range(len(model.down_blocks))] + ["mid_block"]
+
+    def tail(self, model):
+        return ["up_blocks", "conv_norm_out", "conv_act", "conv_out"]  # the decoder and output head
 
     def probe(self, model):
         # The prelude helpers arrived in diffusers 0.26; older UNets inline them in forward.

@@ -16,6 +16,10 @@ class FastpercUNetAdapter(Adapter):
     def supports(self, kwargs):
         return set(kwargs) <= {"class_labels"}
 
+    def unused(self, model, stop):
+        # The time and class embeddings are two stages but computed together, before either is checked.
+        return [n for n in super().unused(model, stop) if n != "class_embedding"]
+
     def run(self, model, sample, timestep, keep, stop, **kwargs):
         return model.features(sample, timestep, kwargs.get("class_labels"), keep=keep, stop=stop)[0]
 
@@ -26,6 +30,9 @@ class FastpercDiTAdapter(Adapter):
 
     def stages(self, model: DiT) -> list[str]:
         return model.stage_names()[:-1]
+
+    def tail(self, model: DiT) -> list[str]:
+        return model.stage_names()[-1].split("|")  # the output head (norm_out, adaLN_out, proj_out)
 
     def blocks(self, model: DiT) -> list[str]:
         return [f"blocks.{i}" for i in range(len(model.blocks))]
