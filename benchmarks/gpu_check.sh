@@ -7,6 +7,9 @@
 #   bash benchmarks/gpu_check.sh            build, parity, op table
 #   bash benchmarks/gpu_check.sh --step     ... and the training-step table (up to 3 more minutes): an
 #                                           SD-sized UNet, bf16 autocast, every objective incl. compiled
+#   bash benchmarks/gpu_check.sh --scale    ... and, first (it needs no CUDA build), the total-memory table
+#                                           (up to 2.5 more minutes): MSE vs full, pruned and pruned +
+#                                           checkpointed teacher on the SD-sized step
 #   bash benchmarks/gpu_check.sh --dry-run  the same stages on this CPU with tiny shapes (make test runs it)
 #
 # Output folder: $GPU_CHECK_OUT, else $OUT (the device tool's), else benchmarks/gpu_out. Each stage
@@ -19,20 +22,23 @@ cd "$(dirname "$0")/.."
 
 DRY=0
 STEP=0
+SCALE=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY=1 ;;
     --step) STEP=1 ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
-    *) echo "gpu_check: unknown option '$arg' (expected --dry-run, --step or --help)" >&2; exit 2 ;;
+    --scale) SCALE=1 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+    *) echo "gpu_check: unknown option '$arg' (expected --dry-run, --step, --scale or --help)" >&2; exit 2 ;;
   esac
 done
 
-# Stage time limits (s). The default stages must fit the 240 s budget and --step its 180 s: checked below.
-L_ENV=15 L_BUILD=80 L_INFO=15 L_PARITY=70 L_OPS=60 L_STEP=180
+# Stage time limits (s). The default stages must fit the 240 s budget, --step its 180 s and --scale its
+# 150 s: checked below. Stages are ranked so that what a job most needs runs first.
+L_ENV=15 L_BUILD=80 L_INFO=15 L_PARITY=70 L_OPS=60 L_STEP=180 L_SCALE=150
 BUDGET=$((L_ENV + L_BUILD + L_INFO + L_PARITY + L_OPS))
-if [ $BUDGET -gt 240 ] || [ $L_STEP -gt 180 ]; then
-  echo "gpu_check: stage limits add up to ${BUDGET}s (+${L_STEP}s step), over the 240s (+180s) budget" >&2
+if [ $BUDGET -gt 240 ] || [ $L_STEP -gt 180 ] || [ $L_SCALE -gt 150 ]; then
+  echo "gpu_check: stage limits add up to ${BUDGET}s (+${L_STEP}s step, +${L_SCALE}s scale), over the budget" >&2
   exit 3
 fi
 
@@ -70,6 +76,7 @@ if [ $DRY = 1 ]; then
   # The CPU stand-ins: same stages, same files, no GPU and no CUDA build.
   # The CPU stand-ins get generous limits: CI machines are slower and shared.
   stage env $((4 * L_ENV)) $PY -c "import torch, platform; print('dry run on', platform.machine(), 'torch', torch.__version__)"
+  [ $SCALE = 1 ] && stage scale_table $((2 * L_SCALE)) $PY benchmarks/bench_scale.py --quick
   stage build $((4 * L_BUILD)) echo "dry run: would run FASTPERC_CUDA=1 FASTPERC_CUDA_ARCHS=<this GPU> $PY setup.py build_ext --inplace"
   stage info $((4 * L_INFO)) $PY -m fastperc.info
   stage parity $((4 * L_PARITY)) $PY -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py
@@ -78,6 +85,7 @@ if [ $DRY = 1 ]; then
 else
   stage env $L_ENV bash -c "nvidia-smi --query-gpu=name,compute_cap,memory.total,driver_version --format=csv; \
     $PY -c 'import torch, triton; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \"triton\", triton.__version__)'"
+  [ $SCALE = 1 ] && stage scale_table $L_SCALE $PY benchmarks/bench_scale.py --model sd --batch 8
   # Only this GPU's architecture: a build for every listed one would not fit the time.
   ARCH=$($PY -c "import torch; print('%d%d' % torch.cuda.get_device_capability())" 2>/dev/null || echo 90)
   stage build $L_BUILD env FASTPERC_CUDA=1 FASTPERC_CUDA_ARCHS="$ARCH" MAX_JOBS="${MAX_JOBS:-8}" \

@@ -22,11 +22,13 @@ def run(*args, out: Path, timeout=900):
 
 @pytest.mark.slow
 def test_dry_run_runs_every_stage_and_leaves_its_logs(tmp_path):
-    r = run("--dry-run", "--step", out=tmp_path)
+    r = run("--dry-run", "--step", "--scale", out=tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     summary = (tmp_path / "summary.md").read_text()
-    rows = dict(re.findall(r"^\| (\w+) \| (\d+)", summary, flags=re.M))
-    assert rows == {s: "0" for s in ("env", "build", "info", "parity", "op_table", "step_table")}, summary
+    rows = re.findall(r"^\| (\w+) \| (\d+)", summary, flags=re.M)
+    assert rows == [(s, "0") for s in ("env", "scale_table", "build", "info", "parity", "op_table", "step_table")], \
+        summary
+    assert "| pruned + checkpoint |" in (tmp_path / "scale_table.log").read_text()
     assert "every stage passed" in summary
     assert re.search(r"\d+ passed", (tmp_path / "parity.log").read_text())
     assert "| feature_mse | cpu | fp32 |" in (tmp_path / "op_table.log").read_text()

@@ -201,7 +201,8 @@ def _frozen_teacher(cfg: TrainConfig, model_config: dict, device: torch.device) 
     if (teacher_config["arch"], teacher_config["in_channels"]) != (model_config["arch"], model_config["in_channels"]):
         raise InputError(f"teacher: {path} holds a {teacher_config['arch']} with {teacher_config['in_channels']} "
                          f"channels, the student is a {model_config['arch']} with {model_config['in_channels']}")
-    return FrozenTeacher(model.to(device), cfg.layers, copy=False, checkpoint=cfg.teacher_checkpoint)
+    # A pruned copy, made on the host: the device only ever holds what runs up to the tap.
+    return FrozenTeacher(model, cfg.layers, checkpoint=cfg.teacher_checkpoint).to(device)
 
 
 def build_run(cfg: TrainConfig) -> Run:
