@@ -239,8 +239,11 @@ def _is_fsdp2_module(model: nn.Module) -> bool:
     """True for a module sharded with FSDP2's fully_shard (its class becomes FSDP<Name>)."""
     try:
         from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch without FSDP2
-        return False
+    except ImportError:
+        try:  # torch 2.4 - 2.5 kept it here
+            from torch.distributed._composable.fsdp import FSDPModule
+        except ImportError:  # torch without distributed support
+            return False
     return isinstance(model, FSDPModule)
 
 
