@@ -212,7 +212,9 @@ def test_sigterm_then_kill_9_then_resume_gives_the_uninterrupted_run(tmp_path):
     saved = checkpoint.load(out)["step"]
     logged = max(json.loads(ln)["step"] for ln in (out / "log.jsonl").read_text().splitlines()
                  if "loss" in json.loads(ln))
-    assert 0 <= logged - saved < 7, (logged, saved)  # lost at most the steps since the last save
+    # Lost at most the steps since the last save: 7 when the kill lands between a save step's log line and
+    # its checkpoint (the log is written first).
+    assert 0 <= logged - saved <= 7, (logged, saved)
 
     done = cli(*args, "--out", str(out), "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
