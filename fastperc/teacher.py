@@ -11,7 +11,7 @@ import torch.utils.checkpoint  # called as torch.utils.checkpoint.checkpoint: lo
 from torch import nn
 
 from .adapters import family_of, find_adapter, is_joint_block, mid_depth_block
-from .teacher_pruning import copy_without, held, unused_by_trace
+from .teacher_pruning import copy_from_shards, copy_without, held, unused_by_trace
 from .errors import InputError
 
 
@@ -385,13 +385,14 @@ class FrozenTeacher(nn.Module):
             raise InputError("example_inputs: they only serve to prune a copy; with copy=False or prune=False "
                              "leave them out")
 
-        if copy and _is_fsdp2_module(model):
-            raise InputError(f"copy: a model sharded with FSDP2's fully_shard ({type(model).__name__}) cannot be "
-                             "deep-copied; build the teacher from the unsharded model (then shard the teacher), or "
-                             "pass copy=False with a frozen sharded copy of your own")
         if copy:
-            model = copy_without(model, drop)  # the dropped modules are never copied
+            # FSDP refuses deepcopy: a sharded model is rebuilt plain on the meta device, then filled with
+            # what is kept, gathered tensor by tensor. Either way the dropped modules are never copied.
+            model = copy_from_shards(model, drop) if _is_fsdp2_module(model) else copy_without(model, drop)
             _disable_gradient_checkpointing(model)  # a copy is ours; the caller's model keeps its setting
+        elif dtype is not None and _is_fsdp2_module(model):
+            raise InputError("dtype: a sharded model is not cast in place; cast before sharding (prune, cast, "
+                             "then shard), or build a copy (copy=True)")
         if dtype is not None:
             model = model.to(dtype)
         model.eval().requires_grad_(False)
@@ -403,7 +404,8 @@ class FrozenTeacher(nn.Module):
         # The conditioning the model cannot run without, known for the adapters' architectures.
         self.required_kwargs: tuple[str, ...] = arch.required(model) if arch is not None else ()
         self._time_keyword = time_keyword
-        self._fsdp_root = _is_fsdp2_module(model)
+        self._fsdp_root = _is_fsdp2_module(model)  # copy=False on a sharded model
+        self.shard_units: tuple[str, ...] = ()
         self.pruned: tuple[str, ...] = tuple(drop) if source is None else source.pruned + tuple(drop)
         self.held_parameters, self.held_bytes = held(model)
 
@@ -417,6 +419,56 @@ class FrozenTeacher(nn.Module):
             modules = dict(model.named_modules())
             for name in self.checkpoint_units:
                 _wrap_forward(modules[name])
+
+    def shard(self, mesh=None, **fully_shard_options) -> "FrozenTeacher":
+        """Shard what this teacher holds over the processes of `mesh` with FSDP2 (`fully_shard`), block by
+        block, and return the teacher: each rank then holds about 1/N of it. Call it on every rank after
+        `torch.distributed.init_process_group`, once the teacher is pruned and cast (the order is fixed:
+        prune and cast when the teacher is built, shard last; a sharded teacher is not cast again).
+
+        The blocks are the truncated forward's stages (for other models the children, with ModuleList /
+        Sequential expanded); each is gathered when it runs and resharded after. The embeddings of the
+        timestep and conditioning and the layers held by the model itself stay whole on every rank (they
+        are small; no input gradient flows through the embeddings, so FSDP would never reshard them
+        after backward). Each step gathers a block once per branch (the real and the fake one) and once
+        more in the fake branch's backward: pass reshard_after_forward=False to keep the blocks gathered
+        between the two branches instead (less communication, more memory).
+
+        Args:
+            mesh: a 1-D DeviceMesh; default: all processes, on the teacher's device type.
+            **fully_shard_options: passed to `fully_shard` for each block (e.g. reshard_after_forward).
+
+        Works beside a DDP student and an FSDP2 student (build the teacher from the FSDP2 student: it
+        is rebuilt unsharded from its config and gathered tensor by tensor, then pruned). Afterwards
+        `held_parameters` / `held_bytes` count this rank's shards; while the teacher runs, the root's own
+        layers are gathered on top (conv_in, the embeddings: a few percent of a UNet or transformer).
+        """
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            raise InputError("shard: needs torch.distributed initialised (init_process_group) on every rank")
+        if self._fsdp_root:
+            raise InputError("shard: this teacher is already sharded")
+        from torch.distributed.device_mesh import init_device_mesh
+        try:
+            from torch.distributed.fsdp import fully_shard
+        except ImportError:  # torch 2.4 - 2.5
+            from torch.distributed._composable.fsdp import fully_shard
+        if mesh is None:
+            device = next(self.model.parameters()).device
+            mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        modules = dict(self.model.named_modules())
+        embeddings = set()
+        if self._adapter is not None:
+            embeddings = {n for stage in self._adapter.embeddings(self.model) for n in stage.split("|")}
+        self.shard_units = tuple(n for n in _checkpoint_units(self.model, self._adapter, self._stop)
+                                 if n not in embeddings)
+        for name in self.shard_units:
+            fully_shard(modules[name], mesh=mesh, **fully_shard_options)
+        # The root's own layers are gathered by _run_adapter once and kept (small); the blocks reshard.
+        fully_shard(self.model, mesh=mesh, reshard_after_forward=False)
+        self._fsdp_root = True
+        self.held_parameters, self.held_bytes = held(self.model)
+        return self
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         # The teacher stays in eval mode whatever its parent module does.

@@ -131,14 +131,60 @@ def copy_without(model: nn.Module, names: Sequence[str]) -> nn.Module:
 
 
 def held(model: nn.Module) -> tuple[int, int]:
-    """(parameters, bytes of parameters and buffers) that `model` holds, each tensor counted once."""
+    """(parameters, bytes of parameters and buffers) that `model` holds on this process, each tensor
+    counted once; a sharded (DTensor) parameter counts its local shard."""
     seen: set[int] = set()
     count = nbytes = 0
     for t in list(model.parameters()) + list(model.buffers()):
         if id(t) in seen:
             continue
         seen.add(id(t))
-        nbytes += t.numel() * t.element_size()
+        local = t.to_local() if hasattr(t, "to_local") else t
+        nbytes += local.numel() * local.element_size()
         if isinstance(t, nn.Parameter):
-            count += t.numel()
+            count += local.numel()
     return count, nbytes
+
+
+def plain_class(model: nn.Module) -> type:
+    """The model's own class under FSDP2's dynamic FSDP<Name> subclass."""
+    return next(c for c in type(model).__mro__ if not getattr(c, "__module__", "").startswith("torch.distributed"))
+
+
+def copy_from_shards(model: nn.Module, names: Sequence[str]) -> nn.Module:
+    """A plain (unsharded) copy of an FSDP2-sharded model without the named modules and parameters, built
+    on the meta device from the model's class and config (FSDP refuses deepcopy) and filled with the kept
+    tensors gathered one at a time: the dropped ones are never gathered. Collective: every rank calls it.
+    Needs a class that rebuilds itself from its config (diffusers' `from_config`)."""
+    cls = plain_class(model)
+    if not callable(getattr(cls, "from_config", None)) or getattr(model, "config", None) is None:
+        raise TypeError(f"model: an FSDP2-sharded {cls.__name__} can only be copied when its class rebuilds itself "
+                        "from a config (diffusers' from_config); build the teacher from the unsharded model "
+                        "before sharding the student, or pass copy=False with a frozen sharded model")
+    with torch.device("meta"):
+        clone = cls.from_config(model.config)
+    dropped = tuple(names)
+    lookup = dict(clone.named_modules())
+    for name in dropped:  # on the meta clone: nothing to free, only the names to leave out
+        parent, _, leaf = name.rpartition(".")
+        owner = lookup[parent] if parent else clone
+        if leaf in owner._modules:
+            owner._modules[leaf] = None
+        else:
+            owner._parameters[leaf] = None
+    state = {}
+    for key, value in model.state_dict().items():
+        if any(key == d or key.startswith(d + ".") for d in dropped):
+            continue
+        state[key] = value.full_tensor() if hasattr(value, "full_tensor") else value
+    missing, unexpected = clone.load_state_dict(state, strict=False, assign=True)
+    buffers = dict(model.named_buffers())  # FSDP2 shards parameters only: buffers are whole on every rank
+    for name, buffer in list(clone.named_buffers()):
+        if buffer.is_meta and name in buffers:  # a non-persistent buffer: not in the state dict
+            parent, _, leaf = name.rpartition(".")
+            (dict(clone.named_modules())[parent] if parent else clone)._buffers[leaf] = buffers[name].clone()
+    left = [n for n, t in list(clone.named_parameters()) + list(clone.named_buffers()) if t.is_meta]
+    if unexpected or left:
+        raise RuntimeError(f"model: the sharded model's state dict does not rebuild {cls.__name__}: unexpected "
+                           f"{unexpected[:5]}, not filled {left[:5]}")
+    return clone

@@ -79,3 +79,16 @@ def pytest_terminal_summary(terminalreporter):
     if FUZZ:  # -q hides the header: say the seed again where it is read
         terminalreporter.write_line(f"fastperc fuzz seed: FASTPERC_SEED={SEED} replays the torch draws (a failing "
                                     "hypothesis example is printed by hypothesis itself)")
+
+
+@pytest.fixture
+def one_process_group():
+    """A gloo process group of one process (FSDP2 and the teacher's shard() need one), torn down after."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        pytest.skip("a process group is already set up in this process")
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()

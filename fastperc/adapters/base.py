@@ -93,6 +93,11 @@ class Adapter(ABC):
         block signatures of another library version); [] when it fits."""
         return []
 
+    def embeddings(self, model: nn.Module) -> list[str]:
+        """The stages that embed the timestep and conditioning (no input gradient flows through them):
+        a sharded teacher keeps them whole beside its root. Default: the first stage."""
+        return self.stages(model)[:1]
+
     def tail(self, model: nn.Module) -> list[str]:
         """Names of the modules (or parameters) after the last stage, which `run` never reaches (the
         output head). A pruned teacher drops them."""

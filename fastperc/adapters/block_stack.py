@@ -23,6 +23,9 @@ class BlockStack(Adapter):
     def prelude(self, model) -> list[str]:
         """The stages before the first block (patch, time and text embeddings)."""
 
+    def embeddings(self, model):
+        return self.prelude(model)
+
     def blocks(self, model):
         return [f"transformer_blocks.{i}" for i in range(len(model.transformer_blocks))]
 

@@ -16,6 +16,9 @@ class FastpercUNetAdapter(Adapter):
     def supports(self, kwargs):
         return set(kwargs) <= {"class_labels"}
 
+    def embeddings(self, model):
+        return ["time_embedding", "class_embedding"]
+
     def unused(self, model, stop):
         # The time and class embeddings are two stages but computed together, before either is checked.
         return [n for n in super().unused(model, stop) if n != "class_embedding"]

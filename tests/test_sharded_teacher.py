@@ -1,0 +1,62 @@
+"""FrozenTeacher.shard: FSDP2 over what the pruned teacher holds. In one process (fast): the blocks it shards,
+what it refuses, the same features. Under torchrun with two CPU processes (slow): the loss and the
+student's gradients equal a whole teacher's, beside a plain, a DDP and an FSDP2 student, and each rank holds
+half of the teacher."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastperc import FrozenTeacher
+from fastperc.models import UNet
+
+from .test_diffusers import cond_unet
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_shard_needs_a_process_group():
+    with pytest.raises(ValueError, match=r"shard: needs torch.distributed initialised"):
+        FrozenTeacher(UNet(block_channels=(8, 16))).shard()
+
+
+def test_shard_splits_the_blocks_keeps_the_embeddings_whole_and_gives_the_same_features(one_process_group, gen):
+    model = cond_unet().eval()
+    whole = FrozenTeacher(model)
+    teacher = FrozenTeacher(model).shard()
+    assert teacher.shard_units == ("down_blocks.0", "down_blocks.1", "mid_block")  # not the time embedding
+    assert teacher.held_bytes == whole.held_bytes  # one process: its shard is everything
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([5, 700])
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=gen)}
+    xs, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = teacher(xs, t, **kw)[0], whole(xw, t, **kw)[0]
+    assert torch.equal(got, want)
+    got.square().sum().backward()
+    want.square().sum().backward()
+    torch.testing.assert_close(xs.grad, xw.grad)
+    with pytest.raises(ValueError, match="shard: this teacher is already sharded"):
+        teacher.shard()
+    with pytest.raises(ValueError, match="dtype: a sharded model is not cast in place"):
+        FrozenTeacher(teacher, dtype=torch.bfloat16, copy=False)
+
+
+@pytest.mark.slow
+def test_two_processes_with_a_sharded_teacher_give_the_single_process_loss_and_gradients():
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                        "29531", str(ROOT / "tests" / "sharded_teacher_worker.py")], capture_output=True, text=True,
+                       timeout=900, cwd=ROOT, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
+    cases = {row["case"] for row in rows}
+    assert {"unet, plain student", "unet, DDP student", "unet, FSDP2 student", "unet, blocks kept gathered",
+            "fastperc UNet", "SD3 transformer", "unet, checkpointed"} == cases and len(rows) == 2 * len(cases)
+    for row in rows:
+        assert row["loss_close"] and row["grads_close"] and row["second_equal"], row
+        assert 0.45 <= row["share"] <= 0.6, row  # each of two ranks holds about half
