@@ -90,10 +90,10 @@ def test_the_schedule_is_stored_in_the_model_config_and_rebuilt_from_it():
 def test_what_may_change_on_resume_and_vary_in_a_study_is_metadata_of_each_option():
     # where and how long a run goes and how it reports; never what it learns
     assert RESUMABLE_OPTIONS == {"out", "init", "max_steps", "save_every", "log_every", "max_bad_steps", "resume",
-                                 "overwrite", "progress", "compile", "teacher_checkpoint", "extra"}
-    # a study sets the run's folder, seed, length and teacher itself
+                                 "overwrite", "progress", "compile", "teacher_checkpoint", "fsdp", "extra"}
+    # a study sets the run's folder, seed, length and teacher itself (and runs in one process)
     assert {f.name for f in fields(TrainConfig)} - STUDY_OPTIONS == {"out", "init", "teacher", "seed", "max_steps",
-                                                                       "resume", "progress"}
+                                                                       "resume", "progress", "fsdp"}
 
 
 def test_the_flow_schedule_defaults_to_flow_prediction_for_python_callers_too():

@@ -117,6 +117,9 @@ class TrainConfig:
     compile: bool = option(False, "torch.compile the student and the teacher", type=bool, resumable=True)
     teacher_checkpoint: bool = option(False, "recompute the teacher's activations in backward, one stage at a "
                                       "time (less memory, one more teacher forward)", type=bool, resumable=True)
+    fsdp: bool = option(False, "under torchrun: shard the student, its EMA and optimizer state (FSDP2) and the "
+                        "teacher over the processes instead of replicating them (DDP)", type=bool, study=False,
+                        resumable=True)
     seed: int = option(0, "seeds every draw of every step (exact resume)", type=int, study=False)
     max_steps: int = option(1000, "optimizer steps in all", type=int, bound="non_negative", resumable=True,
                             study=False)

@@ -25,7 +25,7 @@ from torch import nn
 from ..loss import self_perceptual_loss, teacher_batch
 from ..schedule import NoiseSchedule, TimestepDistribution
 from ..teacher import FrozenTeacher, default_layers
-from . import checkpoint, data, latent
+from . import checkpoint, data, latent, sharded
 from .config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TrainConfig, with_model_options
 from .models import build_model, load_model, model_config_of, model_options_of, null_class, predict, schedule_of
 from ..errors import InputError
@@ -65,6 +65,19 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tens
         torch._foreach_add_(ema_p, delta)
     for eb, b in zip(ema.buffers(), model.buffers()):
         eb.copy_(b)
+
+
+def _no_gradient_sync(run, last: bool):
+    """Gradient accumulation without communication until the last micro-batch: DDP's no_sync(), or
+    FSDP2's set_requires_gradient_sync(False) (its reduce-scatter waits for the last one)."""
+    if run.world == 1 or last:
+        if run.cfg.fsdp and run.world > 1:
+            run.model.set_requires_gradient_sync(True)
+        return contextlib.nullcontext()
+    if run.cfg.fsdp:
+        run.model.set_requires_gradient_sync(False)
+        return contextlib.nullcontext()
+    return run.net.no_sync()
 
 
 def _seed_for(seed: int, step: int) -> int:
@@ -174,10 +187,13 @@ class Run:
         return self.out / "checkpoint.pt"
 
     def save(self, step: int, t0: float) -> None:
+        if self.cfg.fsdp and self.world > 1:  # every rank gathers; rank 0 writes plain, full state dicts
+            model, ema, optimizer = sharded.full_state(self.model, self.ema, self.opt)
+        else:
+            model, ema, optimizer = self.model.state_dict(), self.ema.state_dict(), self.opt.state_dict()
         if self.rank != 0:
             return
-        checkpoint.save({"model": self.model.state_dict(), "ema": self.ema.state_dict(),
-                         "optimizer": self.opt.state_dict(),
+        checkpoint.save({"model": model, "ema": ema, "optimizer": optimizer,
                          "counters": {k: v.cpu() for k, v in self.counters.items()}, "step": step,
                          "elapsed": time.time() - t0, "rng": {"torch": torch.get_rng_state()},
                          "config": asdict(self.cfg), "model_config": self.model_config}, self.checkpoint_path)
@@ -240,10 +256,21 @@ def build_run(cfg: TrainConfig) -> Run:
         cfg = replace(cfg, layers=teacher.layers if teacher is not None else default_layers(model))
     if state is not None:
         _refuse_changed_options(state.get("config", {}), cfg, out / "checkpoint.pt")
+    if cfg.fsdp and world == 1:
+        raise InputError("fsdp: shards over several processes; run under torchrun --nproc_per_node N (a --fsdp "
+                         "checkpoint resumes in one process without --fsdp)")
+    fsdp = cfg.fsdp
+    if fsdp:  # the student and its EMA alike, block by block, then the teacher (pruned, then sharded)
+        sharded.shard_student(model, ema)
+        if teacher is not None:
+            teacher.shard()
     opt = _optimizer(cfg, model, device)
     counters = {name: torch.zeros((), dtype=torch.int64, device=device) for name in ("good", "bad", "bad_in_row")}
     if state is not None:
-        opt.load_state_dict(state["optimizer"])
+        if fsdp or any(isinstance(k, str) for k in state["optimizer"].get("state", {})):
+            sharded.load_optimizer(model, opt, state["optimizer"])  # a --fsdp checkpoint: keyed by name
+        else:
+            opt.load_state_dict(state["optimizer"])
         for k, v in state.get("counters", {}).items():
             counters[k].copy_(v)
         opt.param_groups[0]["lr"] = torch.tensor(cfg.lr, device=device)  # checkpoints load to CPU
@@ -254,7 +281,7 @@ def build_run(cfg: TrainConfig) -> Run:
         net.compile()
         if teacher is not None:
             teacher.compile()
-    if world > 1:
+    if world > 1 and not fsdp:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     ae = latent.of_model_config(model_config)
     x_all = data.to_model_range(train_set.images)
@@ -303,7 +330,7 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
             labels = torch.where(drop_all[sl], torch.full_like(run.y_all[rows], null_class(run.model_config)),
                                  run.y_all[rows])
         last = k == cfg.grad_accum - 1
-        with (run.net.no_sync() if world > 1 and not last else contextlib.nullcontext()):
+        with _no_gradient_sync(run, last):
             with autocast:  # bf16: the student and the teacher; losses accumulate in fp32
                 pred = predict(run.net, schedule.add_noise(x0, noise, t, check=False), t, labels).float()
                 loss = _objective(cfg, run.teacher, schedule, pred, x0, noise, t, t_prime, labels, run.strata.k)
@@ -312,6 +339,7 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
 
     params = list(run.model.parameters())
     norm = nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm  # sharded gradients: a DTensor norm
     ok = torch.isfinite(norm) & torch.isfinite(total)
     run.opt.found_inf = (~ok).float()
     run.opt.step()
