@@ -60,3 +60,14 @@ def test_two_processes_with_a_sharded_teacher_give_the_single_process_loss_and_g
     for row in rows:
         assert row["loss_close"] and row["grads_close"] and row["second_equal"], row
         assert 0.45 <= row["share"] <= 0.6, row  # each of two ranks holds about half
+
+
+def test_prune_then_cast_then_shard_is_the_order_and_gives_the_cast_teachers_features(one_process_group, gen):
+    model = cond_unet().eval()
+    cast = FrozenTeacher(model, dtype=torch.bfloat16)  # pruned and cast when built
+    teacher = FrozenTeacher(model, dtype=torch.bfloat16).shard()  # sharded last
+    assert teacher.pruned == cast.pruned and teacher.held_bytes == cast.held_bytes
+    assert teacher.held_bytes * 2 == FrozenTeacher(model).held_bytes
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([5, 700])
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=gen)}
+    assert torch.equal(teacher(x, t, **kw)[0], cast(x, t, **kw)[0])
