@@ -8,7 +8,9 @@ ms/step is the median of --steps timed steps after warm-up (forward + loss + bac
 step); "peak" is the memory a step adds at its peak over what is resident before it (weights,
 teacher copy, inputs): CUDA's max_memory_allocated on a GPU, the process's peak RSS (VmHWM, reset
 through /proc/self/clear_refs) on a CPU, where glibc is told to return large blocks at once so the RSS
-follows the live tensors. "syncs" counts the step's host syncs on a GPU (torch.cuda sync debug mode).
+follows the live tensors. "syncs" counts the step's host syncs on a GPU (torch.cuda sync debug mode). "floor x mse" is the
+step's FLOPs over MSE's (matmul, convolution and attention only, counted on the meta device by
+step_cases.flop_floor): what the work itself costs, beside what was measured.
 "first s" is the first step's time (for compiled rows: the compile). Objectives: see step_cases.py.
 --quick: tiny shapes, eager objectives only (the gpu_check.sh dry run: proves the script).
 """
@@ -25,7 +27,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cases import OBJECTIVES, build, make_step  # noqa: E402
+from step_cases import OBJECTIVES, build, flop_floor, make_step  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 MIB = 2**20
@@ -125,8 +127,12 @@ def main() -> None:
         if args.quick:
             setup.x0 = setup.x0[:, :, :16, :16].contiguous()
         print(f"\n{setup.description}; forward + loss + backward; median of {args.steps} steps", flush=True)
-        print("| objective | dtype | ms/step | spread ms | x mse | x trick | peak MiB | x mse peak | syncs | first s |\n"
-              "|---|---|---|---|---|---|---|---|---|---|", flush=True)
+        bases = dict.fromkeys(o.removesuffix("-compiled") for o in ["mse", *objectives])  # compiled: same work
+        floors = {o: flop_floor(o, model, batch, 16 if args.quick else None) for o in bases}
+        print(f"FLOP floor: matmul, convolution and attention FLOPs of a step (FlopCounterMode on the meta "
+              f"device; MSE {floors['mse'] / 1e9:.2f} GFLOP), as a ratio to MSE's", flush=True)
+        print("| objective | dtype | ms/step | spread ms | x mse | floor x mse | x trick | peak MiB | x mse peak | syncs | "
+              "first s |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
         for dname in args.dtypes.split(","):
             base = {}
             for objective in objectives:
@@ -136,7 +142,7 @@ def main() -> None:
                                 warmup=2 if objective.endswith("-compiled") else 1)
                 except Exception as exc:  # one failing objective must not hide the others' numbers
                     print(f"| {objective} | {dname} | failed: {type(exc).__name__}: {str(exc)[:120]} |"
-                          + " |" * 7, flush=True)
+                          + " |" * 8, flush=True)
                     continue
                 finally:
                     step = None
@@ -148,7 +154,7 @@ def main() -> None:
                 ratio = lambda key, k: (f"{r[key] / base[k][key]:.2f}" if k in base and base[k][key] > 0 else "-")  # noqa: E731
                 syncs = "-" if r["syncs"] is None else str(r["syncs"])
                 print(f"| {objective} | {dname} | {r['ms']:.1f} | {r['spread']:.1f} | {ratio('ms', 'mse')} | "
-                      f"{ratio('ms', 'trick')} | {r['peak'] / MIB:.0f} | {ratio('peak', 'mse')} | {syncs} | "
+                      f"{floors[objective.removesuffix('-compiled')] / floors['mse']:.2f} | {ratio('ms', 'trick')} | {r['peak'] / MIB:.0f} | {ratio('peak', 'mse')} | {syncs} | "
                       f"{r['first']:.1f} |", flush=True)
         setup = None
         gc.collect()

@@ -19,6 +19,7 @@ installed, else fastperc's UNet at those widths, class-conditional instead of cr
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 
@@ -102,24 +103,26 @@ def _hooked_features(teacher, layer: str, sample, t, kwargs, stop: bool) -> torc
     return box["f"]
 
 
-def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None):
-    """A closure running one step; the student's gradients are dropped after each step."""
+def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, backend: str = "auto"):
+    """A closure running one step; the student's gradients are dropped after each step. On the meta
+    device (the FLOP count) the draws are made on the CPU and moved."""
     from fastperc import FrozenTeacher, NoiseSchedule, TimestepDistribution, self_perceptual_loss
 
     device = setup.x0.device
     schedule = NoiseSchedule.scaled_linear()
     student, x0, kw = setup.student, setup.x0, setup.kwargs
     batch = x0.shape[0]
-    gen = torch.Generator(device=device).manual_seed(1)
-    noise = torch.randn(x0.shape, generator=gen, device=device)
-    t = torch.randint(0, 1000, (batch,), generator=gen, device=device)
-    t2 = torch.randint(0, 1000, (batch,), generator=gen, device=device)
+    check = device.type != "meta"  # value checks read data: a meta tensor has none
+    gen = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(1)
+    noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(device)
+    t = torch.randint(0, 1000, (batch,), generator=gen, device=gen.device).to(device)
+    t2 = torch.randint(0, 1000, (batch,), generator=gen, device=gen.device).to(device)
     base = objective.removesuffix("-compiled")
     share = 0.25 if base.endswith("-quarter") else 1.0
     base = base.removesuffix("-quarter")
     options = {}
     if base == "4tap":
-        low_t2 = TimestepDistribution(0, 100).sample(batch, 1000, gen)
+        low_t2 = TimestepDistribution(0, 100).sample(batch, 1000, gen).to(device)
         options = dict(feature_norm="channel_rms")
 
     if base in ("naive", "trick"):
@@ -133,20 +136,23 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None):
             return F.mse_loss(v.float(), schedule.velocity(x0, noise, t).float())
         if base in ("fastperc", "checkpointed", "4tap"):
             return self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=low_t2 if base == "4tap"
-                                        else t2, teacher_kwargs=kw, batch_fraction=share, **options)
+                                        else t2, teacher_kwargs=kw, batch_fraction=share, backend=backend, **options)
         # naive / trick: re-noise by hand, as a user would write it
-        x_t = schedule.add_noise(x0, noise, t)
+        x_t = schedule.add_noise(x0, noise, t, check=check)
         x0_hat, eps_hat = schedule.convert(x_t, v.float(), t)
-        fake = schedule.add_noise(x0_hat, eps_hat, t2)
+        fake = schedule.add_noise(x0_hat, eps_hat, t2, check=check)
         with torch.no_grad():
-            real_f = _hooked_features(plain_teacher, "mid_block", schedule.add_noise(x0, noise, t2), t2, kw,
+            real_f = _hooked_features(plain_teacher, "mid_block", schedule.add_noise(x0, noise, t2, check=check), t2, kw,
                                       stop=base == "trick")
         fake_f = _hooked_features(plain_teacher, "mid_block", fake, t2, kw, stop=base == "trick")
         return F.mse_loss(fake_f.float(), real_f.float())
 
+    def autocast():  # no autocast context at all without a dtype: the meta device has none
+        return torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else contextlib.nullcontext()
+
     def forward_loss():
-        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
-            v = student(schedule.add_noise(x0, noise, t), t, **kw)
+        with autocast():
+            v = student(schedule.add_noise(x0, noise, t, check=check), t, **kw)
             v = v.sample if hasattr(v, "sample") else v
             return loss_of(v)
 
@@ -165,3 +171,18 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None):
         return loss
 
     return step
+
+
+def flop_floor(objective: str, model: str, batch: int, side: int | None = None) -> int:
+    """The FLOPs of one step of `objective` (student forward + backward, the teacher on both branches, the
+    fake branch's input-gradient backward), counted by torch.utils.flop_counter.FlopCounterMode on the
+    meta device: matmuls, convolutions and attention only (elementwise work, norms and the fused ops are
+    not counted). The same for every dtype and for a compiled step."""
+    from torch.utils.flop_counter import FlopCounterMode
+    setup = build(model, torch.device("meta"), batch)
+    if side is not None:  # the benchmark's --quick crop
+        setup.x0 = setup.x0[:, :, :side, :side].contiguous()
+    step = make_step(objective.removesuffix("-compiled"), setup, None, backend="reference")
+    with FlopCounterMode(display=False) as counter:
+        step()
+    return counter.get_total_flops()

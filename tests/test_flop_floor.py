@@ -1,0 +1,23 @@
+"""The FLOP floor beside the step benchmark's ratios (benchmarks/step_cases.flop_floor): counted on the meta
+device, it orders the objectives as their work does."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from step_cases import flop_floor  # noqa: E402
+
+
+@pytest.mark.slow
+def test_the_flop_floor_orders_the_objectives_by_their_work():
+    f = {o: flop_floor(o, "default", 8) for o in ("mse", "naive", "trick", "fastperc", "checkpointed",
+                                                  "fastperc-quarter", "fastperc-compiled")}
+    assert f["mse"] > 0
+    assert f["fastperc"] == f["trick"] == f["fastperc-compiled"]  # the same matmuls and convolutions
+    assert f["naive"] > f["checkpointed"] > f["fastperc"] > f["fastperc-quarter"] > f["mse"]
+    # the truncated teacher runs two forwards (real, fake) and one input-gradient backward of the encoder:
+    # less than the student's forward + backward again
+    assert 1.1 < f["fastperc"] / f["mse"] < 1.5
