@@ -299,9 +299,22 @@ class FrozenTeacher(nn.Module):
             costs one extra teacher forward of the fake branch in backward. Calls without grad (the
             real branch) run as without it. Default False. With copy=False the model's own blocks are
             wrapped (their `forward` becomes an instance attribute; names and hooks are unchanged).
+        prune: (keyword) with copy=True, copy only what runs up to the deepest tap (default True): for
+            a registered family the adapter's stages up to the stop stage (the decoder of a UNet, the
+            output head and later blocks of a transformer are left out); for other models only with
+            `example_inputs`, else the whole model. The left-out modules are never copied; their
+            names stay reserved (None in the copy). `pruned` lists them; `held_parameters` and
+            `held_bytes` say what the teacher holds.
+        example_inputs: (keyword) `(sample, timestep)` or `(sample, timestep, kwargs)` as the teacher
+            will be called, for pruning a model the hook path runs: one traced forward (no grad) records
+            which modules run and which parameters are read before the deepest tap fires (which modules
+            run can depend on the call's arguments; a parameter read without its module being called is
+            kept). Not used for registered families, whose stages are known.
 
-    Wrapped models (torch.compile, DDP/FSDP, AveragedModel) are unwrapped, and layer names copied
-    from a wrapped model (`module.mid_block`, `_orig_mod.mid_block`) are accepted.
+    Wrapped models (torch.compile, DDP/FSDP1, AveragedModel) are unwrapped, and layer names copied
+    from a wrapped model (`module.mid_block`, `_orig_mod.mid_block`) are accepted. An FSDP2-sharded
+    model is recognised as its family; with copy=True it is rebuilt unsharded from its config (see
+    `shard` for the other direction).
 
     Example:
         >>> import torch, fastperc
@@ -388,7 +401,10 @@ class FrozenTeacher(nn.Module):
         if copy:
             # FSDP refuses deepcopy: a sharded model is rebuilt plain on the meta device, then filled with
             # what is kept, gathered tensor by tensor. Either way the dropped modules are never copied.
-            model = copy_from_shards(model, drop) if _is_fsdp2_module(model) else copy_without(model, drop)
+            if _is_fsdp2_module(model):  # rebuilt whole from its config: leave out what the source left out too
+                model = copy_from_shards(model, [*(source.pruned if source is not None else ()), *drop])
+            else:
+                model = copy_without(model, drop)
             _disable_gradient_checkpointing(model)  # a copy is ours; the caller's model keeps its setting
         elif dtype is not None and _is_fsdp2_module(model):
             raise InputError("dtype: a sharded model is not cast in place; cast before sharding (prune, cast, "

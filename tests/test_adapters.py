@@ -155,7 +155,7 @@ def test_register_adapter_runs_ones_own_model_truncated_and_refuses_bad_registra
         register_adapter(int, _TwoStageAdapter())
     with pytest.raises(ValueError, match="model_class: expected a class or 'package.ClassName'"):
         register_adapter("NoPackage", _TwoStageAdapter())
-    with pytest.raises(TypeError, match="adapter: expected an fastperc.adapters.Adapter"):
+    with pytest.raises(TypeError, match="adapter: expected a fastperc.adapters.Adapter"):
         register_adapter(Mine, object())
 
 

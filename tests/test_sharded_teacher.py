@@ -71,3 +71,13 @@ def test_prune_then_cast_then_shard_is_the_order_and_gives_the_cast_teachers_fea
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([5, 700])
     kw = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=gen)}
     assert torch.equal(teacher(x, t, **kw)[0], cast(x, t, **kw)[0])
+
+
+def test_a_copy_of_a_sharded_teacher_is_plain_pruned_alike_and_gives_its_features(one_process_group, gen):
+    model = cond_unet().eval()
+    sharded = FrozenTeacher(model).shard()
+    plain = FrozenTeacher(sharded)  # rebuilt from the shards, without what the source left out
+    assert plain.pruned == sharded.pruned and plain.shard_units == () and plain.model.up_blocks is None
+    x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([5, 700])
+    kw = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=gen)}
+    assert torch.equal(plain(x, t, **kw)[0], sharded(x, t, **kw)[0])

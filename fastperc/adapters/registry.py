@@ -58,7 +58,7 @@ def register_adapter(model_class: type | str, adapter: Adapter | AdapterFactory,
         (True, torch.Size([2, 8]))
     """
     if not callable(adapter) and not isinstance(adapter, Adapter):
-        raise TypeError(f"adapter: expected an fastperc.adapters.Adapter or a callable returning one, got "
+        raise TypeError(f"adapter: expected a fastperc.adapters.Adapter or a callable returning one, got "
                         f"{type(adapter).__name__}")
     factory = (lambda: adapter) if isinstance(adapter, Adapter) else adapter
     if isinstance(model_class, str):
