@@ -11,6 +11,7 @@ import torch.utils.checkpoint  # called as torch.utils.checkpoint.checkpoint: lo
 from torch import nn
 
 from .adapters import family_of, find_adapter, is_joint_block, mid_depth_block
+from ._fsdp2 import fsdp2, is_fsdp2_module
 from .teacher_pruning import copy_from_shards, copy_without, held, unused_by_trace
 from .errors import InputError
 
@@ -186,8 +187,8 @@ def _checkpointed_forward(forward, *args, **kwargs):
     return forward(*args, **kwargs)
 
 
-def _checkpoint_units(model: nn.Module, adapter, stop: str | None) -> tuple[str, ...]:
-    """Names of the modules checkpointed one by one: the adapter's stages up to `stop`, or else the
+def _block_units(model: nn.Module, adapter, stop: str | None) -> tuple[str, ...]:
+    """Names of the modules checkpointed (and sharded) one by one: the adapter's stages up to `stop`, or else the
     model's children with ModuleList / Sequential containers expanded (the blocks of most UNets and
     transformers). Leaf modules are skipped: a single conv or linear saves only its input, which its
     checkpoint would keep too."""
@@ -233,18 +234,6 @@ def _check_example_inputs(example_inputs) -> tuple:
                          f"teacher will be called, got {type(example_inputs).__name__}")
     sample, timestep, *rest = example_inputs
     return sample, timestep, (rest[0] if rest else {})
-
-
-def _is_fsdp2_module(model: nn.Module) -> bool:
-    """True for a module sharded with FSDP2's fully_shard (its class becomes FSDP<Name>)."""
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        try:  # torch 2.4 - 2.5 kept it here
-            from torch.distributed._composable.fsdp import FSDPModule
-        except ImportError:  # torch without distributed support
-            return False
-    return isinstance(model, FSDPModule)
 
 
 def nearest_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
@@ -336,7 +325,7 @@ class FrozenTeacher(nn.Module):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         if layers is None:
-            layers = source.layers if source is not None else default_layers(model)
+            layers = default_layers(source if source is not None else model)  # a teacher's: its own
         if isinstance(layers, str):
             layers = (layers,)
         layers = tuple(layers)
@@ -398,15 +387,16 @@ class FrozenTeacher(nn.Module):
             raise InputError("example_inputs: they only serve to prune a copy; with copy=False or prune=False "
                              "leave them out")
 
+        sharded = is_fsdp2_module(model)
         if copy:
             # FSDP refuses deepcopy: a sharded model is rebuilt plain on the meta device, then filled with
             # what is kept, gathered tensor by tensor. Either way the dropped modules are never copied.
-            if _is_fsdp2_module(model):  # rebuilt whole from its config: leave out what the source left out too
+            if sharded:  # rebuilt whole from its config: leave out what the source left out too
                 model = copy_from_shards(model, [*(source.pruned if source is not None else ()), *drop])
             else:
                 model = copy_without(model, drop)
             _disable_gradient_checkpointing(model)  # a copy is ours; the caller's model keeps its setting
-        elif dtype is not None and _is_fsdp2_module(model):
+        elif dtype is not None and sharded:
             raise InputError("dtype: a sharded model is not cast in place; cast before sharding (prune, cast, "
                              "then shard), or build a copy (copy=True)")
         if dtype is not None:
@@ -420,7 +410,7 @@ class FrozenTeacher(nn.Module):
         # The conditioning the model cannot run without, known for the adapters' architectures.
         self.required_kwargs: tuple[str, ...] = arch.required(model) if arch is not None else ()
         self._time_keyword = time_keyword
-        self._fsdp_root = _is_fsdp2_module(model)  # copy=False on a sharded model
+        self._fsdp_root = sharded and not copy  # copy=False on a sharded model
         self.shard_units: tuple[str, ...] = ()
         self.pruned: tuple[str, ...] = tuple(drop) if source is None else source.pruned + tuple(drop)
         self.held_parameters, self.held_bytes = held(model)
@@ -431,7 +421,7 @@ class FrozenTeacher(nn.Module):
         self.checkpoint = checkpoint
         self.checkpoint_units: tuple[str, ...] = ()
         if checkpoint:
-            self.checkpoint_units = _checkpoint_units(model, self._adapter, self._stop)
+            self.checkpoint_units = _block_units(model, self._adapter, self._stop)
             modules = dict(model.named_modules())
             for name in self.checkpoint_units:
                 _wrap_forward(modules[name])
@@ -465,10 +455,7 @@ class FrozenTeacher(nn.Module):
         if self._fsdp_root:
             raise InputError("shard: this teacher is already sharded")
         from torch.distributed.device_mesh import init_device_mesh
-        try:
-            from torch.distributed.fsdp import fully_shard
-        except ImportError:  # torch 2.4 - 2.5
-            from torch.distributed._composable.fsdp import fully_shard
+        fully_shard, _ = fsdp2()
         if mesh is None:
             device = next(self.model.parameters()).device
             mesh = init_device_mesh(device.type, (dist.get_world_size(),))
@@ -476,7 +463,7 @@ class FrozenTeacher(nn.Module):
         embeddings = set()
         if self._adapter is not None:
             embeddings = {n for stage in self._adapter.embeddings(self.model) for n in stage.split("|")}
-        self.shard_units = tuple(n for n in _checkpoint_units(self.model, self._adapter, self._stop)
+        self.shard_units = tuple(n for n in _block_units(self.model, self._adapter, self._stop)
                                  if n not in embeddings)
         for name in self.shard_units:
             fully_shard(modules[name], mesh=mesh, **fully_shard_options)

@@ -89,11 +89,11 @@ def unused_by_trace(model: nn.Module, layers: Sequence[str], call) -> list[str]:
         raise RuntimeError(f"example_inputs: the forward on them never reached {sorted(missing)}; pass the inputs the "
                            "teacher will be called with")
 
+    # A module is used if it or anything inside it was called, or a tensor it holds was read.
+    entered = {".".join(n.split(".")[:i]) for n in called for i in range(1, n.count(".") + 2)}
+
     def used(name: str, module: nn.Module) -> bool:
-        if name in called:
-            return True
-        tensors = list(module.parameters()) + list(module.buffers())
-        return any(id(t) in reads.ids for t in tensors) or any(n in called for n in _names_under(name, modules))
+        return name in entered or any(id(t) in reads.ids for t in (*module.parameters(), *module.buffers()))
 
     dropped: list[str] = []
 
@@ -110,10 +110,6 @@ def unused_by_trace(model: nn.Module, layers: Sequence[str], call) -> list[str]:
 
     visit("", model)
     return dropped
-
-
-def _names_under(name: str, modules: dict) -> list[str]:
-    return [n for n in modules if n.startswith(name + ".")]
 
 
 def copy_without(model: nn.Module, names: Sequence[str]) -> nn.Module:
@@ -182,7 +178,7 @@ def copy_from_shards(model: nn.Module, names: Sequence[str]) -> nn.Module:
     for name, buffer in list(clone.named_buffers()):
         if buffer.is_meta and name in buffers:  # a non-persistent buffer: not in the state dict
             parent, _, leaf = name.rpartition(".")
-            (dict(clone.named_modules())[parent] if parent else clone)._buffers[leaf] = buffers[name].clone()
+            (lookup[parent] if parent else clone)._buffers[leaf] = buffers[name].clone()
     left = [n for n, t in list(clone.named_parameters()) + list(clone.named_buffers()) if t.is_meta]
     if unexpected or left:
         raise RuntimeError(f"model: the sharded model's state dict does not rebuild {cls.__name__}: unexpected "

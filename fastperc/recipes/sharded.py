@@ -5,16 +5,13 @@ from __future__ import annotations
 
 from torch import nn
 
+from .._fsdp2 import fsdp2
 from ..errors import InputError
 
 
 def _fsdp():
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch 2.4 - 2.5
-        from torch.distributed._composable.fsdp import fully_shard
     from torch.distributed.checkpoint import state_dict as dcp_state
-    return fully_shard, dcp_state
+    return fsdp2()[0], dcp_state
 
 
 def _blocks(model: nn.Module) -> list[nn.Module]:

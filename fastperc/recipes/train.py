@@ -70,14 +70,12 @@ def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tens
 def _no_gradient_sync(run, last: bool):
     """Gradient accumulation without communication until the last micro-batch: DDP's no_sync(), or
     FSDP2's set_requires_gradient_sync(False) (its reduce-scatter waits for the last one)."""
-    if run.world == 1 or last:
-        if run.cfg.fsdp and run.world > 1:
-            run.model.set_requires_gradient_sync(True)
+    if run.world == 1:
         return contextlib.nullcontext()
     if run.cfg.fsdp:
-        run.model.set_requires_gradient_sync(False)
+        run.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
-    return run.net.no_sync()
+    return contextlib.nullcontext() if last else run.net.no_sync()
 
 
 def _seed_for(seed: int, step: int) -> int:
