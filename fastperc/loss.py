@@ -423,7 +423,9 @@ class SelfPerceptualLoss(nn.Module):
         teacher_dtype: optional dtype for the teacher's weights (e.g. torch.bfloat16).
         teacher_checkpoint: recompute the teacher's activations in backward, one stage at a time
             (see FrozenTeacher's `checkpoint`).
-        teacher_dtype and teacher_checkpoint build the copy; with a FrozenTeacher, set them on it.
+        teacher_fp8: the teacher's Linear layers in FP8, the rest in teacher_dtype or bfloat16 (see
+            FrozenTeacher's `fp8`; GPUs of compute capability 8.9 or newer, or the CPU).
+        teacher_dtype, teacher_checkpoint and teacher_fp8 build the copy; with a FrozenTeacher, set them on it.
 
     Call: `criterion(model_output, x0, noise, timesteps, *, timesteps_prime=None, generator=None,
     **teacher_kwargs)`, the conditioning the student got as keyword arguments.
@@ -446,7 +448,7 @@ class SelfPerceptualLoss(nn.Module):
                  feature_norm: str = "none", timesteps_prime: torch.Tensor | TimestepDistribution | None = None,
                  prediction_type: str | None = None, reduction: str = "mean", backend: str = "auto",
                  teacher_dtype: torch.dtype | None = None, teacher_checkpoint: bool = False,
-                 check_values: bool = False, batch_fraction: float = 1.0):
+                 teacher_fp8: bool = False, check_values: bool = False, batch_fraction: float = 1.0):
         super().__init__()
         self.recipe = _Recipe.checked(layer_weights=layer_weights, feature_norm=feature_norm,
                                       timesteps_prime=timesteps_prime, prediction_type=prediction_type,
@@ -455,11 +457,13 @@ class SelfPerceptualLoss(nn.Module):
         if isinstance(teacher, FrozenTeacher):
             if layers is not None and tuple(layers) != teacher.layers:
                 raise InputError(f"layers: the FrozenTeacher taps {teacher.layers}, got {tuple(layers)}")
-            if teacher_dtype is not None or teacher_checkpoint:
-                raise InputError("teacher_dtype/teacher_checkpoint: they build the teacher's copy; a FrozenTeacher "
-                                 "is used as it is: pass FrozenTeacher(model, dtype=..., checkpoint=...)")
+            if teacher_dtype is not None or teacher_checkpoint or teacher_fp8:
+                raise InputError("teacher_dtype/teacher_checkpoint/teacher_fp8: they build the teacher's copy; a "
+                                 "FrozenTeacher is used as it is: pass FrozenTeacher(model, dtype=..., checkpoint=..., "
+                                 "fp8=...)")
         else:
-            teacher = FrozenTeacher(teacher, layers, dtype=teacher_dtype, checkpoint=teacher_checkpoint)
+            teacher = FrozenTeacher(teacher, layers, dtype=teacher_dtype, checkpoint=teacher_checkpoint,
+                                    fp8=teacher_fp8)
         self.teacher = teacher
         if schedule is None:
             _warn_default_schedule()

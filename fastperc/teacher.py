@@ -12,6 +12,7 @@ from torch import nn
 
 from .adapters import family_of, find_adapter, is_joint_block, mid_depth_block
 from ._fsdp2 import fsdp2, is_fsdp2_module
+from .teacher_fp8 import FP8Linear, require_fp8, to_fp8
 from .teacher_pruning import copy_from_shards, copy_without, held, unused_by_trace
 from .errors import InputError
 
@@ -207,6 +208,15 @@ def _block_units(model: nn.Module, adapter, stop: str | None) -> tuple[str, ...]
     return tuple(n for n in names if modules.get(n) is not None and next(modules[n].children(), None) is not None)
 
 
+def _blocks_without_embeddings(model: nn.Module, adapter, stop: str | None) -> tuple[str, ...]:
+    """The block units that hold the teacher's work: `_block_units` less the adapter's embeddings (the
+    timestep and conditioning embeddings, small; kept whole by `shard` and in their dtype by `fp8`)."""
+    embeddings = set()
+    if adapter is not None:
+        embeddings = {n for stage in adapter.embeddings(model) for n in stage.split("|")}
+    return tuple(n for n in _block_units(model, adapter, stop) if n not in embeddings)
+
+
 def _wrap_forward(module: nn.Module) -> None:
     """Checkpoint `module` by an instance `forward` attribute: its name, its hooks (run by __call__
     around forward, outside the checkpoint) and its parameters stay as they are. A partial of the bound
@@ -294,6 +304,16 @@ class FrozenTeacher(nn.Module):
             `example_inputs`, else the whole model. The left-out modules are never copied; their
             names stay reserved (None in the copy). `pruned` lists them; `held_parameters` and
             `held_bytes` say what the teacher holds.
+        fp8: (keyword) run the teacher's Linear layers in FP8 (default False): each nn.Linear inside the
+            blocks (not the timestep and conditioning embeddings), with both dimensions multiples of 16,
+            becomes an `FP8Linear` (`fastperc.teacher_fp8`): its weight quantised once to e4m3 with a
+            per-tensor scale, its input scaled per call, the fake branch's input gradient computed in
+            FP8 too (e5m2). The rest of the teacher runs in `dtype` (bfloat16 when dtype is None).
+            Transformer teachers are mostly Linear layers; a UNet's convolutions stay in `dtype`. Needs
+            copy=True and a device with FP8 matmuls (CUDA sm_89 or newer, or the CPU): InputError
+            otherwise, when the teacher is built or moved. `fp8_layers` lists the converted layers.
+            Quantised from the source's own precision, before the cast: prune, quantise and cast, then
+            shard.
         example_inputs: (keyword) `(sample, timestep)` or `(sample, timestep, kwargs)` as the teacher
             will be called, for pruning a model the hook path runs: one traced forward (no grad) records
             which modules run and which parameters are read before the deepest tap fires (which modules
@@ -318,7 +338,7 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, copy: bool = True,
                  dtype: torch.dtype | None = None, checkpoint: bool = False, *, prune: bool = True,
-                 example_inputs: tuple | None = None):
+                 example_inputs: tuple | None = None, fp8: bool = False):
         super().__init__()
         source = model if isinstance(model, FrozenTeacher) else None
         model = unwrap(model)
@@ -343,6 +363,16 @@ class FrozenTeacher(nn.Module):
                                  f"{nearest_names(name, list(modules))}{_no_midblock_hint(name, model)}{pruned}")
         if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
             raise TypeError(f"dtype: expected None or a floating torch.dtype, got {dtype!r}")
+        if dtype is not None and dtype.itemsize == 1:
+            raise InputError(f"dtype: {dtype} is not a dtype a whole teacher runs in; pass fp8=True (its Linear "
+                             "layers in FP8, the rest in bfloat16)")
+        if not isinstance(fp8, bool):
+            raise TypeError(f"fp8: expected a bool (True or False), got {type(fp8).__name__} {fp8!r}")
+        if fp8 and not copy:
+            raise InputError("fp8: quantising replaces the model's Linear layers; it needs copy=True (the caller's "
+                             "model stays as it is)")
+        if fp8 and dtype is None:
+            dtype = torch.bfloat16
         if not isinstance(checkpoint, bool):
             raise TypeError(f"checkpoint: expected a bool (True or False), got {type(checkpoint).__name__} "
                             f"{checkpoint!r}")
@@ -399,6 +429,10 @@ class FrozenTeacher(nn.Module):
         elif dtype is not None and sharded:
             raise InputError("dtype: a sharded model is not cast in place; cast before sharding (prune, cast, "
                              "then shard), or build a copy (copy=True)")
+        if fp8:  # from the source's own precision, then the cast below takes the rest (and the biases)
+            device = next(model.parameters()).device
+            require_fp8(device)
+            to_fp8(model, _blocks_without_embeddings(model, adapter, stop) if adapter is not None else None)
         if dtype is not None:
             model = model.to(dtype)
         model.eval().requires_grad_(False)
@@ -414,6 +448,11 @@ class FrozenTeacher(nn.Module):
         self.shard_units: tuple[str, ...] = ()
         self.pruned: tuple[str, ...] = tuple(drop) if source is None else source.pruned + tuple(drop)
         self.held_parameters, self.held_bytes = held(model)
+        self.fp8_layers: tuple[str, ...] = tuple(n for n, m in model.named_modules() if isinstance(m, FP8Linear))
+        if fp8 and not self.fp8_layers:
+            raise InputError(f"fp8: {type(model).__name__} has no nn.Linear layer with both dimensions multiples of "
+                             "16 in the blocks the teacher runs (nothing to quantise); use "
+                             "dtype=torch.bfloat16")
 
         # Stage-by-stage checkpointing: one checkpoint per block, so backward rebuilds one block at a time
         # (one checkpoint around the whole branch would rebuild all of it while the student's activations
@@ -460,11 +499,7 @@ class FrozenTeacher(nn.Module):
             device = next(self.model.parameters()).device
             mesh = init_device_mesh(device.type, (dist.get_world_size(),))
         modules = dict(self.model.named_modules())
-        embeddings = set()
-        if self._adapter is not None:
-            embeddings = {n for stage in self._adapter.embeddings(self.model) for n in stage.split("|")}
-        self.shard_units = tuple(n for n in _block_units(self.model, self._adapter, self._stop)
-                                 if n not in embeddings)
+        self.shard_units = _blocks_without_embeddings(self.model, self._adapter, self._stop)
         for name in self.shard_units:
             fully_shard(modules[name], mesh=mesh, **fully_shard_options)
         # The root's own layers are gathered by _run_adapter once and kept (small); the blocks reshard.
@@ -472,6 +507,16 @@ class FrozenTeacher(nn.Module):
         self._fsdp_root = True
         self.held_parameters, self.held_bytes = held(self.model)
         return self
+
+    fp8_layers: tuple[str, ...] = ()
+
+    def _apply(self, fn, recurse=True):
+        # Moved (teacher.to(device), .cuda()): an FP8 teacher refuses a device without FP8 matmuls here,
+        # once, rather than failing inside the first step.
+        module = super()._apply(fn, recurse)
+        if self.fp8_layers:
+            require_fp8(self.model.get_submodule(self.fp8_layers[0]).weight.device)
+        return module
 
     def train(self, mode: bool = True) -> "FrozenTeacher":
         # The teacher stays in eval mode whatever its parent module does.
@@ -540,4 +585,5 @@ class FrozenTeacher(nn.Module):
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, truncated={self.truncated}, stop={self._stop!r}, checkpoint={self.checkpoint}, "
                 f"held={self.held_parameters:,} parameters ({self.held_bytes / 2**20:.1f} MiB), "
-                f"pruned={len(self.pruned)} modules")
+                f"pruned={len(self.pruned)} modules" + (f", fp8={len(self.fp8_layers)} Linear layers"
+                                                          if self.fp8_layers else ""))

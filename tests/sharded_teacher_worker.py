@@ -59,26 +59,26 @@ def step(student, teacher, data) -> tuple[torch.Tensor, list[torch.Tensor]]:
     return loss.detach(), [g.clone() for g in grads]
 
 
-def compare(case: str, kind: str, student_wrap: str, shard_options: dict, checkpoint: bool = False) -> dict:
+def compare(case: str, kind: str, student_wrap: str, shard_options: dict, **teacher_options) -> dict:
     g = torch.Generator().manual_seed(1)
     data = batch(kind, g)
     plain = make(kind)
-    whole_teacher = FrozenTeacher(plain, checkpoint=checkpoint)
+    whole_teacher = FrozenTeacher(plain, **teacher_options)
     want_loss, want_grads = step(plain, whole_teacher, data)
 
     student = make(kind)
     if student_wrap == "ddp":
         from torch.nn.parallel import DistributedDataParallel
         student = DistributedDataParallel(student)
-        teacher = FrozenTeacher(student, checkpoint=checkpoint)
+        teacher = FrozenTeacher(student, **teacher_options)
     elif student_wrap == "fsdp2":
         from torch.distributed.fsdp import fully_shard
         for block in list(student.down_blocks) + [student.mid_block] + list(student.up_blocks):
             fully_shard(block)
         fully_shard(student)
-        teacher = FrozenTeacher(student, checkpoint=checkpoint)  # rebuilt from the shards, pruned
+        teacher = FrozenTeacher(student, **teacher_options)  # rebuilt from the shards, pruned
     else:
-        teacher = FrozenTeacher(student, checkpoint=checkpoint)
+        teacher = FrozenTeacher(student, **teacher_options)
     whole_bytes = teacher.held_bytes
     teacher.shard(**shard_options)
     got_loss, got_grads = step(student, teacher, data)
@@ -101,6 +101,7 @@ def main() -> None:
              ("SD3 transformer", "sd3", "plain", {})]
     results = [compare(*c) for c in cases]
     results.append(compare("unet, checkpointed", "unet", "plain", {}, checkpoint=True))
+    results.append(compare("SD3 transformer, FP8", "sd3", "plain", {}, fp8=True))
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
     if dist.get_rank() == 0:

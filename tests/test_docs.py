@@ -10,7 +10,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 MODULES = ["fastperc.schedule.base", "fastperc.schedule.variance_preserving", "fastperc.schedule.flow_matching",
            "fastperc.schedule.timestep_distribution", "fastperc.adapters.base", "fastperc.adapters.registry",
-           "fastperc.teacher", "fastperc.loss", "fastperc.ops.feature_mse",
+           "fastperc.teacher", "fastperc.teacher_fp8", "fastperc.loss", "fastperc.ops.feature_mse",
            "fastperc.ops.renoise", "fastperc.models.unet", "fastperc.models.dit", "fastperc.recipes.latent"]
 
 

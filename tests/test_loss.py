@@ -262,7 +262,7 @@ def test_feature_mse_and_the_loss_refuse_the_same_weights(weights, gen):
 
 
 def test_teacher_options_given_with_a_frozen_teacher_are_refused():
-    with pytest.raises(ValueError, match="teacher_dtype/teacher_checkpoint: they build the teacher's copy"):
+    with pytest.raises(ValueError, match="teacher_dtype/teacher_checkpoint/teacher_fp8: they build the teacher's copy"):
         SelfPerceptualLoss(FrozenTeacher(tiny_unet()), NoiseSchedule.scaled_linear(), teacher_dtype=torch.bfloat16)
 
 

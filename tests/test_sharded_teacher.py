@@ -17,6 +17,7 @@ from fastperc import FrozenTeacher
 from fastperc.models import UNet
 
 from .test_diffusers import cond_unet
+from .test_transformer_teachers import ARCHS, timesteps
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -56,7 +57,7 @@ def test_two_processes_with_a_sharded_teacher_give_the_single_process_loss_and_g
     rows = [json.loads(line) for line in r.stdout.splitlines() if line.startswith("{")]
     cases = {row["case"] for row in rows}
     assert {"unet, plain student", "unet, DDP student", "unet, FSDP2 student", "unet, blocks kept gathered",
-            "fastperc UNet", "SD3 transformer", "unet, checkpointed"} == cases and len(rows) == 2 * len(cases)
+            "fastperc UNet", "SD3 transformer", "unet, checkpointed", "SD3 transformer, FP8"} == cases and len(rows) == 2 * len(cases)
     for row in rows:
         assert row["loss_close"] and row["grads_close"] and row["second_equal"], row
         assert 0.45 <= row["share"] <= 0.6, row  # each of two ranks holds about half
@@ -81,3 +82,19 @@ def test_a_copy_of_a_sharded_teacher_is_plain_pruned_alike_and_gives_its_feature
     x, t = torch.randn(2, 4, 8, 8, generator=gen), torch.tensor([5, 700])
     kw = {"encoder_hidden_states": torch.randn(2, 5, 16, generator=gen)}
     assert torch.equal(plain(x, t, **kw)[0], sharded(x, t, **kw)[0])
+
+
+def test_an_fp8_teacher_shards_after_quantising_and_gives_its_features(one_process_group, gen):
+    arch = ARCHS["sd3"]
+    model = arch.make().eval()
+    whole = FrozenTeacher(model, fp8=True)
+    teacher = FrozenTeacher(model, fp8=True).shard()  # pruned, quantised and cast when built; sharded last
+    assert teacher.fp8_layers == whole.fp8_layers and teacher.held_bytes == whole.held_bytes
+    x = torch.randn(arch.shape, generator=gen)
+    t, kw = timesteps(arch, gen), arch.kwargs(gen)
+    xs, xw = x.clone().requires_grad_(), x.clone().requires_grad_()
+    got, want = teacher(xs, t, **kw)[0], whole(xw, t, **kw)[0]
+    assert torch.equal(got, want)
+    got.float().square().sum().backward()
+    want.float().square().sum().backward()
+    assert torch.equal(xs.grad, xw.grad) and xs.grad.abs().sum() > 0

@@ -153,6 +153,27 @@ def test_sp_fraction_runs_the_teacher_on_that_share_of_each_micro_batch(mse_run,
     assert [len(kw["class_labels"]) for kw in seen["kwargs"]] == [k] * (2 * grad_accum)  # real + fake branches
 
 
+@pytest.mark.parametrize("precision, dtype, fp8", [("same", None, False), ("bf16", torch.bfloat16, False),
+                                                  ("fp8", torch.bfloat16, True)])
+def test_teacher_precision_builds_the_teacher_it_names(mse_run, tmp_path, monkeypatch, precision, dtype, fp8):
+    import fastperc.recipes.train as train_mod
+    built = []
+    real = train_mod.FrozenTeacher
+
+    def record(model, *a, **k):
+        teacher = real(model, *a, **k)
+        built.append(teacher)
+        return teacher
+
+    monkeypatch.setattr(train_mod, "FrozenTeacher", record)
+    cfg = TrainConfig(out=str(tmp_path / "sp"), objective="self_perceptual", init=str(mse_run), conditional=True,
+                      teacher_precision=precision, max_steps=1, save_every=1, **TINY)
+    train(cfg)
+    (teacher,) = built
+    assert teacher.dtype == dtype and bool(teacher.fp8_layers) == fp8
+    assert np.isfinite(losses(tmp_path / "sp")).all()
+
+
 @pytest.mark.slow
 def test_two_processes_match_one_with_the_same_global_batch(tmp_path):
     args = ["train", "--max-steps", "3", "--batch-size", "8", "--channels-per-level", "8,16", "--lr", "1e-3",

@@ -115,6 +115,9 @@ class TrainConfig:
                               bound="unit_interval")
     precision: str = option("fp32", "bf16: autocast student and teacher", type=str, choices=("fp32", "bf16"))
     compile: bool = option(False, "torch.compile the student and the teacher", type=bool, resumable=True)
+    teacher_precision: str = option("same", "the teacher's weights: as the student's (same), bf16, or fp8 (Linear "
+                                    "layers in FP8, the rest bf16; CUDA sm_89 or newer, or the CPU)", type=str,
+                                    choices=("same", "bf16", "fp8"))
     teacher_checkpoint: bool = option(False, "recompute the teacher's activations in backward, one stage at a "
                                       "time (less memory, one more teacher forward)", type=bool, resumable=True)
     fsdp: bool = option(False, "under torchrun: shard the student, its EMA and optimizer state (FSDP2) and the "

@@ -216,7 +216,9 @@ def _frozen_teacher(cfg: TrainConfig, model_config: dict, device: torch.device) 
         raise InputError(f"teacher: {path} holds a {teacher_config['arch']} with {teacher_config['in_channels']} "
                          f"channels, the student is a {model_config['arch']} with {model_config['in_channels']}")
     # A pruned copy, made on the host: the device only ever holds what runs up to the tap.
-    return FrozenTeacher(model, cfg.layers, checkpoint=cfg.teacher_checkpoint).to(device)
+    dtype = None if cfg.teacher_precision == "same" else torch.bfloat16
+    return FrozenTeacher(model, cfg.layers, checkpoint=cfg.teacher_checkpoint, dtype=dtype,
+                         fp8=cfg.teacher_precision == "fp8").to(device)
 
 
 def build_run(cfg: TrainConfig) -> Run:
