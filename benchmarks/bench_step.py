@@ -1,18 +1,21 @@
 """The whole training step, per objective: time, peak memory and host syncs, as a markdown table.
 
     python benchmarks/bench_step.py [--model default,sd-like] [--dtypes fp32,bf16] [--objectives ...]
-                                    [--batch N] [--steps N] [--device cuda|cpu] [--quick]
+                                    [--batch N] [--steps N] [--warmup N] [--device cuda|cpu] [--quick]
 
 One row per (model, dtype, objective), all measured in this one run (ratios are within the run):
-ms/step is the median of --steps timed steps after warm-up (forward + loss + backward, no optimizer
-step); "peak" is the memory a step adds at its peak over what is resident before it (weights,
+ms/step is the median of --steps timed steps (default 30) after --warmup untimed ones (forward + loss +
+backward, no optimizer step), "IQR" their interquartile range (75th minus 25th percentile); "x mse" is
+the ratio of medians to plain MSE's, for a compiled row to compiled MSE's; "peak" is the memory a step adds at its peak over what is resident before it (weights,
 teacher copy, inputs): CUDA's max_memory_allocated on a GPU, the process's peak RSS (VmHWM, reset
 through /proc/self/clear_refs) on a CPU, where glibc is told to return large blocks at once so the RSS
 follows the live tensors. "syncs" counts the step's host syncs on a GPU (torch.cuda sync debug mode). "floor x mse" is the
 step's FLOPs over MSE's (matmul, convolution and attention only, counted on the meta device by
-step_cases.flop_floor): what the work itself costs, beside what was measured.
-"first s" is the first step's time (for compiled rows: the compile). Objectives: see step_cases.py.
---quick: tiny shapes, eager objectives only (the gpu_check.sh dry run: proves the script).
+step_cases.flop_floor; FP8 matmuls count half): what the work itself costs, beside what was measured.
+"first s" is the first step's time (for compiled rows: the compile). Models and objectives: see
+step_cases.py; by default each model gets its own list (step_cases.default_objectives).
+--quick: tiny shapes, one timed step, compiled objectives only when named (the gpu_check.sh dry run:
+proves the script).
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from step_cases import OBJECTIVES, build, flop_floor, make_step  # noqa: E402
+from step_cases import OBJECTIVES, build, default_batch, default_objectives, flop_floor, make_step  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16}
 MIB = 2**20
@@ -84,6 +87,7 @@ def measure(step, device, steps: int, warmup: int) -> dict:
     first = time.perf_counter() - t0
     for _ in range(warmup - 1):
         step()
+    _sync(device)
     peak = peak_bytes(step, device)
     syncs = count_syncs(step, device)
     times = []
@@ -93,17 +97,22 @@ def measure(step, device, steps: int, warmup: int) -> dict:
         step()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    return {"ms": 1e3 * statistics.median(times), "spread": 1e3 * (max(times) - min(times)) if len(times) > 1 else 0.0,
-            "peak": peak, "syncs": syncs, "first": first}
+    q1, _, q3 = statistics.quantiles(times, n=4) if len(times) > 1 else (times[0],) * 3
+    return {"ms": 1e3 * statistics.median(times), "iqr": 1e3 * (q3 - q1), "peak": peak, "syncs": syncs,
+            "first": first, "steps": len(times)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="default,sd-like", help="comma list of default, sd-like, sd")
+    ap.add_argument("--model", default="default,sd-like",
+                    help="comma list of default, sd-like, sd, sd3-512, sd3-1024, sd3-tiny")
     ap.add_argument("--dtypes", default="fp32,bf16", help="comma list of fp32, bf16 (bf16 = autocast)")
-    ap.add_argument("--objectives", default=",".join(OBJECTIVES))
-    ap.add_argument("--batch", type=int, default=None, help="default: 32 (default model), 8 (sd-like, sd)")
-    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--objectives", default=None, help=f"comma list of {', '.join(OBJECTIVES)} "
+                    "(default: the model's own list)")
+    ap.add_argument("--batch", type=int, default=None,
+                    help="default: 32 (default), 8 (sd-like, sd, sd3-512), 4 (sd3-1024)")
+    ap.add_argument("--steps", type=int, default=30, help="timed steps per row (median and IQR over them)")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first is the compile)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="tiny shapes, eager objectives only")
     args = ap.parse_args()
@@ -113,33 +122,34 @@ def main() -> None:
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
         os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
-    objectives = [o for o in args.objectives.split(",") if o]
-    for o in objectives:
+    asked = None if args.objectives is None else [o for o in args.objectives.split(",") if o]
+    for o in asked or ():
         if o not in OBJECTIVES:
             ap.error(f"--objectives: expected names from {', '.join(OBJECTIVES)}, got {o!r}")
-    if args.quick:
-        objectives = [o for o in objectives if not o.endswith("-compiled")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {name}; torch {torch.__version__}", flush=True)
+    steps = 1 if args.quick else args.steps
     for model in args.model.split(","):
-        batch = 2 if args.quick else (args.batch or (32 if model == "default" else 8))
+        objectives = asked or [o for o in default_objectives(model) if not (args.quick and o.endswith("-compiled"))]
+        batch = 2 if args.quick else (args.batch or default_batch(model))
         setup = build(model, device, batch)
         if args.quick:
             setup.x0 = setup.x0[:, :, :16, :16].contiguous()
-        print(f"\n{setup.description}; forward + loss + backward; median of {args.steps} steps", flush=True)
+        print(f"\n{setup.description}; forward + loss + backward; median and IQR of {steps} steps after "
+              f"{args.warmup} untimed", flush=True)
         bases = dict.fromkeys(o.removesuffix("-compiled") for o in ["mse", *objectives])  # compiled: same work
         floors = {o: flop_floor(o, model, batch, 16 if args.quick else None) for o in bases}
         print(f"FLOP floor: matmul, convolution and attention FLOPs of a step (FlopCounterMode on the meta "
-              f"device; MSE {floors['mse'] / 1e9:.2f} GFLOP), as a ratio to MSE's", flush=True)
-        print("| objective | dtype | ms/step | spread ms | x mse | floor x mse | x trick | peak MiB | x mse peak | syncs | "
+              f"device; FP8 matmuls count half; MSE {floors['mse'] / 1e9:.2f} GFLOP), as a ratio to MSE's",
+              flush=True)
+        print("| objective | dtype | ms/step | IQR ms | x mse | floor x mse | x trick | peak MiB | x mse peak | syncs | "
               "first s |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
         for dname in args.dtypes.split(","):
             base = {}
             for objective in objectives:
                 try:
                     step = make_step(objective, setup, DTYPES[dname])
-                    r = measure(step, device, 1 if args.quick else args.steps,
-                                warmup=2 if objective.endswith("-compiled") else 1)
+                    r = measure(step, device, steps, warmup=max(1, args.warmup))
                 except Exception as exc:  # one failing objective must not hide the others' numbers
                     print(f"| {objective} | {dname} | failed: {type(exc).__name__}: {str(exc)[:120]} |"
                           + " |" * 8, flush=True)
@@ -149,12 +159,13 @@ def main() -> None:
                     gc.collect()
                     if device.type == "cuda":
                         torch.cuda.empty_cache()
-                if objective in ("mse", "trick"):
+                if objective in ("mse", "trick", "mse-compiled"):
                     base[objective] = r
+                mse = "mse-compiled" if objective.endswith("-compiled") else "mse"  # like with like
                 ratio = lambda key, k: (f"{r[key] / base[k][key]:.2f}" if k in base and base[k][key] > 0 else "-")  # noqa: E731
                 syncs = "-" if r["syncs"] is None else str(r["syncs"])
-                print(f"| {objective} | {dname} | {r['ms']:.1f} | {r['spread']:.1f} | {ratio('ms', 'mse')} | "
-                      f"{floors[objective.removesuffix('-compiled')] / floors['mse']:.2f} | {ratio('ms', 'trick')} | {r['peak'] / MIB:.0f} | {ratio('peak', 'mse')} | {syncs} | "
+                print(f"| {objective} | {dname} | {r['ms']:.1f} | {r['iqr']:.1f} | {ratio('ms', mse)} | "
+                      f"{floors[objective.removesuffix('-compiled')] / floors['mse']:.2f} | {ratio('ms', 'trick')} | {r['peak'] / MIB:.0f} | {ratio('peak', mse)} | {syncs} | "
                       f"{r['first']:.1f} |", flush=True)
         setup = None
         gc.collect()

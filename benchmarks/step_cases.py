@@ -5,7 +5,10 @@ Objectives, all on the same student, teacher weights and batch:
   naive         self-perceptual written the obvious way: two full teacher forwards, a forward hook
                 capturing the midblock, F.mse_loss
   trick         the well-known truncation trick: the same, with a hook that raises after the midblock
-  fastperc      fastperc.self_perceptual_loss (truncated teacher, fused ops)
+  fastperc      fastperc.self_perceptual_loss (truncated teacher, fused ops); the teacher holds the
+                student's fp32 weights (autocast casts them per call)
+  fastperc-bf16 the same with a bf16 teacher (FrozenTeacher(dtype=torch.bfloat16))
+  fastperc-fp8  the same with an FP8 teacher (FrozenTeacher(fp8=True): Linear layers in FP8, the rest bf16)
   checkpointed  fastperc with FrozenTeacher(checkpoint=True)
   fastperc-quarter   fastperc on a quarter of the batch (batch_fraction=0.25; MSE on the rest)
   4tap, 4tap-quarter the search's best configuration (conv_in, down_blocks.0, down_blocks.1, mid_block;
@@ -14,8 +17,13 @@ Objectives, all on the same student, teacher weights and batch:
 
 Models: "default" (fastperc's UNet, 1x32x32, 10 classes), "sd-like" (a diffusers UNet2DConditionModel
 64/128/128 with cross-attention, 4x32x32 latents) and "sd" (Stable Diffusion 1.5/2.1 block widths
-320/640/1280/1280 with cross-attention, 4x64x64 latents). Both are diffusers' UNet when diffusers is
-installed, else fastperc's UNet at those widths, class-conditional instead of cross-attention.
+320/640/1280/1280 with cross-attention, 4x64x64 latents: 512 px). Both are diffusers' UNet when diffusers
+is installed, else fastperc's UNet at those widths, class-conditional instead of cross-attention. The UNets
+train on the scaled-linear schedule (v-prediction) and are tapped at the midblock.
+"sd3-512" and "sd3-1024": diffusers' SD3Transformer2DModel in SD3-medium's published configuration (2.0 B
+parameters; 16x64x64 and 16x128x128 latents, 333 text tokens of width 4096) on flow matching (shift 3),
+tapped at its default mid-depth block (transformer_blocks.11); "sd3-tiny" the same family at toy size (the
+dry run). The SD3 cases need diffusers.
 """
 from __future__ import annotations
 
@@ -26,8 +34,23 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-OBJECTIVES = ("mse", "naive", "trick", "fastperc", "checkpointed", "fastperc-quarter", "4tap", "4tap-quarter",
-              "mse-compiled", "fastperc-compiled")
+from teacher_memory import SD3_MEDIUM
+
+OBJECTIVES = ("mse", "naive", "trick", "fastperc", "fastperc-bf16", "fastperc-fp8", "checkpointed", "fastperc-quarter",
+              "4tap", "4tap-quarter", "mse-compiled", "fastperc-compiled")
+SD3_MODELS = ("sd3-512", "sd3-1024", "sd3-tiny")
+SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=16, num_attention_heads=2,
+                joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=16,
+                pos_embed_max_size=16)
+# Per model: the latent side, the text tokens (SD3: 77 CLIP + 256 T5) and the default batch people train with.
+SD3_SHAPES = {"sd3-512": (64, 333, 8), "sd3-1024": (128, 333, 4), "sd3-tiny": (8, 7, 2)}
+
+
+def default_objectives(model: str) -> tuple[str, ...]:
+    """The rows a model gets by default: the UNets every objective; SD3 the teachers that matter at its size."""
+    if model in SD3_MODELS:
+        return ("mse", "trick", "fastperc-bf16", "fastperc-fp8")
+    return tuple(o for o in OBJECTIVES if o not in ("fastperc-bf16", "fastperc-fp8"))
 FOUR_TAPS = ("conv_in", "down_blocks.0", "down_blocks.1", "mid_block")
 
 
@@ -37,6 +60,12 @@ class Setup:
     x0: torch.Tensor
     kwargs: dict        # conditioning passed to student and teacher alike
     description: str
+    flow: bool = False  # flow matching (SD3) instead of the scaled-linear v-prediction schedule
+    layer: str = "mid_block"  # the tap of the single-tap objectives
+
+    def schedule(self):
+        from fastperc import FlowMatchingSchedule, NoiseSchedule
+        return FlowMatchingSchedule(shift=3.0) if self.flow else NoiseSchedule.scaled_linear()
 
 
 def _diffusers_unet(widths, cross_dim: int, head_dim: int, layers: int, device):
@@ -51,8 +80,31 @@ def _diffusers_unet(widths, cross_dim: int, head_dim: int, layers: int, device):
                                     norm_num_groups=32 if min(widths) >= 32 else 8)
 
 
+def _sd3(model: str, device: torch.device, batch: int) -> Setup:
+    from diffusers import SD3Transformer2DModel
+    from fastperc.teacher import default_layers
+    config = SD3_TINY if model == "sd3-tiny" else SD3_MEDIUM
+    side, tokens, _ = SD3_SHAPES[model]
+    with torch.device(device):
+        student = SD3Transformer2DModel(**config)
+    x0 = torch.randn(batch, config["in_channels"], side, side, device=device)
+    kwargs = {"encoder_hidden_states": torch.randn(batch, tokens, config["joint_attention_dim"], device=device),
+              "pooled_projections": torch.randn(batch, config["pooled_projection_dim"], device=device)}
+    params = sum(p.numel() for p in student.parameters())
+    return Setup(student, x0, kwargs, f"diffusers SD3Transformer2DModel ({model}: {params / 1e6:.0f} M params, "
+                                      f"{config['num_layers']} blocks), batch {batch}, {config['in_channels']}x{side}x{side}"
+                                      f", {tokens} text tokens, flow matching", flow=True,
+                 layer=default_layers(student)[0])
+
+
+def default_batch(model: str) -> int:
+    return 32 if model == "default" else SD3_SHAPES[model][2] if model in SD3_MODELS else 8
+
+
 def build(model: str, device: torch.device, batch: int) -> Setup:
     torch.manual_seed(0)
+    if model in SD3_MODELS:
+        return _sd3(model, device, batch)
     if model == "default":
         from fastperc.models import UNet
         student = UNet(num_classes=10).to(device)
@@ -77,7 +129,7 @@ def build(model: str, device: torch.device, batch: int) -> Setup:
         return Setup(student, x0, kwargs, f"diffusers UNet2DConditionModel {widths} + cross-attention "
                                           f"({sum(p.numel() for p in student.parameters()) / 1e6:.0f} M params), "
                                           f"batch {batch}, 4x{side}x{side}")
-    raise ValueError(f"model: expected 'default', 'sd-like' or 'sd', got {model!r}")
+    raise ValueError(f"model: expected default, sd-like, sd, {', '.join(SD3_MODELS)}, got {model!r}")
 
 
 class _Stop(Exception):
@@ -85,17 +137,19 @@ class _Stop(Exception):
 
 
 def _hooked_features(teacher, layer: str, sample, t, kwargs, stop: bool) -> torch.Tensor:
-    """The obvious implementations: a forward hook on `layer`; `stop` raises from it (the trick)."""
+    """The obvious implementations: a forward hook on `layer`; `stop` raises from it (the trick). A joint
+    text-image block (SD3) returns (text, image): its image stream is the feature."""
     box = {}
 
     def hook(module, args, output):
-        box["f"] = output[0] if isinstance(output, tuple) else output
+        box["f"] = (output[-1] if type(module).__name__ == "JointTransformerBlock" else output[0]) \
+            if isinstance(output, tuple) else output
         if stop:
             raise _Stop
 
     handle = dict(teacher.named_modules())[layer].register_forward_hook(hook)
     try:
-        teacher(sample, t, **kwargs)
+        teacher(sample, timestep=t, **kwargs)
     except _Stop:
         pass
     finally:
@@ -106,35 +160,43 @@ def _hooked_features(teacher, layer: str, sample, t, kwargs, stop: bool) -> torc
 def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, backend: str = "auto"):
     """A closure running one step; the student's gradients are dropped after each step. On the meta
     device (the FLOP count) the draws are made on the CPU and moved."""
-    from fastperc import FrozenTeacher, NoiseSchedule, TimestepDistribution, self_perceptual_loss
+    from fastperc import FrozenTeacher, TimestepDistribution, self_perceptual_loss
 
     device = setup.x0.device
-    schedule = NoiseSchedule.scaled_linear()
+    schedule = setup.schedule()
     student, x0, kw = setup.student, setup.x0, setup.kwargs
     batch = x0.shape[0]
     check = device.type != "meta"  # value checks read data: a meta tensor has none
     gen = torch.Generator(device="cpu" if device.type == "meta" else device).manual_seed(1)
     noise = torch.randn(x0.shape, generator=gen, device=gen.device).to(device)
-    t = torch.randint(0, 1000, (batch,), generator=gen, device=gen.device).to(device)
-    t2 = torch.randint(0, 1000, (batch,), generator=gen, device=gen.device).to(device)
+    table = schedule.timesteps  # the loss's timesteps: DDPM indices, or sigma * 1000 for flow matching
+    t = table[torch.randint(0, len(table), (batch,), generator=gen, device=gen.device)].to(device)
+    t2 = table[torch.randint(0, len(table), (batch,), generator=gen, device=gen.device)].to(device)
     base = objective.removesuffix("-compiled")
     share = 0.25 if base.endswith("-quarter") else 1.0
     base = base.removesuffix("-quarter")
     options = {}
     if base == "4tap":
+        if setup.flow:
+            raise ValueError("4tap: the UNet taps (conv_in, down_blocks.0, down_blocks.1, mid_block); not for SD3")
         low_t2 = TimestepDistribution(0, 100).sample(batch, 1000, gen).to(device)
         options = dict(feature_norm="channel_rms")
 
+    teacher_options = {"checkpointed": {"checkpoint": True}, "fastperc-bf16": {"dtype": torch.bfloat16},
+                       "fastperc-fp8": {"fp8": True}}
+    fastperc_objective = base in ("fastperc", "4tap", *teacher_options)
     if base in ("naive", "trick"):
         plain_teacher = copy.deepcopy(student).eval().requires_grad_(False)
-    elif base in ("fastperc", "checkpointed", "4tap"):
-        extra = {"checkpoint": True} if base == "checkpointed" else {}
-        teacher = FrozenTeacher(student, FOUR_TAPS if base == "4tap" else ("mid_block",), **extra)
+    elif fastperc_objective:
+        teacher = FrozenTeacher(student, FOUR_TAPS if base == "4tap" else (setup.layer,),
+                                **teacher_options.get(base, {}))
+    elif base != "mse":
+        raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
 
     def loss_of(v):
         if base == "mse":
-            return F.mse_loss(v.float(), schedule.velocity(x0, noise, t).float())
-        if base in ("fastperc", "checkpointed", "4tap"):
+            return F.mse_loss(v.float(), schedule.target(x0, noise, t).float())
+        if fastperc_objective:
             return self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=low_t2 if base == "4tap"
                                         else t2, teacher_kwargs=kw, batch_fraction=share, backend=backend, **options)
         # naive / trick: re-noise by hand, as a user would write it
@@ -142,9 +204,9 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, 
         x0_hat, eps_hat = schedule.convert(x_t, v.float(), t)
         fake = schedule.add_noise(x0_hat, eps_hat, t2, check=check)
         with torch.no_grad():
-            real_f = _hooked_features(plain_teacher, "mid_block", schedule.add_noise(x0, noise, t2, check=check), t2, kw,
-                                      stop=base == "trick")
-        fake_f = _hooked_features(plain_teacher, "mid_block", fake, t2, kw, stop=base == "trick")
+            real_f = _hooked_features(plain_teacher, setup.layer, schedule.add_noise(x0, noise, t2, check=check), t2,
+                                      kw, stop=base == "trick")
+        fake_f = _hooked_features(plain_teacher, setup.layer, fake, t2, kw, stop=base == "trick")
         return F.mse_loss(fake_f.float(), real_f.float())
 
     def autocast():  # no autocast context at all without a dtype: the meta device has none
@@ -152,7 +214,7 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, 
 
     def forward_loss():
         with autocast():
-            v = student(schedule.add_noise(x0, noise, t, check=check), t, **kw)
+            v = student(schedule.add_noise(x0, noise, t, check=check), timestep=t, **kw)
             v = v.sample if hasattr(v, "sample") else v
             return loss_of(v)
 
@@ -173,11 +235,13 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, 
     return step
 
 
-def flop_floor(objective: str, model: str, batch: int, side: int | None = None) -> int:
-    """The FLOPs of one step of `objective` (student forward + backward, the teacher on both branches, the
-    fake branch's input-gradient backward), counted by torch.utils.flop_counter.FlopCounterMode on the
-    meta device: matmuls, convolutions and attention only (elementwise work, norms and the fused ops are
-    not counted). The same for every dtype and for a compiled step."""
+def flop_floor(objective: str, model: str, batch: int, side: int | None = None) -> float:
+    """The work of one step of `objective` (student forward + backward, the teacher on both branches, the
+    fake branch's input-gradient backward) in bf16-equivalent FLOPs, counted by
+    torch.utils.flop_counter.FlopCounterMode on the meta device: matmuls, convolutions and attention only
+    (elementwise work, norms and the fused ops are not counted). FP8 matmuls (torch._scaled_mm) count
+    half: a GPU with FP8 runs them at twice its bf16 rate. The same for every dtype and for a compiled
+    step."""
     from torch.utils.flop_counter import FlopCounterMode
     setup = build(model, torch.device("meta"), batch)
     if side is not None:  # the benchmark's --quick crop
@@ -185,4 +249,5 @@ def flop_floor(objective: str, model: str, batch: int, side: int | None = None) 
     step = make_step(objective.removesuffix("-compiled"), setup, None, backend="reference")
     with FlopCounterMode(display=False) as counter:
         step()
-    return counter.get_total_flops()
+    fp8 = sum(n for op, n in counter.get_flop_counts().get("Global", {}).items() if "_scaled_mm" in str(op))
+    return counter.get_total_flops() - fp8 / 2

@@ -149,24 +149,26 @@ def rows(spec: Spec, batch: int) -> list[dict]:
     for label, layers in spec.taps.items():
         full = FrozenTeacher(model, layers, dtype=TEACHER_DTYPE, prune=False)
         pruned = FrozenTeacher(model, layers, dtype=TEACHER_DTYPE)
+        fp8 = FrozenTeacher(model, layers, fp8=True)  # the blocks' Linear layers in FP8, the rest bf16
         act, act_flash = fake_branch_activations(pruned, spec.inputs(batch))
         out.append(dict(model=spec.name, tap=pruned.layers[0] + (" (default)" if layers is None else ""),
                         params=params, published=spec.published_params,
-                        full=full.held_bytes, pruned=pruned.held_bytes,
+                        full=full.held_bytes, pruned=pruned.held_bytes, fp8=fp8.held_bytes,
                         share=pruned.held_parameters / params, act=act, act_flash=act_flash,
                         student=params * STUDENT_BYTES_PER_PARAM, resolution=spec.resolution))
     return out
 
 
 def markdown(table: list[dict], batch: int) -> str:
-    head = ("| model | tap | teacher full copy | pruned copy (share of parameters) | pruned per rank, sharded "
+    head = ("| model | tap | teacher full copy | pruned copy (share of parameters) | pruned, FP8 Linear | pruned per "
+            "rank, sharded "
             + " / ".join(f"{n}" for n in SHARDS) + f" ways | fake-branch activations, batch {batch} (math / flash "
             "attention) | student: weights + grads + AdamW |")
-    lines = [head, "|" + " --- |" * 7]
+    lines = [head, "|" + " --- |" * 8]
     for r in table:
         shards = " / ".join(f"{r['pruned'] / n / GiB:.2f}" for n in SHARDS)
         lines.append(f"| {r['model']} ({r['params'] / 1e9:.2f} B params) | {r['tap']} | {r['full'] / GiB:.2f} GiB | "
-                     f"{r['pruned'] / GiB:.2f} GiB ({r['share']:.2f}) | {shards} GiB | "
+                     f"{r['pruned'] / GiB:.2f} GiB ({r['share']:.2f}) | {r['fp8'] / GiB:.2f} GiB | {shards} GiB | "
                      f"{r['act'] / GiB:.2f} / {r['act_flash'] / GiB:.2f} GiB at {r['resolution']} | "
                      f"{r['student'] / GiB:.1f} GiB |")
     return "\n".join(lines)

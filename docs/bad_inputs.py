@@ -45,6 +45,8 @@ cases = [
  ("`reduction=\"avg\"`", lambda: call(reduction="avg")),
  ("`backend=\"cuda\"` on a machine without it", lambda: call(backend="cuda")),
  ("`feature_norm=\"lpips\"`", lambda: call(feature_norm="lpips")),
+ ("an FP8 teacher moved to a device without FP8 matmuls (mps)", lambda: __import__("fastperc.teacher_fp8", fromlist=["x"]).require_fp8("mps")),
+ ("`dtype=torch.float8_e4m3fn` for a teacher", lambda: FrozenTeacher(tiny_unet(), dtype=torch.float8_e4m3fn)),
  ("an empty sample in `ops.feature_mse`", lambda: fastperc.ops.feature_mse([torch.randn(2, 0)], [torch.randn(2, 0)])),
 ]
 print("| input | exception | message |\n|---|---|---|")
