@@ -90,8 +90,8 @@ command_of() {
       build) echo "echo dry run: would run FASTPERC_CUDA=1 FASTPERC_CUDA_ARCHS=\<this GPU\> $PY setup.py build_ext --inplace" ;;
       info) echo "$PY -m fastperc.info" ;;
       parity) echo "$PY -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py tests/test_fp8_teacher.py -m 'not slow'" ;;
-      step_sd) echo "$PY benchmarks/bench_step.py --device cpu --quick --model default,sd-like" ;;
-      step_sd3) echo "$PY benchmarks/bench_step.py --device cpu --quick --model sd3-tiny --dtypes bf16" ;;
+      step_sd) echo "$PY benchmarks/bench_step.py --device cpu --quick --warmup 1 --model default,sd-like" ;;
+      step_sd3) echo "$PY benchmarks/bench_step.py --device cpu --quick --warmup 1 --model sd3-tiny --dtypes bf16" ;;
       step_compiled) echo "$PY benchmarks/bench_step.py --device cpu --quick --model default --dtypes fp32 --warmup 1 --objectives mse-compiled,fastperc-compiled" ;;
       op_table) echo "$PY benchmarks/bench_ops.py --device cpu --markdown --quick --min-time 0.01" ;;
       scale_table) echo "$PY benchmarks/bench_scale.py --quick" ;;

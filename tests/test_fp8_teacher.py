@@ -93,14 +93,16 @@ TEACHERS = {
 
 
 @pytest.mark.parametrize("name", TEACHERS)
-def test_fp8_teacher_loss_and_gradient_are_close_to_the_bf16_teachers(name, gen):
+def test_fp8_teacher_loss_and_gradient_are_close_to_the_bf16_teachers(name, device, gen):
+    _skip_without_fp8(device)
     make, inputs = TEACHERS[name]
-    model = make().eval()
+    model = make().eval().to(device)
     shape, kw = inputs(gen)
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in kw.items()}
     schedule = FlowMatchingSchedule()
-    x0, noise, pred = (torch.randn(shape, generator=gen) for _ in range(3))
+    x0, noise, pred = (torch.randn(shape, generator=gen).to(device) for _ in range(3))
     pred.requires_grad_()
-    t, t2 = (schedule.timesteps[torch.randint(0, 1000, (B,), generator=gen)] for _ in range(2))
+    t, t2 = (schedule.timesteps[torch.randint(0, 1000, (B,), generator=gen)].to(device) for _ in range(2))
     results = {}
     for kind, options in {"fp32": {}, "bf16": {"dtype": torch.bfloat16}, "fp8": {"fp8": True}}.items():
         teacher = FrozenTeacher(model, **options)
