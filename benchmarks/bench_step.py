@@ -114,7 +114,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=30, help="timed steps per row (median and IQR over them)")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first (the first is the compile)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes, eager objectives only")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes, one timed step, compiled objectives only "
+                    "when named")
+    ap.add_argument("--compile-backend", default="inductor", help="torch.compile's backend for the compiled rows "
+                    "(aot_eager: the same graphs, no code generation)")
     args = ap.parse_args()
     device = torch.device(args.device)
     if device.type == "cpu" and "MALLOC_MMAP_THRESHOLD_" not in os.environ:
@@ -148,7 +151,7 @@ def main() -> None:
             base = {}
             for objective in objectives:
                 try:
-                    step = make_step(objective, setup, DTYPES[dname])
+                    step = make_step(objective, setup, DTYPES[dname], compile_backend=args.compile_backend)
                     r = measure(step, device, steps, warmup=max(1, args.warmup))
                 except Exception as exc:  # one failing objective must not hide the others' numbers
                     print(f"| {objective} | {dname} | failed: {type(exc).__name__}: {str(exc)[:120]} |"

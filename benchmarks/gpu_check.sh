@@ -92,7 +92,7 @@ command_of() {
       parity) echo "$PY -m pytest -q -p no:cacheprovider tests/test_gpu_parity.py tests/test_fp8_teacher.py -m 'not slow'" ;;
       step_sd) echo "$PY benchmarks/bench_step.py --device cpu --quick --warmup 1 --model default,sd-like" ;;
       step_sd3) echo "$PY benchmarks/bench_step.py --device cpu --quick --warmup 1 --model sd3-tiny --dtypes bf16" ;;
-      step_compiled) echo "$PY benchmarks/bench_step.py --device cpu --quick --model default --dtypes fp32 --warmup 1 --objectives mse-compiled,fastperc-compiled" ;;
+      step_compiled) echo "$PY benchmarks/bench_step.py --device cpu --quick --model default --dtypes fp32 --warmup 1 --compile-backend aot_eager --objectives mse-compiled,fastperc-compiled" ;;
       op_table) echo "$PY benchmarks/bench_ops.py --device cpu --markdown --quick --min-time 0.01" ;;
       scale_table) echo "$PY benchmarks/bench_scale.py --quick" ;;
     esac

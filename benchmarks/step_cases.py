@@ -157,9 +157,12 @@ def _hooked_features(teacher, layer: str, sample, t, kwargs, stop: bool) -> torc
     return box["f"]
 
 
-def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, backend: str = "auto"):
+def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, backend: str = "auto",
+              compile_backend: str = "inductor"):
     """A closure running one step; the student's gradients are dropped after each step. On the meta
-    device (the FLOP count) the draws are made on the CPU and moved."""
+    device (the FLOP count) the draws are made on the CPU and moved. `compile_backend`: torch.compile's
+    backend for the -compiled objectives (aot_eager traces the same graphs without generating code: the
+    dry run's quick stand-in)."""
     from fastperc import FrozenTeacher, TimestepDistribution, self_perceptual_loss
 
     device = setup.x0.device
@@ -222,7 +225,7 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, 
         # Every case's forward_loss is the same code object: without a reset, dynamo's recompile
         # limit is reached after 8 cases and the later ones silently run eagerly.
         torch._dynamo.reset()
-        fwd = torch.compile(forward_loss)
+        fwd = torch.compile(forward_loss, backend=compile_backend)
     else:
         fwd = forward_loss
 

@@ -171,3 +171,17 @@ def test_a_band_that_rounds_to_none_or_all_of_a_micro_batch_is_refused(band, mic
     cfg = TrainConfig(out="", objective="self_perceptual", init="x", objective_t_range=band)
     with pytest.raises(ValueError, match=r"objective_t_range: the band .* would never be drawn"):
         TimestepStrata.of(cfg, NoiseSchedule.scaled_linear(), micro, torch.device("cpu"))
+
+
+def test_the_learning_rate_warms_up_then_stays_or_decays_on_a_cosine_to_zero_at_the_last_step():
+    from fastperc.recipes.objective import lr_factor
+    cfg = TrainConfig(out="x", max_steps=110, warmup_steps=10)
+    good = torch.arange(110)
+    constant = lr_factor(cfg, good, 10)
+    assert torch.allclose(constant[:10], (good[:10] + 1).double() / 10, atol=0, rtol=1e-12) and (constant[10:] == 1).all()
+    cosine = lr_factor(replace(cfg, lr_schedule="cosine"), good, 10)
+    assert torch.equal(cosine[:10], constant[:10]) and cosine[9] == 1.0
+    assert abs(float(cosine[59]) - 0.5) < 1e-12 and float(cosine[-1]) == 0.0  # half-way: 0.5; the last step: 0
+    assert (cosine[10:].diff() < 0).all()
+    with pytest.raises(ValueError, match="lr_schedule: expected one of"):
+        replace(cfg, lr_schedule="linear").validate()

@@ -5,7 +5,7 @@ import argparse
 import os
 import sys
 
-from .config import add_train_options, bounded, config_from_args
+from .config import FinetuneConfig, add_options, add_train_options, bounded, config_from_args
 from ..errors import InputError, MissingFileError
 
 
@@ -37,6 +37,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     tr = sub.add_parser("train", help="train with MSE or the self-perceptual objective")
     add_train_options(tr)
+
+    ft = sub.add_parser("finetune", help="fine-tune a diffusers pipeline folder (Stable Diffusion 1.x / 2.x) on "
+                                         "captioned images; its frozen UNet is the teacher")
+    add_options(ft, FinetuneConfig)
 
     sa = sub.add_parser("sample", help="DDIM samples from a checkpoint to FILE.npz and FILE.png")
     sa.add_argument("checkpoint", help="a checkpoint file or run folder")
@@ -92,9 +96,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Modules of the application's extra (`pip install fastperc[train]`): the library itself needs only
-# torch and numpy, so a plain install reaches them only when a command runs.
+# Modules of the application's extras (`pip install fastperc[train]`, `fastperc[finetune]`): the library
+# itself needs only torch and numpy, so a plain install reaches them only when a command runs.
 TRAIN_EXTRA = {"scipy": "scipy", "PIL": "Pillow", "matplotlib": "matplotlib", "mlxtend": "mlxtend", "tqdm": "tqdm"}
+FINETUNE_EXTRA = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,10 +109,12 @@ def main(argv: list[str] | None = None) -> int:
         return _dispatch(args)
     except ModuleNotFoundError as e:
         top = (e.name or "").split(".")[0]
-        if top not in TRAIN_EXTRA or os.environ.get("FASTPERC_DEBUG"):
+        extra = "finetune" if args.command == "finetune" and top in FINETUNE_EXTRA else "train"
+        package = (FINETUNE_EXTRA if extra == "finetune" else TRAIN_EXTRA).get(top)
+        if package is None or os.environ.get("FASTPERC_DEBUG"):
             raise
-        print(f"fastperc {args.command}: error: needs {TRAIN_EXTRA[top]}, which is not installed; install the "
-              "application's extra: pip install 'fastperc[train]'", file=sys.stderr)
+        print(f"fastperc {args.command}: error: needs {package}, which is not installed; install the "
+              f"application's extra: pip install 'fastperc[{extra}]'", file=sys.stderr)
         return 2
     # What the user can fix (InputError: bad values found after parsing, missing files, a checkpoint
     # that does not fit its model, a run that diverged): one line, exit code 2. Anything else is a
@@ -157,6 +164,17 @@ def _dispatch(args) -> int:
             return 0
         loss = "n/a" if result["loss"] is None else f"{result['loss']:.5f}"
         print(f"done: {result['step']} steps, loss {loss}, checkpoint {result['checkpoint']}")
+        return 0
+    if args.command == "finetune":
+        from .finetune import finetune
+        result = finetune(config_from_args(args, FinetuneConfig))
+        if result["interrupted"]:
+            print(f"interrupted at step {result['step']}: checkpoint saved to {args.out}/checkpoint; continue with "
+                  "--resume", file=sys.stderr)
+            return 128 + result["interrupted"]
+        skipped = f" ({result['skipped_images']} unreadable images skipped)" if result["skipped_images"] else ""
+        loss = "n/a" if result["loss"] is None else f"{result['loss']:.5f}"
+        print(f"done: {result['step']} steps, loss {loss}{skipped}; the fine-tuned pipeline: {result['pipeline']}")
         return 0
     if args.command == "sample":
         import torch

@@ -1,8 +1,10 @@
 """The training options, each defined once: default, type, bounds, help, and what may be done with it
 (changed on resume, varied by a study, taken from --init's checkpoint). `TrainConfig.validate` checks
-them, `fastperc train` builds its flags from them (`add_train_options`), `fastperc study` accepts the
+them, `fastperc train` builds its flags from them (`add_options`), `fastperc study` accepts the
 study options in a variant, a resumed run refuses a change to any option that is not resumable, and
-`with_model_options` fills the model options from --init for the CLI and Python callers alike."""
+`with_model_options` fills the model options from --init for the CLI and Python callers alike.
+`FinetuneConfig` (`fastperc finetune`) takes the options the two commands share from TrainConfig's
+definitions (`shared`) and adds its own."""
 from __future__ import annotations
 
 import argparse
@@ -26,23 +28,78 @@ BOUNDS = {
 
 def option(default, help: str, *, type=None, bound: str | None = None, choices=None, flag: str | None = None,
            metavar: str | None = None, model: bool = False, group: str | None = None, cli: bool = True,
-           resumable: bool = False, study: bool = True, per_schedule: dict | None = None) -> Field:
+           resumable: bool = False, study: bool = True, per_schedule: dict | None = None,
+           repeat: bool = False) -> Field:
     """A TrainConfig field with what the CLI and the checks need. `type`: int, float, str, bool, or a
     1-tuple (int,) / (float,) / (str,) for a comma-separated list. `model`: an option that describes the
     model: it defaults to None, "from --init's checkpoint, else `default`" (see `with_model_options`).
     `group`: flags of one group exclude each other. `resumable`: a resumed run may change it (where and
     how long it runs and how it reports, not what it learns). `study`: a `fastperc study` variant may
     set it (not the run's identity: folder, seed, length, teacher). `per_schedule`: the default per
-    value of `schedule`, used instead of `default`."""
+    value of `schedule`, used instead of `default`. `repeat`: a (str,) list given by repeating the flag
+    (values may hold commas, e.g. prompts)."""
     meta = dict(help=help, type=type, bound=bound, choices=choices, flag=flag, metavar=metavar, model=model,
-                group=group, cli=cli, resumable=resumable, study=study, per_schedule=per_schedule, default=default)
+                group=group, cli=cli, resumable=resumable, study=study, per_schedule=per_schedule, default=default,
+                repeat=repeat)
     if isinstance(default, dict):
         return field(default_factory=dict, metadata=meta)
     return field(default=None if model else default, metadata=meta)
 
 
+def check_options(cfg) -> None:
+    """Every option of a config dataclass against its definition (type, choices, bound); an InputError
+    names the option, what was expected and what came."""
+    def bad(name, expected, got):
+        raise InputError(f"{name}: expected {expected}, got {got!r}")
+
+    for f in fields(cfg):
+        value, meta = getattr(cfg, f.name), f.metadata
+        if value is None or meta.get("type") is None:
+            continue
+        declared = meta["type"]
+        is_list = isinstance(declared, tuple)
+        elem = declared[0] if is_list else declared
+        if is_list and not isinstance(value, (tuple, list)):
+            bad(f.name, f"a sequence of {elem.__name__}", value)
+        for v in (tuple(value) if is_list else (value,)):
+            if elem is int and (isinstance(v, bool) or not isinstance(v, int)):
+                bad(f.name, "integers" if is_list else "an integer", value)
+            if elem is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                bad(f.name, "a number", value)
+            if meta["choices"] is not None and v not in meta["choices"]:
+                bad(f.name, f"one of {list(meta['choices'])}", value)
+            if meta["bound"] is not None and not BOUNDS[meta["bound"]][0](v):
+                bad(f.name, BOUNDS[meta["bound"]][1], value)
+
+
+class ObjectiveOptions:
+    """What both commands' configs do with the options they share (the objective's taps, weights, t'
+    draw and teacher share; the run mode)."""
+
+    def check_shared(self) -> None:
+        """The shared options' combinations, after `check_options`."""
+        self.t_prime_distribution()  # range order, density, loc and scale
+        for name in ("t_prime_range", "objective_t_range"):
+            r = getattr(self, name)
+            if r is not None and not (len(r) == 2 and r[0] <= r[1]):
+                raise InputError(f"{name}: expected two timesteps low <= high, got {r!r}")
+        if self.layer_weights is not None and self.layers is not None and len(self.layer_weights) != len(self.layers):
+            raise InputError(f"layer_weights: expected {len(self.layers)} values (one per layer), got "
+                             f"{self.layer_weights!r}")
+        if self.objective_t_range is not None and self.sp_fraction < 1:
+            raise InputError("sp_fraction: --objective-t-range sets the share that gets the objective itself "
+                             f"(the band's share of the table); expected 1 with it, got {self.sp_fraction}")
+        if self.resume and self.overwrite:
+            raise InputError("resume: --resume and --overwrite exclude each other")
+
+    def t_prime_distribution(self) -> TimestepDistribution:
+        low, high = self.t_prime_range if self.t_prime_range is not None else (0, None)
+        return TimestepDistribution(int(low), None if high is None else int(high), self.t_prime_density,
+                                    float(self.t_prime_loc), float(self.t_prime_scale))
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(ObjectiveOptions):
     out: str = option(MISSING, "run folder: checkpoint.pt, log.jsonl", type=str, resumable=True, study=False)
     objective: str = option("mse", "plain MSE, or the self-perceptual objective (needs --init or --teacher)",
                             type=str, choices=OBJECTIVES)
@@ -108,6 +165,8 @@ class TrainConfig:
     momentum: float = option(0.9, "SGD momentum", type=float, bound="unit_interval")
     warmup_steps: int = option(100, "linear learning-rate warm-up, capped at a fifth of --max-steps for short "
                                "runs", type=int, bound="non_negative")
+    lr_schedule: str = option("constant", "the learning rate after the warm-up: constant, or a cosine decay to 0 at "
+                              "--max-steps", type=str, choices=("constant", "cosine"))
     weight_decay: float = option(0.0, "AdamW's decoupled weight decay", type=float, bound="non_negative")
     grad_clip: float = option(1.0, "gradient-norm clip; 0 disables clipping", type=float, bound="non_negative")
     grad_accum: int = option(1, "micro-batches per optimizer step", type=int, bound="positive")
@@ -141,54 +200,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Every option against its definition, then the combinations; a ValueError names the option."""
-        def bad(name, expected, got):
-            raise InputError(f"{name}: expected {expected}, got {got!r}")
-
-        for f in fields(self):
-            value, meta = getattr(self, f.name), f.metadata
-            if value is None or meta.get("type") is None:
-                continue
-            declared = meta["type"]
-            is_list = isinstance(declared, tuple)
-            elem = declared[0] if is_list else declared
-            if is_list and not isinstance(value, (tuple, list)):
-                bad(f.name, f"a sequence of {elem.__name__}", value)
-            for v in (tuple(value) if is_list else (value,)):
-                if elem is int and (isinstance(v, bool) or not isinstance(v, int)):
-                    bad(f.name, "integers" if is_list else "an integer", value)
-                if elem is float and (isinstance(v, bool) or not isinstance(v, (int, float))):
-                    bad(f.name, "a number", value)
-                if meta["choices"] is not None and v not in meta["choices"]:
-                    bad(f.name, f"one of {list(meta['choices'])}", value)
-                if meta["bound"] is not None and not BOUNDS[meta["bound"]][0](v):
-                    bad(f.name, BOUNDS[meta["bound"]][1], value)
-        self.t_prime_distribution()  # range order, density, loc and scale
-        for name in ("t_prime_range", "objective_t_range"):
-            r = getattr(self, name)
-            if r is not None and not (len(r) == 2 and r[0] <= r[1]):
-                bad(name, "two timesteps low <= high", r)
+        check_options(self)
+        self.check_shared()
         if self.objective == "self_perceptual" and not (self.teacher or self.init):
             raise InputError("teacher: the self_perceptual objective needs a frozen MSE-trained network; "
                              "pass --teacher CKPT or --init CKPT")
-        if self.layer_weights is not None and self.layers is not None and len(self.layer_weights) != len(self.layers):
-            bad("layer_weights", f"{len(self.layers)} values (one per layer)", self.layer_weights)
-        if self.objective_t_range is not None and self.sp_fraction < 1:
-            raise InputError("sp_fraction: --objective-t-range sets the share that gets the objective itself "
-                             f"(the band's share of the table); expected 1 with it, got {self.sp_fraction}")
-        if self.resume and self.overwrite:
-            raise InputError("resume: --resume and --overwrite exclude each other")
         flow = self.prediction_type in FLOW_PREDICTION_TYPES
         if self.schedule is not None and self.prediction_type is not None and (self.schedule == "flow") != flow:
             expected = "flow_prediction" if self.schedule == "flow" else f"one of {list(PREDICTION_TYPES)}"
             raise InputError(f"prediction_type: the {self.schedule} schedule trains {expected}, got "
                              f"{self.prediction_type!r}")
         if self.arch == "dit" and self.dit_width is not None and self.dit_width % 4:
-            bad("dit_width", "a multiple of 4", self.dit_width)
-
-    def t_prime_distribution(self) -> TimestepDistribution:
-        low, high = self.t_prime_range if self.t_prime_range is not None else (0, None)
-        return TimestepDistribution(int(low), None if high is None else int(high), self.t_prime_density,
-                                    float(self.t_prime_loc), float(self.t_prime_scale))
+            raise InputError(f"dit_width: expected a multiple of 4, got {self.dit_width!r}")
 
 
 # What each option's metadata says, gathered once for the places that ask.
@@ -256,11 +279,12 @@ def _argparse_type(meta):
     return bounded(declared, meta["bound"])
 
 
-def add_train_options(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig option: --name-with-dashes, its type, bound, choices and help. Model
-    options default to None (filled from --init's checkpoint, else their defaults)."""
+def add_options(parser: argparse.ArgumentParser, config: type) -> None:
+    """One flag per option of `config` (TrainConfig, FinetuneConfig): --name-with-dashes, its type, bound,
+    choices and help. Model options default to None (filled from --init's checkpoint, else their
+    defaults); a `repeat` option is given once per value."""
     groups: dict[str, argparse._MutuallyExclusiveGroup] = {}
-    for f in fields(TrainConfig):
+    for f in fields(config):
         meta = f.metadata
         if not meta.get("cli"):
             continue
@@ -284,6 +308,8 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         if meta["type"] is bool:
             kw.setdefault("default", f.default)
             kw["action"] = "store_false" if f.default is True else "store_true"
+        elif meta.get("repeat"):
+            kw.update(action="append", default=None, type=str, metavar=meta["metavar"] or "TEXT")
         else:
             kw["type"] = _argparse_type(meta)
             if f.default is MISSING:
@@ -297,6 +323,106 @@ def add_train_options(parser: argparse.ArgumentParser) -> None:
         target.add_argument(flag, **kw)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    """The TrainConfig of parsed `fastperc train` flags."""
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in fields(TrainConfig) if f.metadata.get("cli")})
+def add_train_options(parser: argparse.ArgumentParser) -> None:
+    """The flags of `fastperc train`: one per TrainConfig option."""
+    add_options(parser, TrainConfig)
+
+
+def config_from_args(args: argparse.Namespace, config: type = TrainConfig):
+    """The config (TrainConfig by default) of parsed flags; a repeated flag given no time keeps its default."""
+    values = {}
+    for f in fields(config):
+        if not f.metadata.get("cli"):
+            continue
+        value = getattr(args, f.name)
+        if f.metadata.get("repeat"):
+            value = f.default if value is None else tuple(value)
+        values[f.name] = value
+    return config(**values)
+
+
+# ---- fastperc finetune ---------------------------------------------------------------------------
+_TRAIN_FIELDS = {f.name: f for f in fields(TrainConfig)}
+
+
+def shared(name: str, **changes) -> Field:
+    """A FinetuneConfig option defined by TrainConfig's option `name` (type, bounds, choices, help, and
+    whether a resumed run may change it), with `changes` to its metadata where fine-tuning a pretrained
+    model needs another default or help (`default=...`, `help=...`)."""
+    meta = {**_TRAIN_FIELDS[name].metadata, **changes}
+    return field(default=meta["default"], metadata=meta)
+
+
+@dataclass(kw_only=True)
+class FinetuneConfig(ObjectiveOptions):
+    """The options of `fastperc finetune`: a diffusers pipeline folder fine-tuned on captioned images."""
+    out: str = shared("out", help="run folder: checkpoint/ (accelerate state), log.jsonl, cache/ (encoded latents "
+                                  "and captions), validation/ (PNG grids), final/ (the fine-tuned pipeline)")
+    pretrained: str = option(MISSING, "a diffusers pipeline folder (Stable Diffusion 1.x / 2.x), loaded with local "
+                             "files only; its UNet is fine-tuned and its frozen copy is the teacher", type=str,
+                             study=False)
+    data: str = option(MISSING, "a folder of images with captions in metadata.jsonl (file_name, text), or a Hugging "
+                       "Face datasets dataset saved with save_to_disk (columns image, text)", type=str)
+    resolution: int = option(512, "images are resized (shorter side) and centre-cropped to this square; a multiple of "
+                             "what the VAE and UNet downsample by (64 for Stable Diffusion)", type=int,
+                             bound="positive")
+    random_crop: bool = option(False, "a random crop and flip per step, encoded by the VAE each step (default: the "
+                               "centre crop and its mirror image, encoded once and cached)", type=bool)
+    caption_dropout: float = option(0.1, "share of captions replaced by the empty prompt (what classifier-free "
+                                    "guidance needs)", type=float, bound="unit_interval")
+    unconditional: bool = option(False, "train on the empty prompt only; then images need no captions", type=bool)
+    strict: bool = option(False, "an image that cannot be read is an error (default: skipped and counted)",
+                          type=bool)
+    validation_prompt: tuple[str, ...] = option((), "a prompt sampled at each validation; repeat the flag for "
+                                                "several (default: the first captions of the data)", type=(str,),
+                                                repeat=True, metavar="PROMPT", resumable=True)
+    validate_every: int = option(0, "validation images every N steps (0: at the end only)", type=int,
+                                 bound="non_negative", resumable=True)
+    validation_cfg: float = option(0.0, "also sample at this classifier-free guidance scale (0: without guidance "
+                                   "only)", type=float, bound="non_negative", resumable=True)
+    validation_steps: int = option(25, "sampling steps per validation image", type=int, bound="positive",
+                                   resumable=True)
+    gradient_checkpointing: bool = option(False, "recompute the fine-tuned UNet's activations in backward (less "
+                                          "memory, one more forward)", type=bool, resumable=True)
+    objective: str = shared("objective", default="self_perceptual",
+                            help="self_perceptual: the frozen pretrained UNet is the teacher; mse: the equal-step "
+                                 "baseline to compare against")
+    mse_weight: float = shared("mse_weight")
+    layers: tuple[str, ...] | None = shared("layers")
+    layer_weights: tuple[float, ...] | None = shared("layer_weights")
+    feature_norm: str = shared("feature_norm")
+    t_prime_range: tuple[int, int] | None = shared("t_prime_range")
+    t_prime_density: str = shared("t_prime_density")
+    t_prime_loc: float = shared("t_prime_loc")
+    t_prime_scale: float = shared("t_prime_scale")
+    objective_t_range: tuple[int, int] | None = shared("objective_t_range")
+    sp_fraction: float = shared("sp_fraction")
+    batch_size: int = shared("batch_size", default=8)
+    lr: float = shared("lr", default=1e-5)
+    adam_eps: float = shared("adam_eps")
+    weight_decay: float = shared("weight_decay")
+    grad_clip: float = shared("grad_clip")
+    grad_accum: int = shared("grad_accum")
+    warmup_steps: int = shared("warmup_steps")
+    lr_schedule: str = shared("lr_schedule")
+    ema_decay: float = shared("ema_decay", help="EMA decay, warmed up as (1+step)/(10+step); 0: no EMA (the final "
+                                                "pipeline gets the EMA UNet when there is one)")
+    precision: str = shared("precision")
+    teacher_precision: str = shared("teacher_precision")
+    teacher_checkpoint: bool = shared("teacher_checkpoint")
+    seed: int = shared("seed")
+    max_steps: int = shared("max_steps")
+    save_every: int = shared("save_every", help="checkpoint every N steps (and on SIGTERM / Ctrl-C)")
+    log_every: int = shared("log_every")
+    max_bad_steps: int = shared("max_bad_steps")
+    resume: bool = shared("resume", help="continue from OUT/checkpoint when present (with the same options)")
+    overwrite: bool = shared("overwrite")
+    progress: bool = shared("progress")
+
+    def validate(self) -> None:
+        """Every option against its definition, then the combinations; an InputError names the option."""
+        check_options(self)
+        self.check_shared()
+
+
+FINETUNE_RESUMABLE_OPTIONS = frozenset(f.name for f in fields(FinetuneConfig) if f.metadata.get("resumable"))

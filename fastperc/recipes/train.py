@@ -19,14 +19,15 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 
-from ..loss import self_perceptual_loss, teacher_batch
 from ..schedule import NoiseSchedule, TimestepDistribution
 from ..teacher import FrozenTeacher, default_layers
 from . import checkpoint, data, latent, sharded
 from .config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TrainConfig, with_model_options
+from .objective import TimestepStrata, ema_update, lr_factor, warmup_length
+from .objective import objective_loss as _objective  # by this name: tests replace it here
+from .objective import seed_for as _seed_for
 from .models import build_model, load_model, model_config_of, model_options_of, null_class, predict, schedule_of
 from ..errors import InputError
 
@@ -52,21 +53,6 @@ def _all_mean(x: torch.Tensor, world: int) -> torch.Tensor:
 
 
 # ---- pieces ---------------------------------------------------------------------------------------
-@torch.no_grad()
-def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tensor | None = None) -> None:
-    """ema += (1 - decay) * (model - ema). `apply`, a 0-d device tensor (1 or 0), gates the update
-    without a host sync: a skipped (non-finite) step leaves the EMA as it was."""
-    ema_p, p = list(ema.parameters()), list(model.parameters())
-    if apply is None:
-        torch._foreach_lerp_(ema_p, p, 1.0 - decay)
-    else:
-        delta = torch._foreach_sub(p, ema_p)
-        torch._foreach_mul_(delta, apply.to(ema_p[0].dtype) * (1.0 - decay))
-        torch._foreach_add_(ema_p, delta)
-    for eb, b in zip(ema.buffers(), model.buffers()):
-        eb.copy_(b)
-
-
 def _no_gradient_sync(run, last: bool):
     """Gradient accumulation without communication until the last micro-batch: DDP's no_sync(), or
     FSDP2's set_requires_gradient_sync(False) (its reduce-scatter waits for the last one)."""
@@ -76,56 +62,6 @@ def _no_gradient_sync(run, last: bool):
         run.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
     return contextlib.nullcontext() if last else run.net.no_sync()
-
-
-def _seed_for(seed: int, step: int) -> int:
-    """Every draw of a step comes from (seed, step): a resumed run repeats the uninterrupted one."""
-    return seed * 1_000_003 + step
-
-
-@dataclass(frozen=True)
-class TimestepStrata:
-    """Which samples of a micro-batch get the teacher, and how their t is drawn. In each micro-batch of
-    `micro` samples the first `k` get the self-perceptual objective and the rest plain MSE (static
-    shapes). With `objective_t_range` the first k are drawn from the table entries inside the band and
-    the others from the rest, k = round(micro * the band's share of the table); without it t is uniform
-    over the table and k is the `sp_fraction` share of the micro-batch."""
-    micro: int
-    k: int
-    values: torch.Tensor                 # the table's timesteps by index, on the device (ints, or sigma * T)
-    inside: torch.Tensor | None = None   # indices of the entries in the band (on the device)
-    outside: torch.Tensor | None = None  # ... and of the others
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, schedule: NoiseSchedule, micro: int, device: torch.device) -> "TimestepStrata":
-        # diffusers' training scripts draw a flow table's float timesteps, a VP table's indices
-        values = schedule.timesteps_by_noise()
-        if cfg.objective != "self_perceptual":
-            return cls(micro, 0, values.to(device))
-        if cfg.objective_t_range is None:
-            return cls(micro, teacher_batch(micro, cfg.sp_fraction), values.to(device))
-        low, high = cfg.objective_t_range
-        band = (values >= low) & (values <= high)
-        share = float(band.float().mean())
-        k = round(micro * share)
-        if 0 < share < 1 and k in (0, micro):  # t on one side of the band would never be drawn
-            raise InputError(f"objective_t_range: the band [{low}, {high}] holds {share:.1%} of the table, so a "
-                             f"micro-batch of {micro} samples gets {k} in it and t "
-                             f"{'inside' if k == 0 else 'outside'} the band would never be drawn; use a wider or "
-                             "narrower band or a larger micro-batch (--batch-size / processes / --grad-accum)")
-        return cls(micro, k, values.to(device), band.nonzero()[:, 0].to(device), (~band).nonzero()[:, 0].to(device))
-
-    def draw(self, batch: int, generator: torch.Generator) -> torch.Tensor:
-        """(batch,) timesteps for the global batch (every micro-batch laid out alike)."""
-        device = self.values.device
-        n = len(self.values)
-        if self.inside is None or not len(self.inside) or not len(self.outside):  # no band, or all or nothing
-            pool = None if self.inside is None else self.inside if len(self.inside) else self.outside
-            i = torch.randint(0, len(pool) if pool is not None else n, (batch,), generator=generator, device=device)
-            return self.values[i if pool is None else pool[i]]
-        inside = self.inside[torch.randint(0, len(self.inside), (batch,), generator=generator, device=device)]
-        outside = self.outside[torch.randint(0, len(self.outside), (batch,), generator=generator, device=device)]
-        return self.values[torch.where(torch.arange(batch, device=device) % self.micro < self.k, inside, outside)]
 
 
 class _StopFlag:
@@ -317,7 +253,7 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
     micro = per_rank // cfg.grad_accum
     first = run.rank * per_rank
     lr = run.opt.param_groups[0]["lr"]
-    lr.copy_(cfg.lr * torch.clamp((run.counters["good"] + 1).double() / warmup, max=1.0))
+    lr.copy_(cfg.lr * lr_factor(cfg, run.counters["good"], warmup))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     total = torch.zeros((), device=device)
     for k in range(cfg.grad_accum):
@@ -333,7 +269,8 @@ def train_step(run: Run, step: int, warmup: int) -> torch.Tensor:
         with _no_gradient_sync(run, last):
             with autocast:  # bf16: the student and the teacher; losses accumulate in fp32
                 pred = predict(run.net, schedule.add_noise(x0, noise, t, check=False), t, labels).float()
-                loss = _objective(cfg, run.teacher, schedule, pred, x0, noise, t, t_prime, labels, run.strata.k)
+                kwargs = {"class_labels": labels} if labels is not None else {}
+                loss = _objective(cfg, run.teacher, schedule, pred, x0, noise, t, t_prime, kwargs, run.strata.k)
             (loss / cfg.grad_accum).backward()
         total += loss.detach() / cfg.grad_accum
 
@@ -368,7 +305,7 @@ def train(cfg: TrainConfig) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"{cfg.objective} -> {run.out}", dynamic_ncols=True)
     loss_value = _last_logged_loss(log_path) if run.resumed else None
-    warmup = max(1, min(int(cfg.warmup_steps), cfg.max_steps // 5))  # capped: a short run must leave it
+    warmup = warmup_length(cfg)
     step, signum = run.start, 0
     with _StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(run.start, cfg.max_steps):
@@ -478,25 +415,6 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torc
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p)
         return opt
     return torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
-
-
-def _objective(cfg, teacher, schedule, pred, x0, noise, t, t_prime, labels, k: int) -> torch.Tensor:
-    """The step's loss on one micro-batch: MSE, or the self-perceptual objective on its first k samples
-    (the teacher's static share: `sp_fraction`, or the samples drawn inside `objective_t_range`) and MSE
-    on the rest, averaged over the micro-batch; plus `mse_weight` times the MSE."""
-    target = schedule.target(x0, noise, t, schedule.prediction_type)
-    if cfg.objective == "mse":
-        return F.mse_loss(pred, target)
-    if k == 0:  # a band outside the table: every sample gets MSE
-        loss = F.mse_loss(pred, target)
-    else:
-        kwargs = {"class_labels": labels} if labels is not None else {}
-        loss = self_perceptual_loss(teacher, pred, x0, noise, t, schedule, layer_weights=cfg.layer_weights,
-                                    teacher_kwargs=kwargs, timesteps_prime=t_prime, feature_norm=cfg.feature_norm,
-                                    batch_fraction=k / pred.shape[0])
-    if cfg.mse_weight > 0:
-        loss = loss + cfg.mse_weight * F.mse_loss(pred, target)
-    return loss
 
 
 def _agreed_stop(signum: int, world: int, device) -> int:

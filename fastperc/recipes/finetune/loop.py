@@ -1,0 +1,333 @@
+"""`fastperc finetune`: fine-tune a pipeline's UNet with the self-perceptual objective (its frozen copy is
+the teacher) or with plain MSE (the equal-step baseline), on accelerate.
+
+accelerate holds the processes, mixed precision, gradient accumulation (`accumulate`) and the
+checkpoint (`save_state` / `load_state` of the UNet, the optimizer, the EMA UNet, the step counters and
+every RNG). Every draw of step k (images, flips, noise, t, t', caption dropout) comes from a generator
+seeded with (seed, k) and is made for the whole global batch on every process, each taking its slice:
+a resumed run repeats the uninterrupted one. A step whose loss or gradient norm is not finite is
+skipped on the device (the optimizer, the EMA and the warm-up counter), as in `fastperc train`, whose
+objective, timestep strata, learning-rate schedule and EMA update this loop shares
+(`recipes/objective.py`).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...errors import InputError
+from ...schedule import NoiseSchedule
+from ...teacher import FrozenTeacher
+from ..config import FINETUNE_RESUMABLE_OPTIONS, FinetuneConfig
+from ..objective import TimestepStrata, ema_update, lr_factor, objective_loss, seed_for, warmup_length
+from ..train import _StopFlag, _agreed_stop, _last_logged_loss, _log, _plain, _trim_log, NonFiniteTraining
+from . import captioned_images, latent_cache, pipeline, validation
+
+CHECKPOINT = "checkpoint"
+
+
+class Counters(nn.Module):
+    """Good, skipped and skipped-in-a-row steps, on the device (no host sync); saved with the state."""
+
+    def __init__(self):
+        super().__init__()
+        for name in ("good", "bad", "bad_in_row"):
+            self.register_buffer(name, torch.zeros((), dtype=torch.int64))
+
+
+@dataclass
+class Job:
+    cfg: FinetuneConfig
+    accelerator: object
+    pipe: object
+    unet: nn.Module          # prepared by accelerate (DDP-wrapped with several processes)
+    ema: nn.Module | None
+    teacher: FrozenTeacher | None
+    opt: object
+    counters: Counters
+    schedule: NoiseSchedule
+    strata: TimestepStrata
+    t_prime: object
+    found: captioned_images.CaptionedImages
+    encoded: latent_cache.Encoded
+    latent_shape: tuple[int, int, int]
+    start: int
+    elapsed: float
+    resumed: bool
+
+    @property
+    def out(self) -> Path:
+        return Path(self.cfg.out)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+
+def _accelerator(cfg: FinetuneConfig):
+    from accelerate import Accelerator
+    return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no",
+                       gradient_accumulation_steps=cfg.grad_accum)
+
+
+def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
+    found = [p for p in (out / CHECKPOINT, out / "log.jsonl", out / "final") if p.exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise InputError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
+                         "it or --overwrite to start over")
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def _refuse_changed_options(saved: dict, cfg: FinetuneConfig, path: Path) -> None:
+    now = asdict(cfg)
+    changed = [f"{k}: checkpoint {_plain(saved[k])!r}, now {_plain(now[k])!r}" for k in saved
+               if k in now and k not in FINETUNE_RESUMABLE_OPTIONS and _plain(saved[k]) != _plain(now[k])]
+    if changed:
+        raise InputError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
+                         "same options, or start over with --overwrite")
+
+
+def build(cfg: FinetuneConfig) -> Job:
+    """Validate, load the pipeline and the data, encode (or read the cache), and build the teacher, the
+    EMA, the optimizer and accelerate's state, resumed from OUT/checkpoint with --resume."""
+    cfg.validate()
+    out = Path(cfg.out)
+    accelerator = _accelerator(cfg)
+    world, device = accelerator.num_processes, accelerator.device
+    if cfg.batch_size % (world * cfg.grad_accum):
+        raise InputError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
+                         f"got {cfg.batch_size}")
+    pipe = pipeline.load(cfg.pretrained, device, cfg.progress)
+    pipeline.check_resolution(pipe, cfg.resolution)
+    found = captioned_images.load(cfg.data, cfg.unconditional, cfg.strict)
+    state_file = out / CHECKPOINT / "state.json"
+    resumed = cfg.resume and state_file.is_file()
+    if not cfg.resume and accelerator.is_main_process:
+        _refuse_or_clear_earlier_run(out, cfg.overwrite)
+    accelerator.wait_for_everyone()
+    with accelerator.main_process_first():  # the main process encodes; the others read its cache
+        encoded = latent_cache.encoded(pipe, cfg.pretrained, found, cfg.resolution, cfg.random_crop, out / "cache",
+                                       device, cfg.seed, is_main=accelerator.is_main_process)
+    encoded = latent_cache.Encoded(None if encoded.latents is None else encoded.latents.to(device),
+                                   encoded.prompts.to(device), encoded.empty.to(device))
+
+    schedule = NoiseSchedule.from_diffusers(pipe.scheduler)
+    unet = pipe.unet
+    teacher = None
+    if cfg.objective == "self_perceptual":  # the pretrained UNet, frozen and pruned, before it trains
+        dtype = None if cfg.teacher_precision == "same" else torch.bfloat16
+        teacher = FrozenTeacher(unet, cfg.layers, checkpoint=cfg.teacher_checkpoint, dtype=dtype,
+                                fp8=cfg.teacher_precision == "fp8")
+        if cfg.layers is None:
+            cfg = replace(cfg, layers=teacher.layers)
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    unet.train()
+    ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+    lr = torch.tensor(cfg.lr, device=device)
+    opt = torch.optim.AdamW(unet.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
+    counters = Counters().to(device)
+    unet, opt = accelerator.prepare(unet, opt)
+    accelerator.register_for_checkpointing(counters)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+
+    start, elapsed = 0, 0.0
+    if resumed:
+        saved = json.loads(state_file.read_text())
+        _refuse_changed_options(saved["config"], cfg, state_file)
+        accelerator.load_state(str(out / CHECKPOINT))
+        start, elapsed = saved["step"], saved.get("elapsed", 0.0)
+        opt.param_groups[0]["lr"] = lr  # the tensor the loop updates in place, on this device
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    strata = TimestepStrata.of(cfg, schedule, micro, device)
+    t_prime = cfg.t_prime_distribution()
+    t_prime.bounds(schedule.num_train_timesteps)
+    side = cfg.resolution // pipe.vae_scale_factor
+    return Job(cfg, accelerator, pipe, unet, ema, teacher, opt, counters, schedule, strata, t_prime, found, encoded,
+               (pipe.unet.config.in_channels, side, side), start, elapsed, resumed)
+
+
+def step(job: Job, k: int, warmup: int) -> torch.Tensor:
+    """Optimizer step k (grad_accum micro-batches); the mean loss as a device tensor."""
+    cfg, acc, device = job.cfg, job.accelerator, job.device
+    B = cfg.batch_size
+    g = torch.Generator(device=device).manual_seed(seed_for(cfg.seed, k))
+    n = len(job.found)
+    idx = torch.randint(0, n, (B,), generator=g, device=device)
+    flips = torch.randint(0, 2, (B,), generator=g, device=device)
+    noise_all = torch.randn((B, *job.latent_shape), generator=g, device=device)
+    t_all = job.strata.draw(B, g)
+    t_prime_all = job.t_prime.sample(B, generator=g, schedule=job.schedule)
+    drop_all = torch.rand(B, generator=g, device=device) < cfg.caption_dropout
+
+    per_rank = B // acc.num_processes
+    micro = per_rank // cfg.grad_accum
+    first = acc.process_index * per_rank
+    job.opt.param_groups[0]["lr"].copy_(cfg.lr * lr_factor(cfg, job.counters.good, warmup))
+    total = torch.zeros((), device=device)
+    ok = None
+    for m in range(cfg.grad_accum):
+        sl = slice(first + m * micro, first + (m + 1) * micro)
+        rows = idx[sl]
+        if job.encoded.latents is not None:
+            x0 = job.encoded.latents[rows, flips[sl]].float()
+        else:
+            x0 = latent_cache.random_crops(job.pipe, job.found, rows.tolist(), cfg.resolution, g)
+        prompts = torch.where(drop_all[sl, None, None], job.encoded.empty, job.encoded.prompts[rows]).float()
+        noise, t, t_prime = noise_all[sl], t_all[sl], t_prime_all[sl]
+        with acc.accumulate(job.unet):
+            with acc.autocast():  # bf16: the student and the teacher; the losses accumulate in fp32
+                x_t = job.schedule.add_noise(x0, noise, t, check=False)
+                pred = job.unet(x_t, t, encoder_hidden_states=prompts).sample.float()
+                loss = objective_loss(cfg, job.teacher, job.schedule, pred, x0, noise, t, t_prime,
+                                      {"encoder_hidden_states": prompts}, job.strata.k)
+            acc.backward(loss)  # divided by grad_accum by accelerate
+            total += loss.detach() / cfg.grad_accum
+            if acc.sync_gradients:
+                norm = acc.clip_grad_norm_(job.unet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                ok = torch.isfinite(norm) & torch.isfinite(total)
+                job.opt.optimizer.found_inf = (~ok).float()  # a non-finite step changes nothing (fused AdamW)
+            job.opt.step()
+            job.opt.zero_grad(set_to_none=True)
+    if ok is None:  # accelerate's micro-batch counter fell out of step with ours: never silently
+        raise RuntimeError(f"step {k}: accelerate did not sync gradients on the last of {cfg.grad_accum} micro-batches")
+    c = job.counters
+    c.good += ok
+    c.bad += ~ok
+    c.bad_in_row.copy_((c.bad_in_row + 1) * (~ok))
+    if job.ema is not None:
+        ema_update(job.ema, acc.unwrap_model(job.unet), min(cfg.ema_decay, (1 + k) / (10 + k)), ok)
+    return total
+
+
+def save(job: Job, k: int, t0: float) -> None:
+    """accelerate's state and ours (step, options) into OUT/checkpoint, atomically: written beside it and
+    renamed into place; the previous one is removed only after."""
+    acc, out = job.accelerator, job.out
+    tmp, final, prev = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.prev"
+    acc.wait_for_everyone()
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp))
+    if acc.is_main_process:
+        (tmp / "state.json").write_text(json.dumps({"step": k, "elapsed": round(time.time() - t0, 3),
+                                                    "config": asdict(job.cfg)}))
+        if final.exists():
+            final.rename(prev)
+        tmp.rename(final)
+        if prev.exists():
+            shutil.rmtree(prev)
+    acc.wait_for_everyone()
+
+
+def validation_prompts(job: Job) -> list[str]:
+    """--validation-prompt, else the first two distinct captions of the data (or the empty prompt)."""
+    if job.cfg.validation_prompt:
+        return list(job.cfg.validation_prompt)
+    distinct = list(dict.fromkeys(c for c in job.found.captions if c))
+    return distinct[:2] or [""]
+
+
+def validate(job: Job, k: int, log_path: Path) -> Path | None:
+    """A PNG grid of the validation prompts with the weights the final pipeline gets (EMA if kept)."""
+    acc = job.accelerator
+    if not acc.is_main_process:
+        return None
+    unet = job.ema if job.ema is not None else acc.unwrap_model(job.unet)
+    image = validation.grid(job.pipe, unet, validation_prompts(job), job.cfg.resolution, job.cfg.validation_steps,
+                            job.cfg.validation_cfg, job.cfg.seed, job.device)
+    path = validation.write(image, job.out / "validation", k)
+    _log(log_path, {"step": k, "event": "validation", "grid": str(path.relative_to(job.out))})
+    return path
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    """Run (or resume) one fine-tune; returns {"step", "steps_run", "loss", "finished", "interrupted",
+    "pipeline", "skipped_images"}."""
+    job = build(cfg)
+    cfg, acc = job.cfg, job.accelerator
+    log_path = job.out / "log.jsonl"
+    if acc.is_main_process:
+        job.out.mkdir(parents=True, exist_ok=True)
+        _trim_log(log_path, job.start)
+        if not job.resumed:
+            _log(log_path, {"step": 0, "event": "data", "images": len(job.found), "skipped": len(job.found.skipped)})
+    t0 = time.time() - job.elapsed
+    bar = None
+    if acc.is_main_process and cfg.progress:
+        from tqdm import tqdm
+        bar = tqdm(total=cfg.max_steps, initial=job.start, desc=f"finetune {cfg.objective}", unit="step",
+                   dynamic_ncols=True)
+    loss_value = _last_logged_loss(log_path) if job.resumed else None
+    warmup = warmup_length(cfg)
+    k, signum, last_log = job.start, 0, (time.time(), job.start)
+    with _StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
+        for k in range(job.start, cfg.max_steps):
+            total = step(job, k, warmup)
+            done = k + 1
+            logged = done % cfg.log_every == 0 or done == cfg.max_steps
+            if logged:
+                loss_value, last_log = _log_step(job, log_path, done, total, t0, last_log)
+            if bar is not None:
+                bar.update(1)
+                if loss_value is not None:
+                    bar.set_postfix(loss=f"{loss_value:.4f}")
+            if acc.num_processes == 1:
+                signum = stop.signum
+            elif logged:
+                signum = _agreed_stop(stop.signum, acc.num_processes, acc.device)
+            if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
+                save(job, done, t0)
+            if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.max_steps and not signum:
+                validate(job, done, log_path)
+            if signum:
+                k = done
+                break
+        else:
+            k = cfg.max_steps
+    final = None
+    if k >= cfg.max_steps:
+        if job.start < cfg.max_steps or not (job.out / "final").exists():
+            validate(job, k, log_path)
+            if acc.is_main_process:
+                unet = job.ema if job.ema is not None else acc.unwrap_model(job.unet)
+                final = pipeline.write_pipeline(cfg.pretrained, unet, job.out / "final")
+        final = job.out / "final"
+    acc.wait_for_everyone()
+    acc.end_training()
+    return {"step": k, "steps_run": k - job.start, "loss": loss_value, "finished": k >= cfg.max_steps,
+            "interrupted": signum, "pipeline": str(final) if final else None, "skipped_images": len(job.found.skipped)}
+
+
+def _log_step(job: Job, log_path: Path, done: int, total: torch.Tensor, t0: float, last: tuple[float, int]):
+    """A log line (one host read for every value); stops the run after too many skipped steps in a row."""
+    acc, cfg = job.accelerator, job.cfg
+    mean = acc.reduce(total, reduction="mean") if acc.num_processes > 1 else total
+    read = torch.stack([mean.double(), job.counters.bad_in_row.double(), job.counters.bad.double(),
+                        job.opt.param_groups[0]["lr"].double()]).tolist()
+    now = time.time()
+    rate = (done - last[1]) / max(now - last[0], 1e-9)
+    if acc.is_main_process:
+        _log(log_path, {"step": done, "loss": read[0], "lr": read[3], "bad_steps": int(read[2]),
+                        "steps_per_second": round(rate, 4), "elapsed": round(now - t0, 3)})
+    if int(read[1]) > cfg.max_bad_steps:
+        save(job, done, t0)
+        raise NonFiniteTraining(
+            f"loss: {int(read[1])} steps in a row up to step {done} had a NaN/Inf loss or gradient (more than "
+            f"--max-bad-steps {cfg.max_bad_steps}); each was skipped, so the weights in {job.out / CHECKPOINT} are "
+            "those of the last good step. Lower --lr or check the data.")
+    return read[0], (now, done)

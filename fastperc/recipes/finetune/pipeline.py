@@ -1,0 +1,105 @@
+"""The pipeline folder being fine-tuned: which family it is, loading its parts with local files only,
+encoding captions and images with its own text encoder and VAE, and writing the fine-tuned pipeline."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+
+from ...errors import InputError, MissingFileError
+
+# model_index.json's _class_name -> the family fastperc fine-tunes it as.
+SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x"}
+
+
+def pipeline_class(folder: str | Path) -> str:
+    """The pipeline class a folder holds (model_index.json's _class_name); a clear error when the folder
+    is not a diffusers pipeline or holds a family fastperc does not fine-tune yet."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise MissingFileError(f"pretrained: {folder} is not a folder; expected a diffusers pipeline folder (with "
+                               "model_index.json), e.g. one written by DiffusionPipeline.save_pretrained")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise InputError(f"pretrained: {folder} is not a diffusers pipeline folder (no model_index.json); expected "
+                         "a folder written by DiffusionPipeline.save_pretrained or downloaded from the hub")
+    try:
+        name = json.loads(index.read_text())["_class_name"]
+    except (ValueError, KeyError) as exc:
+        raise InputError(f"pretrained: {index} is not a diffusers model index (no _class_name): {exc}") from None
+    if name not in SUPPORTED:
+        raise InputError(f"pretrained: {folder} holds a {name}; fastperc finetune supports "
+                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
+    return name
+
+
+def load(folder: str | Path, device: torch.device, progress: bool = True):
+    """The pipeline with local files only and without its safety checker (fine-tuning never runs it; the
+    written pipeline keeps the original's). Text encoder and VAE frozen on `device`; the UNet as saved."""
+    import diffusers
+    import transformers
+    pipeline_class(folder)
+    if not progress:
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    for part in (pipe.text_encoder, pipe.vae):
+        part.to(device).eval().requires_grad_(False)
+    pipe.unet.to(device)
+    return pipe
+
+
+def resolution_step(pipe) -> int:
+    """What an image side must be a multiple of: the VAE's downsampling times the UNet's (2 per level
+    below the first)."""
+    unet_levels = len(pipe.unet.config.block_out_channels)
+    return pipe.vae_scale_factor * 2 ** (unet_levels - 1)
+
+
+def check_resolution(pipe, resolution: int) -> None:
+    step = resolution_step(pipe)
+    if resolution % step:
+        lower, upper = max(step, resolution // step * step), (resolution // step + 1) * step
+        raise InputError(f"resolution: this pipeline's VAE and UNet take sides that are multiples of {step}, got "
+                         f"{resolution} (use {lower} or {upper})")
+
+
+@torch.no_grad()
+def encode_prompts(pipe, prompts: list[str], device: torch.device, batch: int = 64) -> torch.Tensor:
+    """The text encoder's hidden states for each prompt, as the pipeline conditions its UNet
+    (its own encode_prompt), in batches; float32 on the CPU."""
+    out = []
+    for i in range(0, len(prompts), batch):
+        embeds, _ = pipe.encode_prompt(prompts[i:i + batch], device, 1, False)
+        out.append(embeds.float().cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Latents of images in [-1, 1] (B, 3, H, W): a draw from the VAE's posterior, times its scaling
+    factor (what the UNet was trained on)."""
+    vae = pipe.vae
+    posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
+    latents = posterior.sample(generator=generator)
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+def write_pipeline(source: str | Path, unet, out: Path) -> Path:
+    """A complete pipeline folder at `out`: every part of `source` as it was (tokenizer, text encoder, VAE,
+    scheduler, safety checker, ...) and the fine-tuned UNet. Written beside and renamed into place, so
+    an interrupted write leaves no half pipeline."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    shutil.copytree(source, tmp, ignore=lambda d, names: ["unet"] if Path(d) == Path(source) else [])
+    unet.save_pretrained(tmp / "unet")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

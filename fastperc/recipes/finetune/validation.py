@@ -1,0 +1,40 @@
+"""Validation images during a fine-tune: each prompt sampled with the pipeline's own sampler from fixed
+seeds, without guidance and (if asked) at a classifier-free guidance scale, written as one PNG grid per
+step (a row per prompt, a column per guidance setting)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+
+@torch.no_grad()
+def grid(pipe, unet, prompts: list[str], resolution: int, steps: int, cfg_scale: float, seed: int,
+         device: torch.device) -> np.ndarray:
+    """(rows * resolution, cols * resolution, 3) uint8: prompts by rows, no guidance then `cfg_scale`
+    (when > 1) by columns; every image from the same seed."""
+    sampler = type(pipe).from_pipe(pipe, unet=unet)  # the same parts, this UNet
+    sampler.set_progress_bar_config(disable=True)
+    scales = [1.0] + ([cfg_scale] if cfg_scale > 1 else [])
+    was_training = unet.training
+    unet.eval()
+    rows = []
+    for prompt in prompts:
+        row = []
+        for scale in scales:
+            g = torch.Generator(device=device).manual_seed(seed)
+            out = sampler(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                          guidance_scale=scale, generator=g, output_type="np")
+            row.append(out.images[0])
+        rows.append(np.concatenate(row, axis=1))
+    unet.train(was_training)
+    return (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).round().astype(np.uint8)
+
+
+def write(image: np.ndarray, folder: Path, step: int) -> Path:
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"step_{step:07d}.png"
+    Image.fromarray(image).save(path)
+    return path
