@@ -1,0 +1,256 @@
+"""`fastperc finetune` on a tiny Stable Diffusion pipeline the tests build and save (random weights, an
+offline CLIP tokenizer) and a few captioned images. Fast: one fine-tune step, the data and pipeline checks.
+Slow: several steps, exact resume, SIGTERM, validation grids, the written pipeline loading and sampling,
+random crops, a saved `datasets` dataset, v-prediction, the command line."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastperc import InputError
+from fastperc.recipes.config import FinetuneConfig
+from fastperc.recipes.finetune import captioned_images, finetune, pipeline
+
+from .helpers import log_rows
+from .tiny_pipelines import CAPTIONS, save_tiny_sd, write_captioned_images
+
+pytest.importorskip("transformers")
+pytest.importorskip("accelerate")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory) -> Path:
+    return save_tiny_sd(tmp_path_factory.mktemp("pipelines") / "sd")
+
+
+@pytest.fixture(scope="session")
+def captioned(tmp_path_factory) -> Path:
+    return write_captioned_images(tmp_path_factory.mktemp("data") / "images")
+
+
+def config(tiny_sd, captioned, out, **over) -> FinetuneConfig:
+    base = dict(out=str(out), pretrained=str(tiny_sd), data=str(captioned), resolution=16, batch_size=2,
+                max_steps=1, log_every=1, progress=False, validation_steps=2, warmup_steps=1)
+    return FinetuneConfig(**{**base, **over})
+
+
+def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+    return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+
+
+# ---- fast ------------------------------------------------------------------------------------------
+
+def test_one_fine_tune_step_learns_logs_checkpoints_and_writes_the_pipeline(tiny_sd, captioned, tmp_path):
+    result = finetune(config(tiny_sd, captioned, tmp_path / "run"))
+    assert result["finished"] and result["step"] == 1 and result["skipped_images"] == 0
+    rows = log_rows(tmp_path / "run")
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert len(losses) == 1 and losses[0] > 0 and torch.isfinite(torch.tensor(losses[0]))
+    assert (tmp_path / "run" / "checkpoint" / "state.json").is_file()
+    assert json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())["config"]["layers"] == \
+        ["mid_block"]  # the teacher's tap, kept with the run
+    final = Path(result["pipeline"])
+    assert (final / "model_index.json").is_file() and (final / "text_encoder").is_dir()
+    before, after = unet_weights(tiny_sd), unet_weights(final)
+    assert before.keys() == after.keys() and any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_folder_that_is_not_a_pipeline_or_another_family_is_refused(tmp_path):
+    with pytest.raises(InputError, match="pretrained: .* is not a diffusers pipeline folder"):
+        pipeline.pipeline_class(tmp_path)
+    with pytest.raises(InputError, match="pretrained: .* is not a folder"):
+        pipeline.pipeline_class(tmp_path / "missing")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(InputError, match=r"holds a StableDiffusionXLPipeline; fastperc finetune supports "
+                                         r"StableDiffusionPipeline \(Stable Diffusion 1.x / 2.x\)"):
+        pipeline.pipeline_class(tmp_path)
+
+
+def test_images_without_captions_are_an_error_unless_unconditional(tmp_path):
+    folder = write_captioned_images(tmp_path / "a", n=3)
+    (folder / "metadata.jsonl").unlink()
+    with pytest.raises(InputError, match="data: .* has no metadata.jsonl .* or pass --unconditional"):
+        captioned_images.load(folder)
+    assert captioned_images.load(folder, unconditional=True).captions == ["", "", ""]
+    folder = write_captioned_images(tmp_path / "b", n=3)
+    lines = (folder / "metadata.jsonl").read_text().splitlines()
+    (folder / "metadata.jsonl").write_text("\n".join(lines[:2]) + "\n")  # img_002 has no line
+    with pytest.raises(InputError, match="data: 1 images in .* have no line in metadata.jsonl"):
+        captioned_images.load(folder)
+    (folder / "metadata.jsonl").write_text(lines[0] + "\n" + json.dumps({"file_name": "img_001.png", "text": " "}))
+    with pytest.raises(InputError, match=r"data: .* line 2 \(img_001.png\) has no caption"):
+        captioned_images.load(folder)
+
+
+def test_an_unreadable_image_is_skipped_and_counted_or_an_error_with_strict(tmp_path):
+    folder = write_captioned_images(tmp_path / "imgs", n=4)
+    (folder / "img_002.png").write_bytes(b"not a png")
+    with pytest.warns(UserWarning, match="skipped 1 image"):
+        found = captioned_images.load(folder)
+    assert len(found) == 3 and found.skipped == [str(folder / "img_002.png")]
+    assert found.captions == [CAPTIONS[0], CAPTIONS[1], CAPTIONS[3]]
+    with pytest.raises(InputError, match="data: .*img_002.png cannot be read .* drop --strict"):
+        captioned_images.load(folder, strict=True)
+
+
+def test_images_are_resized_on_their_shorter_side_cropped_and_mirrored(tmp_path):
+    from PIL import Image
+    pixels = torch.zeros(10, 20, 3, dtype=torch.uint8)
+    pixels[:, :10] = 255  # left half white, right half black
+    Image.fromarray(pixels.numpy()).save(tmp_path / "x.png")
+    centre = captioned_images.prepared(tmp_path / "x.png", 8)
+    assert centre.shape == (3, 8, 8) and centre.min() >= -1 and centre.max() <= 1
+    assert centre[:, :, :3].mean() > 0.9 and centre[:, :, -3:].mean() < -0.9  # the centre: half and half
+    mirrored = captioned_images.prepared(tmp_path / "x.png", 8, flip=True)
+    assert torch.equal(mirrored, centre.flip(-1))
+    left = captioned_images.prepared(tmp_path / "x.png", 8, crop=(0.0, 0.5))
+    assert left.mean() > 0.9  # the left edge is all white
+
+
+def test_a_resolution_the_vae_and_unet_cannot_take_is_refused(tiny_sd, captioned, tmp_path):
+    with pytest.raises(InputError, match="resolution: this pipeline's VAE and UNet take sides that are multiples of "
+                                         r"4, got 18 \(use 16 or 20\)"):
+        finetune(config(tiny_sd, captioned, tmp_path / "run", resolution=18))
+
+
+def test_finetune_options_come_from_the_train_options_definitions():
+    from dataclasses import fields
+
+    from fastperc.recipes.config import TrainConfig
+    train = {f.name: f.metadata for f in fields(TrainConfig)}
+    shared = [f for f in fields(FinetuneConfig) if f.name in train]
+    assert {f.name for f in shared} >= {"layers", "layer_weights", "feature_norm", "t_prime_range", "t_prime_density",
+                                        "mse_weight", "sp_fraction", "lr", "lr_schedule", "ema_decay", "precision",
+                                        "teacher_precision", "teacher_checkpoint", "grad_accum"}
+    for f in shared:  # the same type, bounds and choices; only a default or help may differ
+        for key in ("type", "bound", "choices", "resumable"):
+            assert f.metadata[key] == train[f.name][key], (f.name, key)
+    with pytest.raises(InputError, match="feature_norm: expected one of"):
+        FinetuneConfig(out="o", pretrained="p", data="d", feature_norm="lpips").validate()
+
+
+# ---- slow ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_resumed_fine_tune_repeats_the_uninterrupted_one(tiny_sd, captioned, tmp_path):
+    straight = finetune(config(tiny_sd, captioned, tmp_path / "a", max_steps=4, save_every=2))
+    assert straight["finished"]
+    finetune(config(tiny_sd, captioned, tmp_path / "b", max_steps=2, save_every=2))
+    resumed = finetune(config(tiny_sd, captioned, tmp_path / "b", max_steps=4, save_every=2, resume=True))
+    assert resumed["steps_run"] == 2 and resumed["finished"]
+    a, b = unet_weights(tmp_path / "a" / "final"), unet_weights(tmp_path / "b" / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    losses = lambda run: [r["loss"] for r in log_rows(run) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "a") == losses(tmp_path / "b")
+    with pytest.raises(InputError, match="resume: .* other options .*lr"):
+        finetune(config(tiny_sd, captioned, tmp_path / "b", max_steps=5, lr=1e-3, resume=True))
+    with pytest.raises(InputError, match="out: .* holds a run"):
+        finetune(config(tiny_sd, captioned, tmp_path / "b", max_steps=5))
+
+
+@pytest.mark.slow
+def test_validation_grids_every_n_steps_and_at_the_end_with_and_without_guidance(tiny_sd, captioned, tmp_path):
+    from PIL import Image
+    finetune(config(tiny_sd, captioned, tmp_path / "run", max_steps=4, validate_every=2, validation_cfg=3.0,
+                    validation_prompt=("a red square", "a blue, small circle")))
+    grids = sorted((tmp_path / "run" / "validation").glob("*.png"))
+    assert [g.name for g in grids] == ["step_0000002.png", "step_0000004.png"]
+    assert Image.open(grids[0]).size == (2 * 16, 2 * 16)  # two guidance columns, two prompt rows
+    events = [r for r in log_rows(tmp_path / "run") if r.get("event") == "validation"]
+    assert [e["step"] for e in events] == [2, 4]
+
+
+@pytest.mark.slow
+def test_the_written_pipeline_loads_with_diffusers_and_samples(tiny_sd, captioned, tmp_path):
+    from diffusers import DiffusionPipeline
+    result = finetune(config(tiny_sd, captioned, tmp_path / "run", max_steps=2))
+    pipe = DiffusionPipeline.from_pretrained(result["pipeline"], local_files_only=True)
+    assert type(pipe).__name__ == "StableDiffusionPipeline"
+    image = pipe("a red square", height=16, width=16, num_inference_steps=2, output_type="np",
+                 generator=torch.Generator().manual_seed(0)).images[0]
+    assert image.shape == (16, 16, 3) and 0 <= image.min() and image.max() <= 1
+    source = DiffusionPipeline.from_pretrained(str(tiny_sd), local_files_only=True)
+    for a, b in zip(source.text_encoder.parameters(), pipe.text_encoder.parameters()):
+        assert torch.equal(a, b)  # only the UNet changed
+
+
+@pytest.mark.slow
+def test_the_mse_baseline_random_crops_and_unconditional_runs(tiny_sd, captioned, tmp_path):
+    mse = finetune(config(tiny_sd, captioned, tmp_path / "mse", objective="mse", max_steps=2))
+    crops = finetune(config(tiny_sd, captioned, tmp_path / "crops", max_steps=2, random_crop=True))
+    uncond = finetune(config(tiny_sd, captioned, tmp_path / "uncond", max_steps=2, unconditional=True,
+                             teacher_precision="bf16"))
+    assert mse["finished"] and crops["finished"] and uncond["finished"]
+    held = torch.load(tmp_path / "crops" / "cache" / "encoded.pt", weights_only=True)
+    assert held["latents"] is None and held["prompts"].shape[0] == 6  # random crops: encoded per step
+
+
+@pytest.mark.slow
+def test_a_v_prediction_pipeline_trains_on_v(tmp_path, captioned):
+    from fastperc.recipes.finetune.loop import build
+    sd2 = save_tiny_sd(tmp_path / "sd2", prediction_type="v_prediction")
+    job = build(config(sd2, captioned, tmp_path / "run"))
+    assert job.schedule.prediction_type == "v_prediction"
+    assert finetune(config(sd2, captioned, tmp_path / "run2"))["finished"]
+
+
+@pytest.mark.slow
+def test_a_saved_datasets_dataset_is_read_like_an_image_folder(tmp_path, captioned):
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+    found = captioned_images.load(captioned)
+    ds = datasets.Dataset.from_dict({"image": [Image.open(p) for p in found.images], "text": found.captions},
+                                    features=datasets.Features({"image": datasets.Image(),
+                                                                "text": datasets.Value("string")}))
+    ds.save_to_disk(str(tmp_path / "ds"))
+    loaded = captioned_images.load(tmp_path / "ds")
+    assert loaded.captions == found.captions
+    assert torch.equal(captioned_images.prepared(loaded.images[0], 16), captioned_images.prepared(found.images[0], 16))
+    ds.remove_columns("text").save_to_disk(str(tmp_path / "nocap"))
+    with pytest.raises(InputError, match="no `text` column"):
+        captioned_images.load(tmp_path / "nocap")
+
+
+@pytest.mark.slow
+def test_the_command_stops_on_sigterm_with_a_checkpoint_and_resumes(tiny_sd, captioned, tmp_path):
+    out = tmp_path / "run"
+    args = [sys.executable, "-m", "fastperc.recipes.cli", "finetune", "--pretrained", str(tiny_sd), "--data",
+            str(captioned), "--out", str(out), "--resolution", "16", "--batch-size", "2", "--max-steps", "100000",
+            "--log-every", "1", "--no-progress", "--validation-steps", "2"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (out / "log.jsonl").exists() or \
+            sum(1 for r in log_rows(out) if "loss" in r) < 2:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-2000:]
+    assert "continue with --resume" in err
+    saved = json.loads((out / "checkpoint" / "state.json").read_text())["step"]
+    assert saved >= 2
+    r = subprocess.run(args[:args.index("100000")] + [str(saved + 1)] + args[args.index("100000") + 1:]
+                       + ["--resume"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert f"done: {saved + 1} steps" in r.stdout and (out / "final" / "unet").is_dir()
+
+
+@pytest.mark.slow
+def test_the_command_gives_one_line_for_bad_input(tmp_path, captioned):
+    r = subprocess.run([sys.executable, "-m", "fastperc.recipes.cli", "finetune", "--pretrained", str(tmp_path),
+                        "--data", str(captioned), "--out", str(tmp_path / "o")], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1].startswith("fastperc finetune: error: pretrained: ")
