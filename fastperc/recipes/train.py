@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
 import os
-import signal
 import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -28,6 +26,8 @@ from .config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TrainConfig, with_model_op
 from .objective import TimestepStrata, ema_update, lr_factor, warmup_length
 from .objective import objective_loss as _objective  # by this name: tests replace it here
 from .objective import seed_for as _seed_for
+from .run_files import (NonFiniteTraining, StopFlag, agreed_stop, append_log, last_logged_loss,
+                        refuse_changed_options, refuse_or_clear_earlier_run, trim_log)
 from .models import build_model, load_model, model_config_of, model_options_of, null_class, predict, schedule_of
 from ..errors import InputError
 
@@ -62,29 +62,6 @@ def _no_gradient_sync(run, last: bool):
         run.model.set_requires_gradient_sync(last)
         return contextlib.nullcontext()
     return contextlib.nullcontext() if last else run.net.no_sync()
-
-
-class _StopFlag:
-    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
-
-    def __init__(self):
-        self.signum = 0
-        self._old = {}
-
-    def __enter__(self):
-        for s in (signal.SIGINT, signal.SIGTERM):
-            try:
-                self._old[s] = signal.signal(s, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-        return self
-
-    def _handle(self, signum, frame):
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
 
 
 # ---- building a run --------------------------------------------------------------------------------
@@ -176,7 +153,8 @@ def build_run(cfg: TrainConfig) -> Run:
     train_set, _ = images.split(min(cfg.held_out, len(images) // 10), cfg.split_seed)
 
     if not cfg.resume and rank == 0:
-        _refuse_or_clear_earlier_run(out, cfg.overwrite)
+        refuse_or_clear_earlier_run(out, cfg.overwrite, (out / "checkpoint.pt",
+                                                         checkpoint.previous(out / "checkpoint.pt"), out / "log.jsonl"))
     if cfg.latent and init is not None:
         raise InputError(f"latent: --init {cfg.init} sets the model and its space (a latent checkpoint keeps its "
                          "autoencoder); omit --latent")
@@ -191,7 +169,9 @@ def build_run(cfg: TrainConfig) -> Run:
     if cfg.layers is None:  # the teacher's tap for its architecture (the student's without one), kept in the config
         cfg = replace(cfg, layers=teacher.layers if teacher is not None else default_layers(model))
     if state is not None:
-        _refuse_changed_options(state.get("config", {}), cfg, out / "checkpoint.pt")
+        refuse_changed_options(state.get("config", {}), cfg, out / "checkpoint.pt",
+                               RESUMABLE_OPTIONS | MODEL_OPTIONS.keys(),  # the model: from the checkpoint
+                               "`fastperc train --overwrite`, `fastperc demo --fresh`")
     if cfg.fsdp and world == 1:
         raise InputError("fsdp: shards over several processes; run under torchrun --nproc_per_node N (a --fsdp "
                          "checkpoint resumes in one process without --fsdp)")
@@ -296,18 +276,18 @@ def train(cfg: TrainConfig) -> dict:
     log_path = run.out / "log.jsonl"
     if run.rank == 0:
         run.out.mkdir(parents=True, exist_ok=True)
-        _trim_log(log_path, run.start)
+        trim_log(log_path, run.start)
     t0 = time.time() - run.elapsed  # elapsed counts across resumes
     if run.resumed and run.rank == 0 and run.start < cfg.max_steps:
-        _log(log_path, {"step": run.start, "event": "resumed", "elapsed": round(time.time() - t0, 3)})
+        append_log(log_path, {"step": run.start, "event": "resumed", "elapsed": round(time.time() - t0, 3)})
     bar = None
     if run.rank == 0 and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"{cfg.objective} -> {run.out}", dynamic_ncols=True)
-    loss_value = _last_logged_loss(log_path) if run.resumed else None
+    loss_value = last_logged_loss(log_path) if run.resumed else None
     warmup = warmup_length(cfg)
     step, signum = run.start, 0
-    with _StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
+    with StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(run.start, cfg.max_steps):
             total = train_step(run, step, warmup)
             done = step + 1
@@ -323,7 +303,7 @@ def train(cfg: TrainConfig) -> dict:
             if run.world == 1:
                 signum = stop.signum
             elif logged:
-                signum = _agreed_stop(stop.signum, run.world, run.device)
+                signum = agreed_stop(stop.signum, run.world, run.device)
             if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
                 run.save(done, t0)
             if signum:
@@ -339,11 +319,6 @@ def train(cfg: TrainConfig) -> dict:
             "interrupted": signum, "checkpoint": str(run.checkpoint_path)}
 
 
-def _log(path: Path, row: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-
-
 def _log_step(run: Run, log_path: Path, done: int, total: torch.Tensor, t0: float) -> float:
     """A log line (one host sync for all values); stops the run after too many skipped steps in a row."""
     cfg = run.cfg
@@ -351,7 +326,7 @@ def _log_step(run: Run, log_path: Path, done: int, total: torch.Tensor, t0: floa
                         run.counters["bad"].double(), run.opt.param_groups[0]["lr"].double()]).tolist()
     loss_value, bad_in_row, bad = read[0], int(read[1]), int(read[2])
     if run.rank == 0:
-        _log(log_path, {"step": done, "loss": loss_value, "lr": read[3], "bad_steps": bad,
+        append_log(log_path, {"step": done, "loss": loss_value, "lr": read[3], "bad_steps": bad,
                         "elapsed": round(time.time() - t0, 3)})
     if bad_in_row > cfg.max_bad_steps:
         run.save(done, t0)
@@ -360,46 +335,6 @@ def _log_step(run: Run, log_path: Path, done: int, total: torch.Tensor, t0: floa
             f"--max-bad-steps {cfg.max_bad_steps}); each was skipped, so the weights in {run.checkpoint_path} are "
             "those of the last good step. Lower --lr or check the data.")
     return loss_value
-
-
-class NonFiniteTraining(InputError, RuntimeError):
-    """Raised when more than `max_bad_steps` steps in a row had a non-finite loss or gradient: the
-    options (most often the learning rate) or the data made the run diverge, which the user fixes."""
-
-
-def _last_logged_loss(path: Path) -> float | None:
-    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
-    losses = [r["loss"] for r in rows if "loss" in r]
-    return losses[-1] if losses else None
-
-
-def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
-    """A folder holding a run is never overwritten by accident: without resume it needs `overwrite`."""
-    found = [p for p in (out / "checkpoint.pt", checkpoint.previous(out / "checkpoint.pt"), out / "log.jsonl")
-             if p.exists()]
-    if not found:
-        return
-    if not overwrite:
-        raise InputError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
-                         "it or --overwrite to start over")
-    for p in found:
-        p.unlink()
-
-
-def _refuse_changed_options(saved: dict, cfg: TrainConfig, path: Path) -> None:
-    """Resuming with other training options would silently mix two runs (e.g. a stale fine-tune reused
-    under a new learning rate); name what differs instead."""
-    now = asdict(cfg)
-    changed = [f"{k}: checkpoint {_plain(saved[k])!r}, now {_plain(now[k])!r}" for k in saved
-               if k in now and k not in RESUMABLE_OPTIONS and k not in MODEL_OPTIONS  # the model: from the checkpoint
-               and _plain(saved[k]) != _plain(now[k])]
-    if changed:
-        raise InputError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
-                         "same options, or start over (`fastperc train --overwrite`, `fastperc demo --fresh`)")
-
-
-def _plain(v):
-    return list(v) if isinstance(v, (tuple, list)) else v
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:
@@ -417,16 +352,3 @@ def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torc
     return torch.optim.AdamW(model.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
 
 
-def _agreed_stop(signum: int, world: int, device) -> int:
-    """All ranks stop at the same step when any of them got a signal (a host read: logging steps only)."""
-    flag = torch.tensor([signum], device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    return int(flag)
-
-
-def _trim_log(path: Path, step: int) -> None:
-    """On resume, drop log lines past the checkpoint (they will be written again)."""
-    if not path.exists():
-        return
-    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
-    path.write_text("".join(ln + "\n" for ln in keep))

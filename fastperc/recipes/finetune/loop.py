@@ -29,7 +29,8 @@ from ...schedule import NoiseSchedule
 from ...teacher import FrozenTeacher
 from ..config import FINETUNE_RESUMABLE_OPTIONS, FinetuneConfig
 from ..objective import TimestepStrata, ema_update, lr_factor, objective_loss, seed_for, warmup_length
-from ..train import _StopFlag, _agreed_stop, _last_logged_loss, _log, _plain, _trim_log, NonFiniteTraining
+from ..run_files import (NonFiniteTraining, StopFlag, agreed_stop, append_log, last_logged_loss,
+                         refuse_changed_options, refuse_or_clear_earlier_run, trim_log)
 from . import captioned_images, latent_cache, pipeline, validation
 
 CHECKPOINT = "checkpoint"
@@ -79,26 +80,6 @@ def _accelerator(cfg: FinetuneConfig):
                        gradient_accumulation_steps=cfg.grad_accum)
 
 
-def _refuse_or_clear_earlier_run(out: Path, overwrite: bool) -> None:
-    found = [p for p in (out / CHECKPOINT, out / "log.jsonl", out / "final") if p.exists()]
-    if not found:
-        return
-    if not overwrite:
-        raise InputError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
-                         "it or --overwrite to start over")
-    for p in found:
-        shutil.rmtree(p) if p.is_dir() else p.unlink()
-
-
-def _refuse_changed_options(saved: dict, cfg: FinetuneConfig, path: Path) -> None:
-    now = asdict(cfg)
-    changed = [f"{k}: checkpoint {_plain(saved[k])!r}, now {_plain(now[k])!r}" for k in saved
-               if k in now and k not in FINETUNE_RESUMABLE_OPTIONS and _plain(saved[k]) != _plain(now[k])]
-    if changed:
-        raise InputError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
-                         "same options, or start over with --overwrite")
-
-
 def build(cfg: FinetuneConfig) -> Job:
     """Validate, load the pipeline and the data, encode (or read the cache), and build the teacher, the
     EMA, the optimizer and accelerate's state, resumed from OUT/checkpoint with --resume."""
@@ -115,7 +96,7 @@ def build(cfg: FinetuneConfig) -> Job:
     state_file = out / CHECKPOINT / "state.json"
     resumed = cfg.resume and state_file.is_file()
     if not cfg.resume and accelerator.is_main_process:
-        _refuse_or_clear_earlier_run(out, cfg.overwrite)
+        refuse_or_clear_earlier_run(out, cfg.overwrite, (out / CHECKPOINT, out / "log.jsonl", out / "final"))
     accelerator.wait_for_everyone()
     with accelerator.main_process_first():  # the main process encodes; the others read its cache
         encoded = latent_cache.encoded(pipe, cfg.pretrained, found, cfg.resolution, cfg.random_crop, out / "cache",
@@ -147,7 +128,7 @@ def build(cfg: FinetuneConfig) -> Job:
     start, elapsed = 0, 0.0
     if resumed:
         saved = json.loads(state_file.read_text())
-        _refuse_changed_options(saved["config"], cfg, state_file)
+        refuse_changed_options(saved["config"], cfg, state_file, FINETUNE_RESUMABLE_OPTIONS, "--overwrite")
         accelerator.load_state(str(out / CHECKPOINT))
         start, elapsed = saved["step"], saved.get("elapsed", 0.0)
         opt.param_groups[0]["lr"] = lr  # the tensor the loop updates in place, on this device
@@ -251,7 +232,7 @@ def validate(job: Job, k: int, log_path: Path) -> Path | None:
     image = validation.grid(job.pipe, unet, validation_prompts(job), job.cfg.resolution, job.cfg.validation_steps,
                             job.cfg.validation_cfg, job.cfg.seed, job.device)
     path = validation.write(image, job.out / "validation", k)
-    _log(log_path, {"step": k, "event": "validation", "grid": str(path.relative_to(job.out))})
+    append_log(log_path, {"step": k, "event": "validation", "grid": str(path.relative_to(job.out))})
     return path
 
 
@@ -263,19 +244,20 @@ def finetune(cfg: FinetuneConfig) -> dict:
     log_path = job.out / "log.jsonl"
     if acc.is_main_process:
         job.out.mkdir(parents=True, exist_ok=True)
-        _trim_log(log_path, job.start)
+        trim_log(log_path, job.start)
         if not job.resumed:
-            _log(log_path, {"step": 0, "event": "data", "images": len(job.found), "skipped": len(job.found.skipped)})
+            append_log(log_path, {"step": 0, "event": "data", "images": len(job.found),
+                                  "skipped": len(job.found.skipped)})
     t0 = time.time() - job.elapsed
     bar = None
     if acc.is_main_process and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=job.start, desc=f"finetune {cfg.objective}", unit="step",
                    dynamic_ncols=True)
-    loss_value = _last_logged_loss(log_path) if job.resumed else None
+    loss_value = last_logged_loss(log_path) if job.resumed else None
     warmup = warmup_length(cfg)
     k, signum, last_log = job.start, 0, (time.time(), job.start)
-    with _StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
+    with StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
         for k in range(job.start, cfg.max_steps):
             total = step(job, k, warmup)
             done = k + 1
@@ -289,7 +271,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             if acc.num_processes == 1:
                 signum = stop.signum
             elif logged:
-                signum = _agreed_stop(stop.signum, acc.num_processes, acc.device)
+                signum = agreed_stop(stop.signum, acc.num_processes, acc.device)
             if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
                 save(job, done, t0)
             if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.max_steps and not signum:
@@ -322,7 +304,7 @@ def _log_step(job: Job, log_path: Path, done: int, total: torch.Tensor, t0: floa
     now = time.time()
     rate = (done - last[1]) / max(now - last[0], 1e-9)
     if acc.is_main_process:
-        _log(log_path, {"step": done, "loss": read[0], "lr": read[3], "bad_steps": int(read[2]),
+        append_log(log_path, {"step": done, "loss": read[0], "lr": read[3], "bad_steps": int(read[2]),
                         "steps_per_second": round(rate, 4), "elapsed": round(now - t0, 3)})
     if int(read[1]) > cfg.max_bad_steps:
         save(job, done, t0)

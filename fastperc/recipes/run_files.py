@@ -1,0 +1,100 @@
+"""What a training run keeps beside its weights, for `fastperc train` and `fastperc finetune` alike: the
+JSONL log (appended, trimmed back to the checkpoint on resume, its last loss), the guard that a folder
+holding a run is not overwritten by accident, the refusal to resume with other options, and the stop
+signal (SIGINT / SIGTERM: a flag read at the end of a step, agreed by every process)."""
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+from collections.abc import Iterable
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from ..errors import InputError
+
+
+class NonFiniteTraining(InputError, RuntimeError):
+    """Raised when more than `max_bad_steps` steps in a row had a non-finite loss or gradient: the
+    options (most often the learning rate) or the data made the run diverge, which the user fixes."""
+
+
+def append_log(path: Path, row: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def trim_log(path: Path, step: int) -> None:
+    """On resume, drop log lines past the checkpoint (they will be written again)."""
+    if not path.exists():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln.strip() and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+def last_logged_loss(path: Path) -> float | None:
+    rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()] if path.exists() else []
+    losses = [r["loss"] for r in rows if "loss" in r]
+    return losses[-1] if losses else None
+
+
+def refuse_or_clear_earlier_run(out: Path, overwrite: bool, held: Iterable[Path]) -> None:
+    """A folder holding a run (any of `held` exists) is never overwritten by accident: without resume it
+    needs `overwrite`, which removes them."""
+    found = [p for p in held if p.exists()]
+    if not found:
+        return
+    if not overwrite:
+        raise InputError(f"out: {out} holds a run ({', '.join(p.name for p in found)}); pass --resume to continue "
+                         "it or --overwrite to start over")
+    for p in found:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
+def plain(v):
+    """A config value as JSON gives it back (tuples as lists), for comparing saved and current options."""
+    return list(v) if isinstance(v, (tuple, list)) else v
+
+
+def refuse_changed_options(saved: dict, cfg, path: Path, may_change: Iterable[str], start_over: str) -> None:
+    """Resuming with other training options would silently mix two runs (e.g. a stale fine-tune reused
+    under a new learning rate); name what differs instead. `may_change`: the options a resume may change."""
+    now, exempt = asdict(cfg), set(may_change)
+    changed = [f"{k}: checkpoint {plain(saved[k])!r}, now {plain(now[k])!r}" for k in saved
+               if k in now and k not in exempt and plain(saved[k]) != plain(now[k])]
+    if changed:
+        raise InputError(f"resume: {path} was trained with other options ({'; '.join(changed)}); resume with the "
+                         f"same options, or start over ({start_over})")
+
+
+class StopFlag:
+    """SIGINT/SIGTERM set a flag; the loop saves a checkpoint at the end of the step and exits."""
+
+    def __init__(self):
+        self.signum = 0
+        self._old = {}
+
+    def __enter__(self):
+        for s in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[s] = signal.signal(s, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+def agreed_stop(signum: int, world: int, device) -> int:
+    """All ranks stop at the same step when any of them got a signal (a host read: logging steps only)."""
+    flag = torch.tensor([signum], device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag)
