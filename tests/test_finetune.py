@@ -253,3 +253,33 @@ def test_the_command_gives_one_line_for_bad_input(tmp_path, captioned):
                        text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1].startswith("fastperc finetune: error: pretrained: ")
+
+
+@pytest.mark.slow
+def test_gradient_accumulation_sees_the_same_global_batch(tiny_sd, captioned, tmp_path):
+    from safetensors.torch import load_file
+    one = finetune(config(tiny_sd, captioned, tmp_path / "one", batch_size=4, max_steps=2, ema_decay=0.0))
+    two = finetune(config(tiny_sd, captioned, tmp_path / "two", batch_size=4, grad_accum=2, max_steps=2,
+                          ema_decay=0.0))
+    assert one["finished"] and two["finished"]
+    a, b = (load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")) for run in ("one", "two"))
+    changed = [k for k in a if not torch.equal(a[k], unet_weights(tiny_sd)[k])]
+    assert changed  # it trained ...
+    for k in a:  # ... and two micro-batches of 2 give the step of one batch of 4 (up to summation order)
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+
+
+@pytest.mark.slow
+def test_the_final_pipeline_holds_the_ema_weights_or_without_ema_the_trained_ones(tiny_sd, captioned, tmp_path):
+    from safetensors.torch import load_file
+    finetune(config(tiny_sd, captioned, tmp_path / "ema", max_steps=3, ema_decay=0.5))
+    finetune(config(tiny_sd, captioned, tmp_path / "raw", max_steps=3, ema_decay=0.0, gradient_checkpointing=True,
+                    lr_schedule="cosine"))
+    raw_state = load_file(str(tmp_path / "raw" / "checkpoint" / "model.safetensors"))
+    raw_final = unet_weights(tmp_path / "raw" / "final")
+    assert all(torch.equal(raw_final[k], raw_state[k]) for k in raw_state)
+    ema_state = load_file(str(tmp_path / "ema" / "checkpoint" / "model.safetensors"))
+    ema_final = unet_weights(tmp_path / "ema" / "final")
+    assert any(not torch.equal(ema_final[k], ema_state[k]) for k in ema_state)  # the EMA, not the raw weights
+    lrs = [r["lr"] for r in log_rows(tmp_path / "raw") if "lr" in r]
+    assert lrs[-1] == 0.0 and lrs[0] > 0  # cosine to 0 at the last step
