@@ -431,7 +431,8 @@ class FrozenTeacher(nn.Module):
                              "then shard), or build a copy (copy=True)")
         if fp8:  # from the source's own precision, then the cast below takes the rest (and the biases)
             device = next(model.parameters()).device
-            require_fp8(device)
+            if not (device.type == "cpu" and torch.cuda.is_available()):  # built on the host to be moved:
+                require_fp8(device)                                       # checked when moved (_apply)
             to_fp8(model, _blocks_without_embeddings(model, adapter, stop) if adapter is not None else None)
         if dtype is not None:
             model = model.to(dtype)

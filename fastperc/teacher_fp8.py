@@ -65,22 +65,24 @@ def require_fp8(device: torch.device | str) -> None:
 def quantise(t: torch.Tensor, fp8_dtype: torch.dtype, fp8_max: float) -> tuple[torch.Tensor, torch.Tensor]:
     """(t / scale in `fp8_dtype`, scale): one fp32 scale per tensor, from its absolute maximum, so that
     the largest magnitude maps to `fp8_max`. Computed on the device (no host sync)."""
-    scale = (t.detach().abs().amax().float() / fp8_max).clamp_min(_MIN_SCALE)
+    amax = torch.linalg.vector_norm(t.detach(), ord=float("inf"), dtype=torch.float32)  # max |t|, one pass
+    scale = (amax / fp8_max).clamp_min(_MIN_SCALE)
     # Division in fp32 then saturation: a value rounding past the largest finite one would become NaN
     # (e4m3fn has no infinity).
     return (t.float() / scale).clamp(-fp8_max, fp8_max).to(fp8_dtype), scale
 
 
 class _FP8Matmul(torch.autograd.Function):
-    """x @ weight.T with x quantised to e4m3 per call; backward: the input gradient only (the weight is
-    frozen), the incoming gradient quantised to e5m2."""
+    """x @ weight.T with x quantised to e4m3 per call, the product in `out_dtype`; backward: the input
+    gradient only (the weight is frozen), in x's dtype, the incoming gradient quantised to e5m2."""
 
     @staticmethod
-    def forward(ctx, x2d, weight, weight_scale):
+    def forward(ctx, x2d, weight, weight_scale, out_dtype):
         xq, x_scale = quantise(x2d, E4M3, E4M3_MAX)
         ctx.save_for_backward(weight, weight_scale)
+        ctx.x_dtype = x2d.dtype
         # weight is (out, in) row-major: its transpose is the column-major operand _scaled_mm wants.
-        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=x2d.dtype)
+        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, out_dtype=out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -89,7 +91,8 @@ class _FP8Matmul(torch.autograd.Function):
         # grad (M, out) @ weight (out, in): the second operand must be column-major, a transient
         # transposed copy of the FP8 weight (one byte per weight, one layer at a time).
         w_cm = weight.t().contiguous().t()
-        return torch._scaled_mm(gq, w_cm, scale_a=g_scale, scale_b=weight_scale, out_dtype=grad.dtype), None, None
+        gx = torch._scaled_mm(gq, w_cm, scale_a=g_scale, scale_b=weight_scale, out_dtype=ctx.x_dtype)
+        return gx, None, None, None
 
 
 class FP8Linear(nn.Module):
@@ -128,7 +131,7 @@ class FP8Linear(nn.Module):
         layer = cls(linear.in_features, linear.out_features, linear.bias is not None, device=w.device,
                     dtype=w.dtype)
         q, scale = quantise(w, E4M3, E4M3_MAX)
-        layer.weight.data = q.view(torch.uint8)
+        layer.weight.data = q.contiguous().view(torch.uint8)  # row-major: its transpose is column-major
         layer.weight_scale_bits = scale.reshape(()).view(torch.int32)
         if linear.bias is not None:
             layer.bias.data = linear.bias.detach().clone()
@@ -146,7 +149,11 @@ class FP8Linear(nn.Module):
         x2d = x.reshape(-1, self.in_features)
         if not x2d.is_contiguous():
             x2d = x2d.contiguous()
-        out = _FP8Matmul.apply(x2d, self.weight_fp8, self.weight_scale)
+        # As nn.Linear does: under autocast the product comes out in autocast's dtype, not the input's
+        # (a LayerNorm before it gives fp32 under autocast).
+        kind = x.device.type
+        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        out = _FP8Matmul.apply(x2d, self.weight_fp8, self.weight_scale, out_dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # no-op in a teacher (its bias is in its dtype)
         return out.reshape(*x.shape[:-1], self.out_features)

@@ -283,3 +283,15 @@ def test_the_final_pipeline_holds_the_ema_weights_or_without_ema_the_trained_one
     assert any(not torch.equal(ema_final[k], ema_state[k]) for k in ema_state)  # the EMA, not the raw weights
     lrs = [r["lr"] for r in log_rows(tmp_path / "raw") if "lr" in r]
     assert lrs[-1] == 0.0 and lrs[0] > 0  # cosine to 0 at the last step
+
+
+@pytest.mark.slow
+def test_a_save_cut_between_its_renames_resumes_from_the_previous_checkpoint(tiny_sd, captioned, tmp_path):
+    out = tmp_path / "run"
+    finetune(config(tiny_sd, captioned, out, max_steps=2, save_every=2))
+    (out / "checkpoint").rename(out / "checkpoint.prev")  # what a kill after moving the last one aside leaves
+    (out / "checkpoint.tmp").mkdir()                      # ... with the new one half written
+    result = finetune(config(tiny_sd, captioned, out, max_steps=3, save_every=2, resume=True))
+    assert result["steps_run"] == 1 and result["finished"]
+    assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
+    assert not (out / "checkpoint.prev").exists() and not (out / "checkpoint.tmp").exists()

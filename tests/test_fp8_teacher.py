@@ -164,6 +164,7 @@ def test_fp8_teacher_is_refused_where_fp8_cannot_run_when_built_and_when_moved(m
     model = ARCHS["sd3"].make()
     teacher = FrozenTeacher(model, fp8=True)
     monkeypatch.setattr(teacher_fp8, "fp8_unavailable", lambda device: "no FP8 here")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # (with a GPU, a host build waits for the move)
     with pytest.raises(InputError, match=r"fp8: .* cannot run on cpu: no FP8 here; .*dtype=torch.bfloat16"):
         FrozenTeacher(model, fp8=True)
     with pytest.raises(InputError, match="fp8: .*no FP8 here"):
@@ -185,24 +186,43 @@ def test_the_loss_module_builds_an_fp8_teacher():
 
 
 @pytest.mark.slow
-def test_compiling_the_loss_with_an_fp8_teacher_gives_the_eager_loss_and_gradient_in_one_graph(gen):
+def test_compiling_the_loss_with_an_fp8_teacher_gives_the_eager_loss_and_gradient_in_one_graph(device, gen):
+    _skip_without_fp8(device)
     torch._dynamo.reset()
     arch = ARCHS["sd3"]
-    teacher = FrozenTeacher(arch.make(), fp8=True)
+    teacher = FrozenTeacher(arch.make().to(device), fp8=True)
     schedule = FlowMatchingSchedule()
-    x0, noise = (torch.randn(arch.shape, generator=gen) for _ in range(2))
-    t, t2 = timesteps(arch, gen), timesteps(arch, gen)
-    kw = arch.kwargs(gen)
+    x0, noise = (torch.randn(arch.shape, generator=gen).to(device) for _ in range(2))
+    t, t2 = timesteps(arch, gen).to(device), timesteps(arch, gen).to(device)
+    kw = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in arch.kwargs(gen).items()}
 
     def step(p):
         return self_perceptual_loss(teacher, p, x0, noise, t, schedule, timesteps_prime=t2, teacher_kwargs=kw)
 
-    explanation = torch._dynamo.explain(step)(torch.randn(arch.shape, generator=gen))
+    explanation = torch._dynamo.explain(step)(torch.randn(arch.shape, generator=gen).to(device))
     assert explanation.graph_break_count == 0, [(r.reason, r.user_stack[-1:]) for r in explanation.break_reasons]
-    pred = torch.randn(arch.shape, generator=gen, requires_grad=True)
+    pred = torch.randn(arch.shape, generator=gen).to(device).requires_grad_()
     want = step(pred)
     (want_grad,) = torch.autograd.grad(want, pred)
     got = torch.compile(step)(pred)
     (got_grad,) = torch.autograd.grad(got, pred)
     # The same FP8 arithmetic; only fusion and accumulation order differ.
     assert abs(float((got - want).detach())) <= 1e-3 * float(want.detach()) and relative_error(got_grad, want_grad) < 0.02
+
+
+def test_under_autocast_the_fp8_layer_gives_autocasts_dtype_as_linear_does(gen):
+    linear = nn.Linear(32, 16)
+    layer = FP8Linear.from_linear(linear)
+    x = torch.randn(4, 32, generator=gen, requires_grad=True)  # fp32, as a LayerNorm gives under autocast
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, want = layer(x), linear(x)
+    assert y.dtype == want.dtype == torch.bfloat16
+    (gx,) = torch.autograd.grad(y.float().sum(), x)
+    assert gx.dtype == torch.float32 and torch.isfinite(gx).all()
+
+
+def test_a_non_contiguous_source_weight_is_stored_row_major():
+    linear = nn.Linear(32, 48)
+    linear.weight = nn.Parameter(torch.randn(32, 48).t())  # (48, 32), column-major
+    layer = FP8Linear.from_linear(linear)
+    assert layer.weight.is_contiguous() and layer.weight_fp8.t().stride() == (1, 32)

@@ -57,6 +57,14 @@ def test_a_failing_stage_is_recorded_and_the_later_stages_still_run(tmp_path):
     assert "tests/test_gpu_parity.py tests/test_fp8_teacher.py" in (tmp_path / "out" / "parity.log").read_text()
 
 
+def test_the_gpu_parity_stage_runs_the_fp8_tests_cuda_cases_the_compiled_one_included(tmp_path):
+    r = run("--help", out=tmp_path, timeout=60)
+    assert r.returncode == 0 and "--budget S" in r.stdout and "set -uo" not in r.stdout
+    script = SCRIPT.read_text()
+    gpu_parity = next(line for line in script.splitlines() if line.strip().startswith("parity)") and "-k cuda" in line)
+    assert "tests/test_fp8_teacher.py -k cuda" in gpu_parity and "not slow" not in gpu_parity
+
+
 def test_a_stage_that_would_end_past_the_budget_is_skipped_and_said_so(tmp_path):
     stand_in = tmp_path / "python"
     stand_in.write_text('#!/bin/sh\necho "$@"\n')
@@ -70,6 +78,10 @@ def test_a_stage_that_would_end_past_the_budget_is_skipped_and_said_so(tmp_path)
     rows = re.findall(r"^\| (\w+) \| ([^|]+?) \|", summary, flags=re.M)[1:]  # below the header
     assert rows == [("env", "0"), ("step_compiled", "skipped (budget)")]
     assert "would end past the 100s budget" in r.stdout
+    r = subprocess.run(["bash", str(SCRIPT), "--dry-run", "--stages", "env", "--step"], capture_output=True,
+                       text=True, env=env, cwd=ROOT, timeout=120)
+    rows = re.findall(r"^\| (\w+) \| ([^|]+?) \|", (tmp_path / "out" / "summary.md").read_text(), flags=re.M)[1:]
+    assert rows == [("env", "0")]  # --stages: exactly these
 
 
 @pytest.mark.parametrize("args, message", [(("--fast",), "unknown option '--fast'"),

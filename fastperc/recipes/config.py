@@ -423,6 +423,9 @@ class FinetuneConfig(ObjectiveOptions):
         """Every option against its definition, then the combinations; an InputError names the option."""
         check_options(self)
         self.check_shared()
+        if 0 < self.validation_cfg <= 1:  # a scale of 1 or less is no guidance: the first column already
+            raise InputError(f"validation_cfg: expected 0 (no guided column) or a guidance scale > 1, got "
+                             f"{self.validation_cfg}")
 
 
 FINETUNE_RESUMABLE_OPTIONS = frozenset(f.name for f in fields(FinetuneConfig) if f.metadata.get("resumable"))

@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-from collections.abc import Iterable
+import time
+from collections.abc import Callable, Iterable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -25,6 +26,28 @@ class NonFiniteTraining(InputError, RuntimeError):
 def append_log(path: Path, row: dict) -> None:
     with open(path, "a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def log_step(path: Path, step: int, loss: torch.Tensor, lr: torch.Tensor, bad: torch.Tensor, bad_in_row: torch.Tensor,
+             t0: float, last: tuple[float, int], *, write: bool, max_bad_steps: int,
+             save: Callable[[], Path]) -> tuple[float, tuple[float, int]]:
+    """One log line for `step` (a single host read of the device values: the mean loss, the learning rate,
+    the skipped steps so far and in a row), with the steps per second since `last` = (time, step);
+    `write` on one process only. After more than `max_bad_steps` skipped steps in a row, `save()` saves
+    the last good weights (returning where) and NonFiniteTraining is raised. Returns (loss, (now, step))."""
+    read = torch.stack([loss.double(), lr.double(), bad.double(), bad_in_row.double()]).tolist()
+    now = time.time()
+    if write:
+        append_log(path, {"step": step, "loss": read[0], "lr": read[1], "bad_steps": int(read[2]),
+                          "steps_per_second": round((step - last[1]) / max(now - last[0], 1e-9), 4),
+                          "elapsed": round(now - t0, 3)})
+    if int(read[3]) > max_bad_steps:
+        where = save()
+        raise NonFiniteTraining(
+            f"loss: {int(read[3])} steps in a row up to step {step} had a NaN/Inf loss or gradient (more than "
+            f"--max-bad-steps {max_bad_steps}); each was skipped, so the weights in {where} are those of the last "
+            "good step. Lower --lr or check the data.")
+    return read[0], (now, step)
 
 
 def trim_log(path: Path, step: int) -> None:

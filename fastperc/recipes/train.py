@@ -26,7 +26,7 @@ from .config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TrainConfig, with_model_op
 from .objective import TimestepStrata, ema_update, lr_factor, warmup_length
 from .objective import objective_loss as _objective  # by this name: tests replace it here
 from .objective import seed_for as _seed_for
-from .run_files import (NonFiniteTraining, StopFlag, agreed_stop, append_log, last_logged_loss,
+from .run_files import (StopFlag, agreed_stop, append_log, last_logged_loss, log_step,
                         refuse_changed_options, refuse_or_clear_earlier_run, trim_log)
 from .models import build_model, load_model, model_config_of, model_options_of, null_class, predict, schedule_of
 from ..errors import InputError
@@ -286,14 +286,14 @@ def train(cfg: TrainConfig) -> dict:
         bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"{cfg.objective} -> {run.out}", dynamic_ncols=True)
     loss_value = last_logged_loss(log_path) if run.resumed else None
     warmup = warmup_length(cfg)
-    step, signum = run.start, 0
+    step, signum, last_log = run.start, 0, (time.time(), run.start)
     with StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
         for step in range(run.start, cfg.max_steps):
             total = train_step(run, step, warmup)
             done = step + 1
             logged = done % cfg.log_every == 0 or done == cfg.max_steps
             if logged:
-                loss_value = _log_step(run, log_path, done, total, t0)
+                loss_value, last_log = _log_step(run, log_path, done, total, t0, last_log)
             if bar is not None:
                 bar.update(1)
                 if loss_value is not None:
@@ -319,22 +319,14 @@ def train(cfg: TrainConfig) -> dict:
             "interrupted": signum, "checkpoint": str(run.checkpoint_path)}
 
 
-def _log_step(run: Run, log_path: Path, done: int, total: torch.Tensor, t0: float) -> float:
-    """A log line (one host sync for all values); stops the run after too many skipped steps in a row."""
-    cfg = run.cfg
-    read = torch.stack([_all_mean(total, run.world).double(), run.counters["bad_in_row"].double(),
-                        run.counters["bad"].double(), run.opt.param_groups[0]["lr"].double()]).tolist()
-    loss_value, bad_in_row, bad = read[0], int(read[1]), int(read[2])
-    if run.rank == 0:
-        append_log(log_path, {"step": done, "loss": loss_value, "lr": read[3], "bad_steps": bad,
-                        "elapsed": round(time.time() - t0, 3)})
-    if bad_in_row > cfg.max_bad_steps:
+def _log_step(run: Run, log_path: Path, done: int, total: torch.Tensor, t0: float,
+              last: tuple[float, int]) -> tuple[float, tuple[float, int]]:
+    def save() -> Path:
         run.save(done, t0)
-        raise NonFiniteTraining(
-            f"loss: {bad_in_row} steps in a row up to step {done} had a NaN/Inf loss or gradient (more than "
-            f"--max-bad-steps {cfg.max_bad_steps}); each was skipped, so the weights in {run.checkpoint_path} are "
-            "those of the last good step. Lower --lr or check the data.")
-    return loss_value
+        return run.checkpoint_path
+    return log_step(log_path, done, _all_mean(total, run.world), run.opt.param_groups[0]["lr"], run.counters["bad"],
+                    run.counters["bad_in_row"], t0, last, write=run.rank == 0, max_bad_steps=run.cfg.max_bad_steps,
+                    save=save)
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module, device: torch.device) -> torch.optim.Optimizer:

@@ -23,9 +23,10 @@ class Encoded:
     empty: torch.Tensor           # (tokens, width): the empty prompt (caption dropout)
 
 
-def _key(pretrained: str, found: captioned_images.CaptionedImages, resolution: int, random_crop: bool) -> str:
+def _key(pretrained: str, found: captioned_images.CaptionedImages, resolution: int, random_crop: bool,
+         seed: int) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps([str(Path(pretrained).resolve()), found.source, resolution, random_crop, found.captions,
+    h.update(json.dumps([str(Path(pretrained).resolve()), found.source, resolution, random_crop, seed, found.captions,
                          [str(i) if isinstance(i, (str, Path)) else i.size for i in found.images]]).encode())
     return h.hexdigest()
 
@@ -34,7 +35,7 @@ def encoded(pipe, pretrained: str, found: captioned_images.CaptionedImages, reso
             cache: Path, device: torch.device, seed: int, is_main: bool = True, batch: int = 16) -> Encoded:
     """The cached encoding for these inputs, made now if the cache holds another (or none). One process
     (`is_main`) writes it; the others must wait for it (the caller's barrier) and then read it."""
-    key = _key(pretrained, found, resolution, random_crop)
+    key = _key(pretrained, found, resolution, random_crop, seed)
     file = cache / "encoded.pt"
     if file.is_file():
         held = torch.load(file, map_location="cpu", weights_only=True)
@@ -62,9 +63,9 @@ def encoded(pipe, pretrained: str, found: captioned_images.CaptionedImages, reso
 
 
 def random_crops(pipe, found: captioned_images.CaptionedImages, rows: list[int], resolution: int,
-                 generator: torch.Generator) -> torch.Tensor:
-    """Latents of a random crop (and a random flip) of each image in `rows`, encoded now."""
-    draws = torch.rand(len(rows), 3, generator=generator, device=generator.device).cpu().tolist()
+                 draws: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+    """Latents of a random crop of each image in `rows`, encoded now: `draws` (rows, 3) in [0, 1) place
+    the crop and flip it (third < 0.5), `eps` is the VAE posterior's standard normal draw."""
     images = [captioned_images.prepared(found.images[r], resolution, crop=(a, b), flip=c < 0.5)
-              for r, (a, b, c) in zip(rows, draws)]
-    return pipeline.encode_images(pipe, torch.stack(images), generator).float()
+              for r, (a, b, c) in zip(rows, draws.tolist())]
+    return pipeline.encode_images(pipe, torch.stack(images), eps=eps).float()

@@ -29,8 +29,8 @@ from ...schedule import NoiseSchedule
 from ...teacher import FrozenTeacher
 from ..config import FINETUNE_RESUMABLE_OPTIONS, FinetuneConfig
 from ..objective import TimestepStrata, ema_update, lr_factor, objective_loss, seed_for, warmup_length
-from ..run_files import (NonFiniteTraining, StopFlag, agreed_stop, append_log, last_logged_loss,
-                         refuse_changed_options, refuse_or_clear_earlier_run, trim_log)
+from ..run_files import (StopFlag, agreed_stop, append_log, last_logged_loss, log_step, refuse_changed_options,
+                         refuse_or_clear_earlier_run, trim_log)
 from . import captioned_images, latent_cache, pipeline, validation
 
 CHECKPOINT = "checkpoint"
@@ -74,10 +74,29 @@ class Job:
         return self.accelerator.device
 
 
+# Cached latents and caption states stay on the device up to this size (indexed there, no host sync);
+# beyond it they stay on the host and each step copies its rows.
+ON_DEVICE_BYTES = 2 * 2**30
+
+
 def _accelerator(cfg: FinetuneConfig):
-    from accelerate import Accelerator
+    from datetime import timedelta
+
+    from accelerate import Accelerator, InitProcessGroupKwargs
+    # The main process encodes the data before the others go on: longer than the default collective timeout
+    # for a large folder.
     return Accelerator(mixed_precision="bf16" if cfg.precision == "bf16" else "no",
-                       gradient_accumulation_steps=cfg.grad_accum)
+                       gradient_accumulation_steps=cfg.grad_accum,
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
+
+
+def checkpoint_folder(out: Path) -> Path | None:
+    """The checkpoint to resume from: OUT/checkpoint, or the previous one when a save was cut between
+    moving it aside and renaming the new one into place."""
+    for name in (CHECKPOINT, f"{CHECKPOINT}.prev"):
+        if (out / name / "state.json").is_file():
+            return out / name
+    return None
 
 
 def build(cfg: FinetuneConfig) -> Job:
@@ -93,16 +112,19 @@ def build(cfg: FinetuneConfig) -> Job:
     pipe = pipeline.load(cfg.pretrained, device, cfg.progress)
     pipeline.check_resolution(pipe, cfg.resolution)
     found = captioned_images.load(cfg.data, cfg.unconditional, cfg.strict)
-    state_file = out / CHECKPOINT / "state.json"
-    resumed = cfg.resume and state_file.is_file()
-    if not cfg.resume and accelerator.is_main_process:
-        refuse_or_clear_earlier_run(out, cfg.overwrite, (out / CHECKPOINT, out / "log.jsonl", out / "final"))
+    held = checkpoint_folder(out)
+    resumed = cfg.resume and held is not None
+    if not cfg.resume and accelerator.is_main_process:  # the cache is kept: it is valid for the same inputs
+        refuse_or_clear_earlier_run(out, cfg.overwrite, [out / n for n in (CHECKPOINT, f"{CHECKPOINT}.prev",
+                                    f"{CHECKPOINT}.tmp", "log.jsonl", "final", "validation")])
     accelerator.wait_for_everyone()
     with accelerator.main_process_first():  # the main process encodes; the others read its cache
         encoded = latent_cache.encoded(pipe, cfg.pretrained, found, cfg.resolution, cfg.random_crop, out / "cache",
                                        device, cfg.seed, is_main=accelerator.is_main_process)
-    encoded = latent_cache.Encoded(None if encoded.latents is None else encoded.latents.to(device),
-                                   encoded.prompts.to(device), encoded.empty.to(device))
+    size = sum(t.numel() * t.element_size() for t in (encoded.latents, encoded.prompts) if t is not None)
+    store = device if size <= ON_DEVICE_BYTES else torch.device("cpu")
+    encoded = latent_cache.Encoded(None if encoded.latents is None else encoded.latents.to(store),
+                                   encoded.prompts.to(store), encoded.empty.to(device))
 
     schedule = NoiseSchedule.from_diffusers(pipe.scheduler)
     unet = pipe.unet
@@ -127,9 +149,9 @@ def build(cfg: FinetuneConfig) -> Job:
 
     start, elapsed = 0, 0.0
     if resumed:
-        saved = json.loads(state_file.read_text())
-        refuse_changed_options(saved["config"], cfg, state_file, FINETUNE_RESUMABLE_OPTIONS, "--overwrite")
-        accelerator.load_state(str(out / CHECKPOINT))
+        saved = json.loads((held / "state.json").read_text())
+        refuse_changed_options(saved["config"], cfg, held / "state.json", FINETUNE_RESUMABLE_OPTIONS, "--overwrite")
+        accelerator.load_state(str(held))
         start, elapsed = saved["step"], saved.get("elapsed", 0.0)
         opt.param_groups[0]["lr"] = lr  # the tensor the loop updates in place, on this device
     micro = cfg.batch_size // (world * cfg.grad_accum)
@@ -153,6 +175,10 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
     t_all = job.strata.draw(B, g)
     t_prime_all = job.t_prime.sample(B, generator=g, schedule=job.schedule)
     drop_all = torch.rand(B, generator=g, device=device) < cfg.caption_dropout
+    crops_all = eps_all = None
+    if job.encoded.latents is None:  # random crops: offsets, flips and the VAE's posterior draws, all global
+        crops_all = torch.rand(B, 3, generator=g, device=device)
+        eps_all = torch.randn((B, *job.latent_shape), generator=g, device=device)
 
     per_rank = B // acc.num_processes
     micro = per_rank // cfg.grad_accum
@@ -164,10 +190,13 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
         sl = slice(first + m * micro, first + (m + 1) * micro)
         rows = idx[sl]
         if job.encoded.latents is not None:
-            x0 = job.encoded.latents[rows, flips[sl]].float()
+            held = rows.to(job.encoded.latents.device)  # no copy while the cache is on the device
+            x0 = job.encoded.latents[held, flips[sl].to(held.device)].to(device).float()
         else:
-            x0 = latent_cache.random_crops(job.pipe, job.found, rows.tolist(), cfg.resolution, g)
-        prompts = torch.where(drop_all[sl, None, None], job.encoded.empty, job.encoded.prompts[rows]).float()
+            x0 = latent_cache.random_crops(job.pipe, job.found, rows.tolist(), cfg.resolution, crops_all[sl],
+                                           eps_all[sl])
+        cached = job.encoded.prompts[rows.to(job.encoded.prompts.device)].to(device)
+        prompts = torch.where(drop_all[sl, None, None], job.encoded.empty, cached).float()
         noise, t, t_prime = noise_all[sl], t_all[sl], t_prime_all[sl]
         with acc.accumulate(job.unet):
             with acc.autocast():  # bf16: the student and the teacher; the losses accumulate in fp32
@@ -179,7 +208,9 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
             total += loss.detach() / cfg.grad_accum
             if acc.sync_gradients:
                 norm = acc.clip_grad_norm_(job.unet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
-                ok = torch.isfinite(norm) & torch.isfinite(total)
+                # every process skips alike: the norm is of the all-reduced gradients, the loss all-reduced
+                seen = acc.reduce(total, reduction="sum") if acc.num_processes > 1 else total
+                ok = torch.isfinite(norm) & torch.isfinite(seen)
                 job.opt.optimizer.found_inf = (~ok).float()  # a non-finite step changes nothing (fused AdamW)
             job.opt.step()
             job.opt.zero_grad(set_to_none=True)
@@ -194,9 +225,11 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
     return total
 
 
-def save(job: Job, k: int, t0: float) -> None:
-    """accelerate's state and ours (step, options) into OUT/checkpoint, atomically: written beside it and
-    renamed into place; the previous one is removed only after."""
+def save_checkpoint(job: Job, k: int, t0: float) -> None:
+    """accelerate's state and ours (step, options) into OUT/checkpoint, atomically: written beside it
+    (state.json last: a folder without it is incomplete), the last one moved aside, the new one renamed
+    into place, the old one removed. A save cut anywhere leaves a complete checkpoint or its predecessor
+    (`checkpoint_folder` reads either)."""
     acc, out = job.accelerator, job.out
     tmp, final, prev = out / f"{CHECKPOINT}.tmp", out / CHECKPOINT, out / f"{CHECKPOINT}.prev"
     acc.wait_for_everyone()
@@ -204,10 +237,13 @@ def save(job: Job, k: int, t0: float) -> None:
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp))
+    acc.wait_for_everyone()  # every process's files are in tmp before it moves
     if acc.is_main_process:
         (tmp / "state.json").write_text(json.dumps({"step": k, "elapsed": round(time.time() - t0, 3),
                                                     "config": asdict(job.cfg)}))
         if final.exists():
+            if prev.exists():  # a predecessor left by a cut save: the newer complete one is `final`
+                shutil.rmtree(prev)
             final.rename(prev)
         tmp.rename(final)
         if prev.exists():
@@ -273,7 +309,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             elif logged:
                 signum = agreed_stop(stop.signum, acc.num_processes, acc.device)
             if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
-                save(job, done, t0)
+                save_checkpoint(job, done, t0)
             if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.max_steps and not signum:
                 validate(job, done, log_path)
             if signum:
@@ -287,7 +323,7 @@ def finetune(cfg: FinetuneConfig) -> dict:
             validate(job, k, log_path)
             if acc.is_main_process:
                 unet = job.ema if job.ema is not None else acc.unwrap_model(job.unet)
-                final = pipeline.write_pipeline(cfg.pretrained, unet, job.out / "final")
+                pipeline.write_pipeline(cfg.pretrained, unet, job.out / "final")
         final = job.out / "final"
     acc.wait_for_everyone()
     acc.end_training()
@@ -296,20 +332,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
 
 
 def _log_step(job: Job, log_path: Path, done: int, total: torch.Tensor, t0: float, last: tuple[float, int]):
-    """A log line (one host read for every value); stops the run after too many skipped steps in a row."""
-    acc, cfg = job.accelerator, job.cfg
+    acc = job.accelerator
     mean = acc.reduce(total, reduction="mean") if acc.num_processes > 1 else total
-    read = torch.stack([mean.double(), job.counters.bad_in_row.double(), job.counters.bad.double(),
-                        job.opt.param_groups[0]["lr"].double()]).tolist()
-    now = time.time()
-    rate = (done - last[1]) / max(now - last[0], 1e-9)
-    if acc.is_main_process:
-        append_log(log_path, {"step": done, "loss": read[0], "lr": read[3], "bad_steps": int(read[2]),
-                        "steps_per_second": round(rate, 4), "elapsed": round(now - t0, 3)})
-    if int(read[1]) > cfg.max_bad_steps:
-        save(job, done, t0)
-        raise NonFiniteTraining(
-            f"loss: {int(read[1])} steps in a row up to step {done} had a NaN/Inf loss or gradient (more than "
-            f"--max-bad-steps {cfg.max_bad_steps}); each was skipped, so the weights in {job.out / CHECKPOINT} are "
-            "those of the last good step. Lower --lr or check the data.")
-    return read[0], (now, done)
+
+    def save() -> Path:
+        save_checkpoint(job, done, t0)
+        return job.out / CHECKPOINT
+    return log_step(log_path, done, mean, job.opt.param_groups[0]["lr"], job.counters.bad, job.counters.bad_in_row,
+                    t0, last, write=acc.is_main_process, max_bad_steps=job.cfg.max_bad_steps, save=save)

@@ -80,12 +80,15 @@ def encode_prompts(pipe, prompts: list[str], device: torch.device, batch: int = 
 
 
 @torch.no_grad()
-def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Latents of images in [-1, 1] (B, 3, H, W): a draw from the VAE's posterior, times its scaling
-    factor (what the UNet was trained on)."""
+def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None = None,
+                  eps: torch.Tensor | None = None) -> torch.Tensor:
+    """Latents of images in [-1, 1] (B, 3, H, W): a draw from the VAE's posterior (mean + std * eps, eps
+    given or drawn from `generator`), shifted and scaled as the UNet was trained."""
     vae = pipe.vae
     posterior = vae.encode(images.to(vae.device, vae.dtype)).latent_dist
-    latents = posterior.sample(generator=generator)
+    if eps is None:
+        eps = torch.randn(posterior.mean.shape, generator=generator, device=posterior.mean.device)
+    latents = posterior.mean + posterior.std * eps.to(posterior.mean.dtype)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 

@@ -20,15 +20,17 @@ def grid(pipe, unet, prompts: list[str], resolution: int, steps: int, cfg_scale:
     was_training = unet.training
     unet.eval()
     rows = []
-    for prompt in prompts:
-        row = []
-        for scale in scales:
-            g = torch.Generator(device=device).manual_seed(seed)
-            out = sampler(prompt, height=resolution, width=resolution, num_inference_steps=steps,
-                          guidance_scale=scale, generator=g, output_type="np")
-            row.append(out.images[0])
-        rows.append(np.concatenate(row, axis=1))
-    unet.train(was_training)
+    try:
+        for prompt in prompts:
+            row = []
+            for scale in scales:
+                g = torch.Generator(device=device).manual_seed(seed)
+                out = sampler(prompt, height=resolution, width=resolution, num_inference_steps=steps,
+                              guidance_scale=scale, generator=g, output_type="np")
+                row.append(out.images[0])
+            rows.append(np.concatenate(row, axis=1))
+    finally:
+        unet.train(was_training)
     return (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).round().astype(np.uint8)
 
 
