@@ -295,3 +295,28 @@ def test_a_save_cut_between_its_renames_resumes_from_the_previous_checkpoint(tin
     assert result["steps_run"] == 1 and result["finished"]
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     assert not (out / "checkpoint.prev").exists() and not (out / "checkpoint.tmp").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_train_together_as_one_with_the_same_global_batch(tiny_sd, captioned, tmp_path):
+    from safetensors.torch import load_file
+    args = ["-m", "fastperc.recipes.cli", "finetune", "--pretrained", str(tiny_sd), "--data", str(captioned),
+            "--resolution", "16", "--batch-size", "4", "--max-steps", "2", "--no-progress", "--validation-steps", "2",
+            "--ema-decay", "0", "--log-every", "1"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                          "29563", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=900)
+    assert two.returncode == 0, two.stderr[-3000:]
+    one = subprocess.run([sys.executable, *args, "--out", str(tmp_path / "one")], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=900)
+    assert one.returncode == 0, one.stderr[-3000:]
+    start = lambda run: next(r for r in log_rows(run) if r.get("event") == "start")  # noqa: E731
+    assert start(tmp_path / "two")["processes"] == 2 and start(tmp_path / "one")["processes"] == 1
+    a, b = (load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")) for run in ("one", "two"))
+    base = unet_weights(tiny_sd)
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    for k in a:  # each process took half of each global batch; the all-reduced step is the one-process step
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
+    losses = lambda run: [r["loss"] for r in log_rows(run) if "loss" in r]  # noqa: E731
+    assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)

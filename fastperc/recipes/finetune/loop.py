@@ -282,8 +282,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
         job.out.mkdir(parents=True, exist_ok=True)
         trim_log(log_path, job.start)
         if not job.resumed:
-            append_log(log_path, {"step": 0, "event": "data", "images": len(job.found),
-                                  "skipped": len(job.found.skipped)})
+            append_log(log_path, {"step": 0, "event": "start", "images": len(job.found),
+                                  "skipped": len(job.found.skipped), "processes": acc.num_processes})
     t0 = time.time() - job.elapsed
     bar = None
     if acc.is_main_process and cfg.progress:
