@@ -246,6 +246,21 @@ def _check_example_inputs(example_inputs) -> tuple:
     return sample, timestep, (rest[0] if rest else {})
 
 
+def _check_adapters_off(model: nn.Module, copy: bool, dtype, checkpoint: bool) -> None:
+    """adapters_off needs the model itself (a LoRA student's base weights are its teacher) with peft
+    adapters it can switch off, and nothing that would change that model for its training too."""
+    if copy:
+        raise InputError("adapters_off: the teacher is the model itself with its adapters off (nothing copied); "
+                         "pass copy=False")
+    if dtype is not None or checkpoint:
+        raise InputError("adapters_off: dtype, fp8 and checkpoint would change the model being trained; the "
+                         "shared-weights teacher runs it as it is")
+    if not (callable(getattr(model, "disable_adapters", None)) and callable(getattr(model, "enable_adapters", None))
+            and getattr(model, "peft_config", None)):
+        raise InputError(f"adapters_off: {type(model).__name__} has no peft adapters to switch off; add them first "
+                         "(diffusers: model.add_adapter(peft.LoraConfig(...)))")
+
+
 def nearest_names(name: str, names: Sequence[str], n: int = 5) -> list[str]:
     close = difflib.get_close_matches(name, names, n=n, cutoff=0.4)
     return close or [x for x in names if x and "." not in x][:n]
@@ -314,6 +329,11 @@ class FrozenTeacher(nn.Module):
             otherwise, when the teacher is built or moved. `fp8_layers` lists the converted layers.
             Quantised from the source's own precision, before the cast: prune, quantise and cast, then
             shard.
+        adapters_off: (keyword) a shared-weights teacher for a LoRA student (default False): the model
+            itself (copy=False), holding peft adapters (diffusers' `add_adapter`), run in eval mode with
+            its adapters switched off (`disable_adapters()`) for each teacher call, so its features are
+            the base model's; nothing is copied or frozen (the LoRA weights keep training; `held_bytes`
+            is 0) and the model is not a submodule of the teacher. No dtype, fp8 or checkpoint.
         example_inputs: (keyword) `(sample, timestep)` or `(sample, timestep, kwargs)` as the teacher
             will be called, for pruning a model the hook path runs: one traced forward (no grad) records
             which modules run and which parameters are read before the deepest tap fires (which modules
@@ -338,7 +358,7 @@ class FrozenTeacher(nn.Module):
 
     def __init__(self, model: nn.Module, layers: Sequence[str] | None = None, copy: bool = True,
                  dtype: torch.dtype | None = None, checkpoint: bool = False, *, prune: bool = True,
-                 example_inputs: tuple | None = None, fp8: bool = False):
+                 example_inputs: tuple | None = None, fp8: bool = False, adapters_off: bool = False):
         super().__init__()
         source = model if isinstance(model, FrozenTeacher) else None
         model = unwrap(model)
@@ -373,6 +393,11 @@ class FrozenTeacher(nn.Module):
                              "model stays as it is)")
         if fp8 and dtype is None:
             dtype = torch.bfloat16
+        if not isinstance(adapters_off, bool):
+            raise TypeError(f"adapters_off: expected a bool (True or False), got {type(adapters_off).__name__} "
+                            f"{adapters_off!r}")
+        if adapters_off:
+            _check_adapters_off(model, copy, dtype, checkpoint)
         if not isinstance(checkpoint, bool):
             raise TypeError(f"checkpoint: expected a bool (True or False), got {type(checkpoint).__name__} "
                             f"{checkpoint!r}")
@@ -436,8 +461,16 @@ class FrozenTeacher(nn.Module):
             to_fp8(model, _blocks_without_embeddings(model, adapter, stop) if adapter is not None else None)
         if dtype is not None:
             model = model.to(dtype)
-        model.eval().requires_grad_(False)
-        self.model = model
+        self.adapters_off = adapters_off
+        if adapters_off:
+            # The model being trained, not a part of this module: its parameters are not the teacher's
+            # (an optimizer over a parent module would not see them twice), its train/eval mode and
+            # requires_grad stay the trainer's; the teacher switches it to eval and its adapters off only
+            # for the span of each call.
+            object.__setattr__(self, "model", model)
+        else:
+            model.eval().requires_grad_(False)
+            self.model = model
         self.layers = layers
         self.dtype = dtype
 
@@ -448,7 +481,7 @@ class FrozenTeacher(nn.Module):
         self._fsdp_root = sharded and not copy  # copy=False on a sharded model
         self.shard_units: tuple[str, ...] = ()
         self.pruned: tuple[str, ...] = tuple(drop) if source is None else source.pruned + tuple(drop)
-        self.held_parameters, self.held_bytes = held(model)
+        self.held_parameters, self.held_bytes = (0, 0) if adapters_off else held(model)  # adapters_off: no copy
         self.fp8_layers: tuple[str, ...] = tuple(n for n, m in model.named_modules() if isinstance(m, FP8Linear))
         if fp8 and not self.fp8_layers:
             raise InputError(f"fp8: {type(model).__name__} has no nn.Linear layer with both dimensions multiples of "
@@ -494,6 +527,8 @@ class FrozenTeacher(nn.Module):
             raise InputError("shard: needs torch.distributed initialised (init_process_group) on every rank")
         if self._fsdp_root:
             raise InputError("shard: this teacher is already sharded")
+        if self.adapters_off:
+            raise InputError("shard: an adapters_off teacher is the model being trained; shard that model instead")
         from torch.distributed.device_mesh import init_device_mesh
         fully_shard, _ = fsdp2()
         if mesh is None:
@@ -531,6 +566,18 @@ class FrozenTeacher(nn.Module):
         return self._adapter is not None and not self._nested
 
     def forward(self, sample: torch.Tensor, timestep: torch.Tensor, **kwargs) -> list[torch.Tensor]:
+        if self.adapters_off:
+            model, was_training = self.model, self.model.training
+            model.eval()
+            model.disable_adapters()
+            try:
+                return self._features(sample, timestep, kwargs)
+            finally:
+                model.enable_adapters()
+                model.train(was_training)
+        return self._features(sample, timestep, kwargs)
+
+    def _features(self, sample: torch.Tensor, timestep: torch.Tensor, kwargs: dict) -> list[torch.Tensor]:
         if self.dtype is not None:
             sample = sample.to(self.dtype)
             kwargs = cast_kwargs(kwargs, self.dtype)  # the timestep stays outside the cast
@@ -586,5 +633,6 @@ class FrozenTeacher(nn.Module):
     def extra_repr(self) -> str:
         return (f"layers={self.layers}, truncated={self.truncated}, stop={self._stop!r}, checkpoint={self.checkpoint}, "
                 f"held={self.held_parameters:,} parameters ({self.held_bytes / 2**20:.1f} MiB), "
-                f"pruned={len(self.pruned)} modules" + (f", fp8={len(self.fp8_layers)} Linear layers"
-                                                          if self.fp8_layers else ""))
+                f"pruned={len(self.pruned)} modules"
+                + (f", fp8={len(self.fp8_layers)} Linear layers" if self.fp8_layers else "")
+                + (", adapters_off=True (the model being trained, its adapters off)" if self.adapters_off else ""))
