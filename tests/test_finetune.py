@@ -320,3 +320,31 @@ def test_two_processes_train_together_as_one_with_the_same_global_batch(tiny_sd,
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
     losses = lambda run: [r["loss"] for r in log_rows(run) if "loss" in r]  # noqa: E731
     assert losses(tmp_path / "one") == pytest.approx(losses(tmp_path / "two"), rel=1e-4)
+
+
+@pytest.mark.slow
+def test_a_lora_fine_tune_trains_only_the_lora_weights_against_the_base_model_and_saves_them_for_diffusers(
+        tiny_sd, captioned, tmp_path):
+    from diffusers import DiffusionPipeline
+    from safetensors.torch import load_file
+
+    from fastperc.recipes.finetune.loop import build
+    job = build(config(tiny_sd, captioned, tmp_path / "probe", lora_rank=4))
+    assert job.teacher.adapters_off and job.teacher.model is job.accelerator.unwrap_model(job.unet)
+    assert job.teacher.held_bytes == 0 and len(job.trained) == sum(p.requires_grad for p in job.unet.parameters())
+    result = finetune(config(tiny_sd, captioned, tmp_path / "run", lora_rank=4, max_steps=3, lr=1e-3))
+    state = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
+    base = unet_weights(tiny_sd)
+    for name, value in state.items():  # the base weights never move; LoRA keys are the only new ones
+        if "lora_" not in name:
+            assert torch.equal(value, base[name.replace(".base_layer", "")]), name
+    final = Path(result["pipeline"])
+    assert (final / "pytorch_lora_weights.safetensors").is_file() and not (final / "unet").exists()
+    pipe = DiffusionPipeline.from_pretrained(str(tiny_sd), local_files_only=True)
+    sample = lambda: pipe("a red square", height=16, width=16, num_inference_steps=2, output_type="np",  # noqa: E731
+                          generator=torch.Generator().manual_seed(0)).images[0]
+    before = sample()
+    pipe.load_lora_weights(str(final))
+    assert not (sample() == before).all()
+    with pytest.raises(InputError, match="lora_rank: .*--teacher-precision"):
+        finetune(config(tiny_sd, captioned, tmp_path / "bad", lora_rank=4, teacher_precision="bf16"))

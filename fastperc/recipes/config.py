@@ -384,6 +384,10 @@ class FinetuneConfig(ObjectiveOptions):
                                    resumable=True)
     gradient_checkpointing: bool = option(False, "recompute the fine-tuned UNet's activations in backward (less "
                                           "memory, one more forward)", type=bool, resumable=True)
+    lora_rank: int = option(0, "train LoRA adapters of this rank on the UNet's attention projections (peft) instead "
+                            "of the whole UNet; the teacher is then the same UNet with its adapters off (no copy), "
+                            "and OUT/final holds the LoRA weights (pipe.load_lora_weights)", type=int,
+                            bound="non_negative")
     objective: str = shared("objective", default="self_perceptual",
                             help="self_perceptual: the frozen pretrained UNet is the teacher; mse: the equal-step "
                                  "baseline to compare against")
@@ -423,6 +427,9 @@ class FinetuneConfig(ObjectiveOptions):
         """Every option against its definition, then the combinations; an InputError names the option."""
         check_options(self)
         self.check_shared()
+        if self.lora_rank and (self.teacher_precision != "same" or self.teacher_checkpoint):
+            raise InputError("lora_rank: a LoRA run's teacher is the UNet being trained, with its adapters off; "
+                             "--teacher-precision and --teacher-checkpoint would change that UNet (leave them out)")
         if 0 < self.validation_cfg <= 1:  # a scale of 1 or less is no guidance: the first column already
             raise InputError(f"validation_cfg: expected 0 (no guided column) or a guidance scale > 1, got "
                              f"{self.validation_cfg}")

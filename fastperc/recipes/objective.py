@@ -82,17 +82,24 @@ class TimestepStrata:
 
 @torch.no_grad()
 def ema_update(ema: nn.Module, model: nn.Module, decay: float, apply: torch.Tensor | None = None) -> None:
-    """ema += (1 - decay) * (model - ema). `apply`, a 0-d device tensor (1 or 0), gates the update
-    without a host sync: a skipped (non-finite) step leaves the EMA as it was."""
-    ema_p, p = list(ema.parameters()), list(model.parameters())
+    """ema += (1 - decay) * (model - ema) over every parameter, the buffers copied. `apply`, a 0-d device
+    tensor (1 or 0), gates the update without a host sync: a skipped (non-finite) step leaves the EMA as it
+    was."""
+    ema_tensors_update(list(ema.parameters()), list(model.parameters()), decay, apply)
+    for eb, b in zip(ema.buffers(), model.buffers()):
+        eb.copy_(b)
+
+
+@torch.no_grad()
+def ema_tensors_update(ema_p: list[torch.Tensor], p: list[torch.Tensor], decay: float,
+                       apply: torch.Tensor | None = None) -> None:
+    """The EMA step of `ema_update` over matching lists of tensors (e.g. only a LoRA student's weights)."""
     if apply is None:
         torch._foreach_lerp_(ema_p, p, 1.0 - decay)
     else:
         delta = torch._foreach_sub(p, ema_p)
         torch._foreach_mul_(delta, apply.to(ema_p[0].dtype) * (1.0 - decay))
         torch._foreach_add_(ema_p, delta)
-    for eb, b in zip(ema.buffers(), model.buffers()):
-        eb.copy_(b)
 
 
 def warmup_length(cfg) -> int:

@@ -31,7 +31,7 @@ from ..config import FINETUNE_RESUMABLE_OPTIONS, FinetuneConfig
 from ..objective import TimestepStrata, ema_update, lr_factor, objective_loss, seed_for, warmup_length
 from ..run_files import (StopFlag, agreed_stop, append_log, last_logged_loss, log_step, refuse_changed_options,
                          refuse_or_clear_earlier_run, trim_log)
-from . import captioned_images, latent_cache, pipeline, validation
+from . import captioned_images, latent_cache, lora, pipeline, validation
 
 CHECKPOINT = "checkpoint"
 
@@ -51,7 +51,8 @@ class Job:
     accelerator: object
     pipe: object
     unet: nn.Module          # prepared by accelerate (DDP-wrapped with several processes)
-    ema: nn.Module | None
+    trained: list            # the parameters that train: all of the UNet's, or its LoRA weights
+    ema: nn.Module | None    # the EMA UNet, or with LoRA the EMA of the LoRA weights (lora.LoraEMA)
     teacher: FrozenTeacher | None
     opt: object
     counters: Counters
@@ -128,19 +129,25 @@ def build(cfg: FinetuneConfig) -> Job:
 
     schedule = NoiseSchedule.from_diffusers(pipe.scheduler)
     unet = pipe.unet
+    trained = lora.add_lora(unet, cfg.lora_rank) if cfg.lora_rank else list(unet.parameters())
     teacher = None
-    if cfg.objective == "self_perceptual":  # the pretrained UNet, frozen and pruned, before it trains
-        dtype = None if cfg.teacher_precision == "same" else torch.bfloat16
-        teacher = FrozenTeacher(unet, cfg.layers, checkpoint=cfg.teacher_checkpoint, dtype=dtype,
-                                fp8=cfg.teacher_precision == "fp8")
+    if cfg.objective == "self_perceptual":
+        if cfg.lora_rank:  # the base weights are the teacher: the same UNet with its adapters off
+            teacher = FrozenTeacher(unet, cfg.layers, copy=False, adapters_off=True)
+        else:  # the pretrained UNet, frozen and pruned, before it trains
+            dtype = None if cfg.teacher_precision == "same" else torch.bfloat16
+            teacher = FrozenTeacher(unet, cfg.layers, checkpoint=cfg.teacher_checkpoint, dtype=dtype,
+                                    fp8=cfg.teacher_precision == "fp8")
         if cfg.layers is None:
             cfg = replace(cfg, layers=teacher.layers)
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
     unet.train()
-    ema = copy.deepcopy(unet).eval().requires_grad_(False) if cfg.ema_decay > 0 else None
+    ema = None
+    if cfg.ema_decay > 0:
+        ema = lora.LoraEMA(trained) if cfg.lora_rank else copy.deepcopy(unet).eval().requires_grad_(False)
     lr = torch.tensor(cfg.lr, device=device)
-    opt = torch.optim.AdamW(unet.parameters(), lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
+    opt = torch.optim.AdamW(trained, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
     counters = Counters().to(device)
     unet, opt = accelerator.prepare(unet, opt)
     accelerator.register_for_checkpointing(counters)
@@ -159,7 +166,7 @@ def build(cfg: FinetuneConfig) -> Job:
     t_prime = cfg.t_prime_distribution()
     t_prime.bounds(schedule.num_train_timesteps)
     side = cfg.resolution // pipe.vae_scale_factor
-    return Job(cfg, accelerator, pipe, unet, ema, teacher, opt, counters, schedule, strata, t_prime, found, encoded,
+    return Job(cfg, accelerator, pipe, unet, trained, ema, teacher, opt, counters, schedule, strata, t_prime, found, encoded,
                (pipe.unet.config.in_channels, side, side), start, elapsed, resumed)
 
 
@@ -221,7 +228,11 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
     c.bad += ~ok
     c.bad_in_row.copy_((c.bad_in_row + 1) * (~ok))
     if job.ema is not None:
-        ema_update(job.ema, acc.unwrap_model(job.unet), min(cfg.ema_decay, (1 + k) / (10 + k)), ok)
+        decay = min(cfg.ema_decay, (1 + k) / (10 + k))
+        if cfg.lora_rank:
+            job.ema.update(job.trained, decay, ok)
+        else:
+            ema_update(job.ema, acc.unwrap_model(job.unet), decay, ok)
     return total
 
 
@@ -251,6 +262,20 @@ def save_checkpoint(job: Job, k: int, t0: float) -> None:
     acc.wait_for_everyone()
 
 
+@contextlib.contextmanager
+def _final_weights(job: Job):
+    """The UNet with the weights the result gets: the EMA UNet when kept; with LoRA the trained UNet with
+    the LoRA weights' EMA swapped in for the span of the block; else the trained UNet."""
+    unet = job.accelerator.unwrap_model(job.unet)
+    if job.ema is None:
+        yield unet
+    elif job.cfg.lora_rank:
+        with job.ema.swapped_in(job.trained):
+            yield unet
+    else:
+        yield job.ema
+
+
 def validation_prompts(job: Job) -> list[str]:
     """--validation-prompt, else the first two distinct captions of the data (or the empty prompt)."""
     if job.cfg.validation_prompt:
@@ -264,9 +289,9 @@ def validate(job: Job, k: int, log_path: Path) -> Path | None:
     acc = job.accelerator
     if not acc.is_main_process:
         return None
-    unet = job.ema if job.ema is not None else acc.unwrap_model(job.unet)
-    image = validation.grid(job.pipe, unet, validation_prompts(job), job.cfg.resolution, job.cfg.validation_steps,
-                            job.cfg.validation_cfg, job.cfg.seed, job.device)
+    with _final_weights(job) as unet:
+        image = validation.grid(job.pipe, unet, validation_prompts(job), job.cfg.resolution,
+                                job.cfg.validation_steps, job.cfg.validation_cfg, job.cfg.seed, job.device)
     path = validation.write(image, job.out / "validation", k)
     append_log(log_path, {"step": k, "event": "validation", "grid": str(path.relative_to(job.out))})
     return path
@@ -322,8 +347,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if job.start < cfg.max_steps or not (job.out / "final").exists():
             validate(job, k, log_path)
             if acc.is_main_process:
-                unet = job.ema if job.ema is not None else acc.unwrap_model(job.unet)
-                pipeline.write_pipeline(cfg.pretrained, unet, job.out / "final")
+                with _final_weights(job) as unet:
+                    if cfg.lora_rank:
+                        lora.save(job.pipe, unet, job.out / "final")
+                    else:
+                        pipeline.write_pipeline(cfg.pretrained, unet, job.out / "final")
         final = job.out / "final"
     acc.wait_for_everyone()
     acc.end_training()
