@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The one prepared check for a lent GPU machine (no network; its python3 holds torch, triton, pytest,
+# The one prepared check for a GPU machine (no network needed; its python3 holds torch, triton, pytest,
 # pytest-benchmark and hypothesis): build the CUDA extension in place for this GPU, prove the cuda and
 # triton backends and the FP8 teacher against their references on the GPU, and time the ops and the
 # training step.
@@ -12,17 +12,17 @@
 #                                                pruned + checkpointed teacher on the SD-sized step)
 #   bash benchmarks/gpu_check.sh --stages a,b    exactly these stages (names below), in rank order
 #   bash benchmarks/gpu_check.sh --budget S      skip a stage whose (GPU) time limit would end past S
-#                                                seconds (default 560: one 10-minute device call)
+#                                                seconds (default 560: a run of at most 10 minutes)
 #   bash benchmarks/gpu_check.sh --dry-run       the same stages on this CPU with tiny shapes
 #
-# Stages run in rank order, whatever the options: what a GPU job most needs first. In a 15-minute job
-# (start-up included) the first call `--step` runs env .. step_sd3 (535 s of limits); the compiled stage
-# (300 s) fits a second call on the still-warm machine only when start-up was short
-# (`--stages step_compiled`: the extension built by the first call is still there); else it opens the
-# next job. On a fresh machine, name `build` again with the stages that need the CUDA extension.
+# Stages run in rank order, whatever the options: what a GPU job most needs first. `--step` runs env ..
+# step_sd3 (550 s of limits), which leaves the compiled stage (300 s) out of the default budget unless
+# the stages end early; a second run on the same machine takes it (`--stages step_compiled`: the
+# extension built by the first run is still there); on a fresh machine, name `build` again with the
+# stages that need the CUDA extension.
 #
-# Output folder: $GPU_CHECK_OUT, else $OUT (the device tool's), else benchmarks/gpu_out. Each stage
-# writes <stage>.log there as it runs, so a timeout still leaves what ran; summary.md lists the stages.
+# Output folder: $GPU_CHECK_OUT, else $OUT (a job runner's output folder), else benchmarks/gpu_out. Each
+# stage writes <stage>.log there as it runs, so a timeout still leaves what ran; summary.md lists the stages.
 # A failed CUDA build does not stop the rest: the triton checks and the tables still run.
 # FASTPERC_WHEELS=DIR: wheels to install first (no index), e.g. diffusers on a machine without network;
 # without diffusers the UNet stages use fastperc's own UNet at the SD block widths and step_sd3 fails.

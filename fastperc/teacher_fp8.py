@@ -151,8 +151,9 @@ class FP8Linear(nn.Module):
             x2d = x2d.contiguous()
         # As nn.Linear does: under autocast the product comes out in autocast's dtype, not the input's
         # (a LayerNorm before it gives fp32 under autocast).
-        kind = x.device.type
-        out_dtype = torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else x.dtype
+        kind = x.device.type  # (the meta device of a FLOP count has no autocast)
+        autocast = kind != "meta" and torch.is_autocast_enabled(kind)
+        out_dtype = torch.get_autocast_dtype(kind) if autocast else x.dtype
         out = _FP8Matmul.apply(x2d, self.weight_fp8, self.weight_scale, out_dtype)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)  # no-op in a teacher (its bias is in its dtype)

@@ -99,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
 # Modules of the application's extras (`pip install fastperc[train]`, `fastperc[finetune]`): the library
 # itself needs only torch and numpy, so a plain install reaches them only when a command runs.
 TRAIN_EXTRA = {"scipy": "scipy", "PIL": "Pillow", "matplotlib": "matplotlib", "mlxtend": "mlxtend", "tqdm": "tqdm"}
-FINETUNE_EXTRA = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate"}
+FINETUNE_EXTRA = {"diffusers": "diffusers", "transformers": "transformers", "accelerate": "accelerate", "peft": "peft",
+                  "datasets": "datasets"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -174,7 +175,8 @@ def _dispatch(args) -> int:
             return 128 + result["interrupted"]
         skipped = f" ({result['skipped_images']} unreadable images skipped)" if result["skipped_images"] else ""
         loss = "n/a" if result["loss"] is None else f"{result['loss']:.5f}"
-        print(f"done: {result['step']} steps, loss {loss}{skipped}; the fine-tuned pipeline: {result['pipeline']}")
+        what = "the LoRA weights" if args.lora_rank else "the fine-tuned pipeline"
+        print(f"done: {result['step']} steps, loss {loss}{skipped}; {what}: {result['pipeline']}")
         return 0
     if args.command == "sample":
         import torch

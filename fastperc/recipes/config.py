@@ -296,7 +296,7 @@ def add_options(parser: argparse.ArgumentParser, config: type) -> None:
                 groups[meta["group"]] = parser.add_mutually_exclusive_group()
             target = groups[meta["group"]]
         kw = dict(dest=f.name, help=help_text)
-        if isinstance(f.default, tuple) and not meta["model"]:
+        if isinstance(f.default, tuple) and not meta["model"] and not meta.get("repeat"):
             kw["help"] = f"{help_text} (default: {','.join(map(str, f.default))})"
         if meta["model"]:
             default = meta["default"]
@@ -356,8 +356,9 @@ def shared(name: str, **changes) -> Field:
 @dataclass(kw_only=True)
 class FinetuneConfig(ObjectiveOptions):
     """The options of `fastperc finetune`: a diffusers pipeline folder fine-tuned on captioned images."""
-    out: str = shared("out", help="run folder: checkpoint/ (accelerate state), log.jsonl, cache/ (encoded latents "
-                                  "and captions), validation/ (PNG grids), final/ (the fine-tuned pipeline)")
+    out: str = shared("out", help="run folder: checkpoint/ (accelerate's state), log.jsonl, cache/ (encoded "
+                                  "latents and captions), validation/ (PNG grids), final/ (at the end: the "
+                                  "fine-tuned pipeline, or with --lora-rank its LoRA weights)")
     pretrained: str = option(MISSING, "a diffusers pipeline folder (Stable Diffusion 1.x / 2.x), loaded with local "
                              "files only; its UNet is fine-tuned and its frozen copy is the teacher", type=str,
                              study=False)
@@ -374,12 +375,13 @@ class FinetuneConfig(ObjectiveOptions):
     strict: bool = option(False, "an image that cannot be read is an error (default: skipped and counted)",
                           type=bool)
     validation_prompt: tuple[str, ...] = option((), "a prompt sampled at each validation; repeat the flag for "
-                                                "several (default: the first captions of the data)", type=(str,),
+                                                "several (default: the first two distinct captions of the data)",
+                                                type=(str,),
                                                 repeat=True, metavar="PROMPT", resumable=True)
     validate_every: int = option(0, "validation images every N steps (0: at the end only)", type=int,
                                  bound="non_negative", resumable=True)
-    validation_cfg: float = option(0.0, "also sample at this classifier-free guidance scale (0: without guidance "
-                                   "only)", type=float, bound="non_negative", resumable=True)
+    validation_cfg: float = option(0.0, "also sample at this classifier-free guidance scale, > 1 (0: without "
+                                   "guidance only)", type=float, bound="non_negative", resumable=True)
     validation_steps: int = option(25, "sampling steps per validation image", type=int, bound="positive",
                                    resumable=True)
     gradient_checkpointing: bool = option(False, "recompute the fine-tuned UNet's activations in backward (less "
@@ -392,7 +394,7 @@ class FinetuneConfig(ObjectiveOptions):
                             help="self_perceptual: the frozen pretrained UNet is the teacher; mse: the equal-step "
                                  "baseline to compare against")
     mse_weight: float = shared("mse_weight")
-    layers: tuple[str, ...] | None = shared("layers")
+    layers: tuple[str, ...] | None = shared("layers", help="comma-separated teacher layers (default: mid_block)")
     layer_weights: tuple[float, ...] | None = shared("layer_weights")
     feature_norm: str = shared("feature_norm")
     t_prime_range: tuple[int, int] | None = shared("t_prime_range")
@@ -412,14 +414,18 @@ class FinetuneConfig(ObjectiveOptions):
     ema_decay: float = shared("ema_decay", help="EMA decay, warmed up as (1+step)/(10+step); 0: no EMA (the final "
                                                 "pipeline gets the EMA UNet when there is one)")
     precision: str = shared("precision")
-    teacher_precision: str = shared("teacher_precision")
+    teacher_precision: str = shared("teacher_precision", help="the teacher's weights: as the pretrained UNet's "
+                                    "(same: fp32 as loaded, even with --precision bf16), bf16, or fp8 (Linear layers in "
+                                    "FP8, the rest bf16; CUDA sm_89 or newer, or the CPU); not with --lora-rank")
     teacher_checkpoint: bool = shared("teacher_checkpoint")
     seed: int = shared("seed")
     max_steps: int = shared("max_steps")
     save_every: int = shared("save_every", help="checkpoint every N steps (and on SIGTERM / Ctrl-C)")
     log_every: int = shared("log_every")
     max_bad_steps: int = shared("max_bad_steps")
-    resume: bool = shared("resume", help="continue from OUT/checkpoint when present (with the same options)")
+    resume: bool = shared("resume", help="continue from OUT/checkpoint when present, with the same options (where "
+                                         "and how long it runs and reports may change: a larger --max-steps extends "
+                                         "a finished run); without a checkpoint it starts fresh")
     overwrite: bool = shared("overwrite")
     progress: bool = shared("progress")
 

@@ -5,6 +5,7 @@ images with the self-perceptual objective, the pretrained UNet's frozen copy as 
     captioned_images.py  the images and captions (imagefolder + metadata.jsonl, or a saved dataset)
     latent_cache.py      latents and caption states encoded once under OUT/cache
     validation.py        PNG grids of validation prompts, with and without guidance
+    lora.py              --lora-rank: peft adapters, the EMA of their weights, diffusers' LoRA file
     loop.py              the accelerate loop: steps, checkpoints, resume, logs, the final pipeline
 """
 from .loop import finetune

@@ -23,11 +23,23 @@ class Encoded:
     empty: torch.Tensor           # (tokens, width): the empty prompt (caption dropout)
 
 
+def _stamp(path: Path) -> list:
+    """A file's identity for the cache: its path, size and modification time (an edit re-encodes)."""
+    st = path.stat()
+    return [str(path), st.st_size, st.st_mtime_ns]
+
+
 def _key(pretrained: str, found: captioned_images.CaptionedImages, resolution: int, random_crop: bool,
          seed: int) -> str:
+    """What the encoding depends on: the pipeline's text encoders, tokenizers and VAE (their files), the
+    images (files, or a dataset's image sizes), the captions, the resolution, the crops and the seed."""
+    root = Path(pretrained).resolve()
+    parts = sorted(p for p in root.rglob("*") if p.is_file() and p.relative_to(root).parts[0].startswith(
+        ("text_encoder", "tokenizer", "vae")))
     h = hashlib.sha256()
-    h.update(json.dumps([str(Path(pretrained).resolve()), found.source, resolution, random_crop, seed, found.captions,
-                         [str(i) if isinstance(i, (str, Path)) else i.size for i in found.images]]).encode())
+    h.update(json.dumps([[_stamp(p) for p in parts], found.source, resolution, random_crop, seed, found.captions,
+                         [_stamp(Path(i)) if isinstance(i, (str, Path)) else list(i.size) for i in found.images]]
+                        ).encode())
     return h.hexdigest()
 
 
