@@ -10,12 +10,14 @@ from fastperc import FrozenTeacher, InputError, NoiseSchedule, self_perceptual_l
 
 from .test_diffusers import cond_unet
 
-peft = pytest.importorskip("peft")
+# peft takes seconds to import (it loads transformers): these run in the slow suite, and import it there.
+pytestmark = pytest.mark.slow
 
 
 def lora_unet(rank: int = 4):
     """A UNet2DConditionModel with LoRA on its attention projections (as diffusers' LoRA scripts add it),
     the LoRA B matrices drawn non-zero so that the adapters change the output."""
+    peft = pytest.importorskip("peft")
     unet = cond_unet()
     unet.requires_grad_(False)
     unet.add_adapter(peft.LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
