@@ -116,6 +116,44 @@ class StopFlag:
             signal.signal(s, h)
 
 
+def step_loop(*, start: int, max_steps: int, log_every: int, save_every: int, world: int, device, bar,
+              loss: float | None, step: Callable[[int], torch.Tensor], log: Callable[[int, torch.Tensor], float],
+              save: Callable[[int], None], after: Callable[[int], None] | None = None
+              ) -> tuple[int, int, float | None]:
+    """The steps start .. max_steps - 1 of a training loop: `step(k)` runs step k and gives its mean loss on
+    the device; `log(done, loss)` writes a log line every `log_every` steps and at the last one (the only
+    host reads); the progress bar follows with the last logged loss; SIGINT / SIGTERM stop the loop at
+    the end of a step (one process: on its own flag; several: agreed on logging steps only, when they
+    read the device anyway, so no step waits on the host); `save(done)` writes a checkpoint every
+    `save_every` steps, at the last step and on a signal; `after(done)` runs after each step's save unless
+    it stops. Returns (the step reached, the signal or 0, the last logged loss)."""
+    k, signum = start, 0
+    with StopFlag() as stop:
+        for k in range(start, max_steps):
+            total = step(k)
+            done = k + 1
+            logged = done % log_every == 0 or done == max_steps
+            if logged:
+                loss = log(done, total)
+            if bar is not None:
+                bar.update(1)
+                if loss is not None:
+                    bar.set_postfix(loss=f"{loss:.4f}")
+            if world == 1:
+                signum = stop.signum
+            elif logged:
+                signum = agreed_stop(stop.signum, world, device)
+            if done % save_every == 0 or done == max_steps or signum:
+                save(done)
+            if signum:
+                return done, signum, loss
+            if after is not None:
+                after(done)
+        else:
+            k = max_steps
+    return k, signum, loss
+
+
 def agreed_stop(signum: int, world: int, device) -> int:
     """All ranks stop at the same step when any of them got a signal (a host read: logging steps only)."""
     flag = torch.tensor([signum], device=device)

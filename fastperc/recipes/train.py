@@ -26,8 +26,8 @@ from .config import MODEL_OPTIONS, RESUMABLE_OPTIONS, TrainConfig, with_model_op
 from .objective import TimestepStrata, ema_update, lr_factor, warmup_length
 from .objective import objective_loss as _objective  # by this name: tests replace it here
 from .objective import seed_for as _seed_for
-from .run_files import (StopFlag, agreed_stop, append_log, last_logged_loss, log_step,
-                        refuse_changed_options, refuse_or_clear_earlier_run, trim_log)
+from .run_files import (append_log, last_logged_loss, log_step, refuse_changed_options, refuse_or_clear_earlier_run,
+                        step_loop, trim_log)
 from .models import build_model, load_model, model_config_of, model_options_of, null_class, predict, schedule_of
 from ..errors import InputError
 
@@ -284,35 +284,22 @@ def train(cfg: TrainConfig) -> dict:
     if run.rank == 0 and cfg.progress:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=run.start, desc=f"{cfg.objective} -> {run.out}", dynamic_ncols=True)
-    loss_value = last_logged_loss(log_path) if run.resumed else None
     warmup = warmup_length(cfg)
-    step, signum, last_log = run.start, 0, (time.time(), run.start)
-    with StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
-        for step in range(run.start, cfg.max_steps):
-            total = train_step(run, step, warmup)
-            done = step + 1
-            logged = done % cfg.log_every == 0 or done == cfg.max_steps
-            if logged:
-                loss_value, last_log = _log_step(run, log_path, done, total, t0, last_log)
-            if bar is not None:
-                bar.update(1)
-                if loss_value is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
-            # A signal: one process acts on its own flag at the end of the step; several agree on logging
-            # steps only (they read the device anyway), so no step waits on the host for it.
-            if run.world == 1:
-                signum = stop.signum
-            elif logged:
-                signum = agreed_stop(stop.signum, run.world, run.device)
-            if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
-                run.save(done, t0)
-            if signum:
-                step = done
-                break
-        else:
-            step = cfg.max_steps
-            if run.start == cfg.max_steps and not run.resumed:
-                run.save(step, t0)
+    last_log = (time.time(), run.start)
+
+    def log(done: int, total: torch.Tensor) -> float:
+        nonlocal last_log
+        loss, last_log = _log_step(run, log_path, done, total, t0, last_log)
+        return loss
+
+    with bar if bar is not None else contextlib.nullcontext():
+        step, signum, loss_value = step_loop(
+            start=run.start, max_steps=cfg.max_steps, log_every=cfg.log_every, save_every=cfg.save_every,
+            world=run.world, device=run.device, bar=bar,
+            loss=last_logged_loss(log_path) if run.resumed else None,
+            step=lambda k: train_step(run, k, warmup), log=log, save=lambda done: run.save(done, t0))
+    if run.start == cfg.max_steps and not run.resumed:
+        run.save(step, t0)  # nothing to run (max_steps 0, or --init at its length): still a checkpoint
     if run.world > 1:
         dist.barrier()
     return {"step": step, "steps_run": step - run.start, "loss": loss_value, "finished": step >= cfg.max_steps,

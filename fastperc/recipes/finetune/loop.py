@@ -29,8 +29,8 @@ from ...schedule import NoiseSchedule
 from ...teacher import FrozenTeacher
 from ..config import FINETUNE_RESUMABLE_OPTIONS, FinetuneConfig
 from ..objective import TimestepStrata, ema_update, lr_factor, objective_loss, seed_for, warmup_length
-from ..run_files import (StopFlag, agreed_stop, append_log, last_logged_loss, log_step, refuse_changed_options,
-                         refuse_or_clear_earlier_run, trim_log)
+from ..run_files import (append_log, last_logged_loss, log_step, refuse_changed_options, refuse_or_clear_earlier_run,
+                         step_loop, trim_log)
 from . import captioned_images, latent_cache, lora, pipeline, validation
 
 CHECKPOINT = "checkpoint"
@@ -315,33 +315,25 @@ def finetune(cfg: FinetuneConfig) -> dict:
         from tqdm import tqdm
         bar = tqdm(total=cfg.max_steps, initial=job.start, desc=f"finetune {cfg.objective}", unit="step",
                    dynamic_ncols=True)
-    loss_value = last_logged_loss(log_path) if job.resumed else None
     warmup = warmup_length(cfg)
-    k, signum, last_log = job.start, 0, (time.time(), job.start)
-    with StopFlag() as stop, (bar if bar is not None else contextlib.nullcontext()):
-        for k in range(job.start, cfg.max_steps):
-            total = step(job, k, warmup)
-            done = k + 1
-            logged = done % cfg.log_every == 0 or done == cfg.max_steps
-            if logged:
-                loss_value, last_log = _log_step(job, log_path, done, total, t0, last_log)
-            if bar is not None:
-                bar.update(1)
-                if loss_value is not None:
-                    bar.set_postfix(loss=f"{loss_value:.4f}")
-            if acc.num_processes == 1:
-                signum = stop.signum
-            elif logged:
-                signum = agreed_stop(stop.signum, acc.num_processes, acc.device)
-            if done % cfg.save_every == 0 or done == cfg.max_steps or signum:
-                save_checkpoint(job, done, t0)
-            if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.max_steps and not signum:
-                validate(job, done, log_path)
-            if signum:
-                k = done
-                break
-        else:
-            k = cfg.max_steps
+    last_log = (time.time(), job.start)
+
+    def log(done: int, total: torch.Tensor) -> float:
+        nonlocal last_log
+        loss, last_log = _log_step(job, log_path, done, total, t0, last_log)
+        return loss
+
+    def after(done: int) -> None:
+        if cfg.validate_every and done % cfg.validate_every == 0 and done < cfg.max_steps:
+            validate(job, done, log_path)
+
+    with bar if bar is not None else contextlib.nullcontext():
+        k, signum, loss_value = step_loop(
+            start=job.start, max_steps=cfg.max_steps, log_every=cfg.log_every, save_every=cfg.save_every,
+            world=acc.num_processes, device=acc.device, bar=bar,
+            loss=last_logged_loss(log_path) if job.resumed else None,
+            step=lambda k: step(job, k, warmup), log=log, save=lambda done: save_checkpoint(job, done, t0),
+            after=after)
     final = None
     if k >= cfg.max_steps:
         if job.start < cfg.max_steps or not (job.out / "final").exists():
