@@ -67,13 +67,13 @@ def test_one_fine_tune_step_learns_logs_checkpoints_and_writes_the_pipeline(tiny
 
 def test_a_folder_that_is_not_a_pipeline_or_another_family_is_refused(tmp_path):
     with pytest.raises(InputError, match="pretrained: .* is not a diffusers pipeline folder"):
-        pipeline.pipeline_class(tmp_path)
+        pipeline.pipeline_family(tmp_path)
     with pytest.raises(InputError, match="pretrained: .* is not a folder"):
-        pipeline.pipeline_class(tmp_path / "missing")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "StableDiffusionXLPipeline"}))
-    with pytest.raises(InputError, match=r"holds a StableDiffusionXLPipeline; fastperc finetune supports "
-                                         r"StableDiffusionPipeline \(Stable Diffusion 1.x / 2.x\)"):
-        pipeline.pipeline_class(tmp_path)
+        pipeline.pipeline_family(tmp_path / "missing")
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
+    with pytest.raises(InputError, match=r"holds a FluxPipeline; fastperc finetune supports StableDiffusionPipeline "
+                                         r"\(Stable Diffusion 1.x / 2.x\), StableDiffusionXLPipeline"):
+        pipeline.pipeline_family(tmp_path)
 
 
 def test_images_without_captions_are_an_error_unless_unconditional(tmp_path):
@@ -349,3 +349,27 @@ def test_a_lora_fine_tune_trains_only_the_lora_weights_against_the_base_model_an
     assert not (sample() == before).all()
     with pytest.raises(InputError, match="lora_rank: .*--teacher-precision"):
         finetune(config(tiny_sd, captioned, tmp_path / "bad", lora_rank=4, teacher_precision="bf16"))
+
+
+@pytest.mark.slow
+def test_sdxl_fine_tunes_with_its_two_encoders_and_size_conditioning_and_the_result_loads(captioned, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from fastperc.recipes.finetune.loop import build
+    from .tiny_pipelines import save_tiny_sdxl
+    sdxl = save_tiny_sdxl(tmp_path / "sdxl")
+    job = build(config(sdxl, captioned, tmp_path / "probe"))
+    assert job.family.sizes and set(job.encoded.prompts) == {"encoder_hidden_states", "text_embeds"}
+    # the images are 20 wide, 24 high: resized to 16 x 19, the centre crop starts 2 rows down; mirrored alike
+    assert job.encoded.time_ids[0].tolist() == [[24, 20, 2, 0, 16, 16], [24, 20, 2, 0, 16, 16]]
+    assert job.encoded.prompts["encoder_hidden_states"].shape[-1] == 64  # both encoders' states, concatenated
+    result = finetune(config(sdxl, captioned, tmp_path / "run", max_steps=2))
+    pipe = DiffusionPipeline.from_pretrained(result["pipeline"], local_files_only=True)
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    image = pipe("a red square", height=16, width=16, num_inference_steps=2, output_type="np").images[0]
+    assert image.shape == (16, 16, 3)
+    lora_run = finetune(config(sdxl, captioned, tmp_path / "lora", max_steps=2, lora_rank=4, random_crop=True))
+    base = DiffusionPipeline.from_pretrained(str(sdxl), local_files_only=True)
+    base.load_lora_weights(lora_run["pipeline"])
+    assert base("a red square", height=16, width=16, num_inference_steps=2, output_type="np").images[0].shape == \
+        (16, 16, 3)

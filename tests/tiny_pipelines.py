@@ -63,6 +63,36 @@ def save_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     return folder
 
 
+def save_tiny_sdxl(folder: Path) -> Path:
+    """A Stable Diffusion XL pipeline (two CLIP text encoders, the second with a projection; a UNet with
+    SDXL's text_time added conditioning), small enough for a CPU test, saved with save_pretrained. Image
+    sides: multiples of 4."""
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    torch.manual_seed(0)
+    tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-source")
+    config = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                  num_attention_heads=4, max_position_embeddings=77, projection_dim=32, bos_token_id=0,
+                  eos_token_id=1, pad_token_id=1)
+    text_encoder = CLIPTextModel(CLIPTextConfig(**config))
+    text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        norm_num_groups=8, sample_size=16)
+    unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
+                                layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
+                                attention_head_dim=8, norm_num_groups=8, addition_embed_type="text_time",
+                                addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32,
+                                use_linear_projection=True)
+    scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                                       prediction_type="epsilon", timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
 def write_captioned_images(folder: Path, n: int = 6, size: tuple[int, int] = (20, 24), seed: int = 0,
                            captions: list[str] | None = None) -> Path:
     """`n` small RGB PNGs (a coloured rectangle on noise) with metadata.jsonl (file_name, text)."""

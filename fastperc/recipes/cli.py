@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train with MSE or the self-perceptual objective")
     add_train_options(tr)
 
-    ft = sub.add_parser("finetune", help="fine-tune a diffusers pipeline folder (Stable Diffusion 1.x / 2.x) on "
+    ft = sub.add_parser("finetune", help="fine-tune a diffusers pipeline folder (Stable Diffusion 1.x / 2.x, XL) on "
                                          "captioned images; its frozen UNet is the teacher")
     add_options(ft, FinetuneConfig)
 

@@ -359,7 +359,7 @@ class FinetuneConfig(ObjectiveOptions):
     out: str = shared("out", help="run folder: checkpoint/ (accelerate's state), log.jsonl, cache/ (encoded "
                                   "latents and captions), validation/ (PNG grids), final/ (at the end: the "
                                   "fine-tuned pipeline, or with --lora-rank its LoRA weights)")
-    pretrained: str = option(MISSING, "a diffusers pipeline folder (Stable Diffusion 1.x / 2.x), loaded with local "
+    pretrained: str = option(MISSING, "a diffusers pipeline folder (Stable Diffusion 1.x / 2.x, XL), loaded with local "
                              "files only; its UNet is fine-tuned and its frozen copy is the teacher", type=str,
                              study=False)
     data: str = option(MISSING, "a folder of images with captions in metadata.jsonl (file_name, text), or a Hugging "

@@ -1,7 +1,8 @@
-"""`fastperc finetune`: fine-tune your own diffusers pipeline (Stable Diffusion 1.x / 2.x) on captioned
+"""`fastperc finetune`: fine-tune your own diffusers pipeline (Stable Diffusion 1.x / 2.x, XL) on captioned
 images with the self-perceptual objective, the pretrained UNet's frozen copy as the teacher.
 
-    pipeline.py          the pipeline folder: family, loading, encoding, writing the result
+    families.py          what differs per family: captions to conditioning, SDXL's size conditioning
+    pipeline.py          the pipeline folder: family, loading, encoding images, writing the result
     captioned_images.py  the images and captions (imagefolder + metadata.jsonl, or a saved dataset)
     latent_cache.py      latents and caption states encoded once under OUT/cache
     validation.py        PNG grids of validation prompts, with and without guidance

@@ -129,6 +129,23 @@ def _readable(found: CaptionedImages, strict: bool) -> CaptionedImages:
     return CaptionedImages(keep_images, keep_captions, found.source, skipped)
 
 
+def crop_geometry(image, resolution: int, crop: tuple[float, float] = (0.5, 0.5),
+                  flip: bool = False) -> tuple[tuple[int, int], int, int]:
+    """((original height, width), top, left) of the square `prepared` cuts: its corner in the resized
+    image, mirrored with `flip` (what SDXL's size conditioning takes)."""
+    from PIL import Image
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as im:
+            w, h = im.size
+    else:
+        w, h = image.size
+    scale = resolution / min(w, h)
+    size = (max(resolution, round(w * scale)), max(resolution, round(h * scale)))
+    left = round((size[0] - resolution) * crop[0])
+    top = round((size[1] - resolution) * crop[1])
+    return (h, w), top, (size[0] - resolution - left) if flip else left
+
+
 def prepared(image, resolution: int, crop: tuple[float, float] = (0.5, 0.5), flip: bool = False) -> torch.Tensor:
     """One image as a (3, resolution, resolution) tensor in [-1, 1]: RGB, the shorter side resized to
     `resolution` (bicubic), a square cropped at `crop` (relative position of its corner: (0.5, 0.5) is

@@ -1,6 +1,6 @@
 """What the fine-tune reads each step, encoded once: the latents of each image (its centre crop and its
-mirror image: one VAE posterior draw each) and its caption's text-encoder states, with the empty
-prompt's for caption dropout; kept under OUT/cache and reused while the pipeline, data and resolution
+mirror image: one VAE posterior draw each), its caption's conditioning (the family's encode_prompt), with
+the empty prompt's for caption dropout, and for SDXL each crop's size conditioning; kept under OUT/cache and reused while the pipeline, data and resolution
 are the same (a resumed run encodes nothing). With random crops the images are encoded per step instead
 and only the captions are cached."""
 from __future__ import annotations
@@ -13,14 +13,25 @@ from pathlib import Path
 
 import torch
 
-from . import captioned_images, pipeline
+from . import captioned_images, families, pipeline
 
 
 @dataclass
 class Encoded:
-    latents: torch.Tensor | None  # (N, 2, C, h, w): centre crop, mirrored; None with random crops
-    prompts: torch.Tensor         # (N, tokens, width): each image's caption
-    empty: torch.Tensor           # (tokens, width): the empty prompt (caption dropout)
+    latents: torch.Tensor | None          # (N, 2, C, h, w): centre crop, mirrored; None with random crops
+    prompts: dict[str, torch.Tensor]      # each image's caption: name -> (N, ...) (encoder_hidden_states, ...)
+    empty: dict[str, torch.Tensor]        # the empty prompt's (caption dropout): name -> (...)
+    time_ids: torch.Tensor | None = None  # SDXL: (N, 2, 6) for the centre crop and its mirror
+
+    def to(self, store: torch.device, device: torch.device) -> "Encoded":
+        """The per-image tensors on `store`, the empty prompt's on `device`."""
+        move = lambda t: None if t is None else t.to(store)  # noqa: E731
+        return Encoded(move(self.latents), {k: v.to(store) for k, v in self.prompts.items()},
+                       {k: v.to(device) for k, v in self.empty.items()}, move(self.time_ids))
+
+    def nbytes(self) -> int:
+        tensors = [self.latents, self.time_ids, *self.prompts.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
 def _stamp(path: Path) -> list:
@@ -43,8 +54,9 @@ def _key(pretrained: str, found: captioned_images.CaptionedImages, resolution: i
     return h.hexdigest()
 
 
-def encoded(pipe, pretrained: str, found: captioned_images.CaptionedImages, resolution: int, random_crop: bool,
-            cache: Path, device: torch.device, seed: int, is_main: bool = True, batch: int = 16) -> Encoded:
+def encoded(pipe, family: families.Family, pretrained: str, found: captioned_images.CaptionedImages,
+            resolution: int, random_crop: bool, cache: Path, device: torch.device, seed: int, is_main: bool = True,
+            batch: int = 16) -> Encoded:
     """The cached encoding for these inputs, made now if the cache holds another (or none). One process
     (`is_main`) writes it; the others must wait for it (the caller's barrier) and then read it."""
     key = _key(pretrained, found, resolution, random_crop, seed)
@@ -52,12 +64,15 @@ def encoded(pipe, pretrained: str, found: captioned_images.CaptionedImages, reso
     if file.is_file():
         held = torch.load(file, map_location="cpu", weights_only=True)
         if held.get("key") == key:
-            return Encoded(held["latents"], held["prompts"], held["empty"])
+            return Encoded(held["latents"], held["prompts"], held["empty"], held.get("time_ids"))
     if not is_main:
         raise RuntimeError(f"{file} is not ready: the main process encodes it first")
-    prompts = pipeline.encode_prompts(pipe, found.captions, device).half()
-    empty = pipeline.encode_prompts(pipe, [""], device)[0].half()
-    latents = None
+    prompts = {k: v.half() for k, v in family.encode(pipe, found.captions, device).items()}
+    empty = {k: v[0].half() for k, v in family.encode(pipe, [""], device).items()}
+    latents = time_ids = None
+    if family.sizes and not random_crop:
+        time_ids = torch.tensor([[families.time_ids(*captioned_images.crop_geometry(im, resolution, flip=flip),
+                                                    resolution) for flip in (False, True)] for im in found.images])
     if not random_crop:
         g = torch.Generator(device=device).manual_seed(seed)
         chunks = []
@@ -69,15 +84,19 @@ def encoded(pipe, pretrained: str, found: captioned_images.CaptionedImages, reso
         latents = torch.cat(chunks)
     cache.mkdir(parents=True, exist_ok=True)
     tmp = file.with_suffix(".tmp")
-    torch.save({"key": key, "latents": latents, "prompts": prompts, "empty": empty}, tmp)
+    torch.save({"key": key, "latents": latents, "prompts": prompts, "empty": empty, "time_ids": time_ids}, tmp)
     os.replace(tmp, file)
-    return Encoded(latents, prompts, empty)
+    return Encoded(latents, prompts, empty, time_ids)
 
 
 def random_crops(pipe, found: captioned_images.CaptionedImages, rows: list[int], resolution: int,
-                 draws: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Latents of a random crop of each image in `rows`, encoded now: `draws` (rows, 3) in [0, 1) place
-    the crop and flip it (third < 0.5), `eps` is the VAE posterior's standard normal draw."""
-    images = [captioned_images.prepared(found.images[r], resolution, crop=(a, b), flip=c < 0.5)
-              for r, (a, b, c) in zip(rows, draws.tolist())]
-    return pipeline.encode_images(pipe, torch.stack(images), eps=eps).float()
+                 draws: torch.Tensor, eps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(latents, SDXL time ids (rows, 6)) of a random crop of each image in `rows`, encoded now: `draws`
+    (rows, 3) in [0, 1) place the crop (left, top) and flip it (third < 0.5), `eps` is the VAE
+    posterior's standard normal draw."""
+    crops = [((a, b), c < 0.5) for a, b, c in draws.tolist()]
+    images = [captioned_images.prepared(found.images[r], resolution, crop=crop, flip=flip)
+              for r, (crop, flip) in zip(rows, crops)]
+    ids = [families.time_ids(*captioned_images.crop_geometry(found.images[r], resolution, crop, flip), resolution)
+           for r, (crop, flip) in zip(rows, crops)]
+    return pipeline.encode_images(pipe, torch.stack(images), eps=eps).float(), torch.tensor(ids, device=eps.device)

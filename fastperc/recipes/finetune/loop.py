@@ -50,6 +50,7 @@ class Job:
     cfg: FinetuneConfig
     accelerator: object
     pipe: object
+    family: object           # families.Family: how captions become the UNet's conditioning
     unet: nn.Module          # prepared by accelerate (DDP-wrapped with several processes)
     trained: list            # the parameters that train: all of the UNet's, or its LoRA weights
     ema: nn.Module | None    # the EMA UNet, or with LoRA the EMA of the LoRA weights (lora.LoraEMA)
@@ -110,7 +111,7 @@ def build(cfg: FinetuneConfig) -> Job:
     if cfg.batch_size % (world * cfg.grad_accum):
         raise InputError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
                          f"got {cfg.batch_size}")
-    pipe = pipeline.load(cfg.pretrained, device, cfg.progress)
+    pipe, family = pipeline.load(cfg.pretrained, device, cfg.progress)
     pipeline.check_resolution(pipe, cfg.resolution)
     found = captioned_images.load(cfg.data, cfg.unconditional, cfg.strict)
     held = checkpoint_folder(out)
@@ -120,12 +121,9 @@ def build(cfg: FinetuneConfig) -> Job:
                                     f"{CHECKPOINT}.tmp", "log.jsonl", "final", "validation")])
     accelerator.wait_for_everyone()
     with accelerator.main_process_first():  # the main process encodes; the others read its cache
-        encoded = latent_cache.encoded(pipe, cfg.pretrained, found, cfg.resolution, cfg.random_crop, out / "cache",
-                                       device, cfg.seed, is_main=accelerator.is_main_process)
-    size = sum(t.numel() * t.element_size() for t in (encoded.latents, encoded.prompts) if t is not None)
-    store = device if size <= ON_DEVICE_BYTES else torch.device("cpu")
-    encoded = latent_cache.Encoded(None if encoded.latents is None else encoded.latents.to(store),
-                                   encoded.prompts.to(store), encoded.empty.to(device))
+        encoded = latent_cache.encoded(pipe, family, cfg.pretrained, found, cfg.resolution, cfg.random_crop,
+                                       out / "cache", device, cfg.seed, is_main=accelerator.is_main_process)
+    encoded = encoded.to(device if encoded.nbytes() <= ON_DEVICE_BYTES else torch.device("cpu"), device)
 
     schedule = NoiseSchedule.from_diffusers(pipe.scheduler)
     unet = pipe.unet
@@ -166,7 +164,7 @@ def build(cfg: FinetuneConfig) -> Job:
     t_prime = cfg.t_prime_distribution()
     t_prime.bounds(schedule.num_train_timesteps)
     side = cfg.resolution // pipe.vae_scale_factor
-    return Job(cfg, accelerator, pipe, unet, trained, ema, teacher, opt, counters, schedule, strata, t_prime, found, encoded,
+    return Job(cfg, accelerator, pipe, family, unet, trained, ema, teacher, opt, counters, schedule, strata, t_prime, found, encoded,
                (pipe.unet.config.in_channels, side, side), start, elapsed, resumed)
 
 
@@ -195,22 +193,27 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
     ok = None
     for m in range(cfg.grad_accum):
         sl = slice(first + m * micro, first + (m + 1) * micro)
-        rows = idx[sl]
-        if job.encoded.latents is not None:
-            held = rows.to(job.encoded.latents.device)  # no copy while the cache is on the device
-            x0 = job.encoded.latents[held, flips[sl].to(held.device)].to(device).float()
+        rows, enc = idx[sl], job.encoded
+        held = rows.to(next(iter(enc.prompts.values())).device)  # no copy while the cache is on the device
+        time_ids = None
+        if enc.latents is not None:
+            x0 = enc.latents[held, flips[sl].to(held.device)].to(device).float()
+            if enc.time_ids is not None:
+                time_ids = enc.time_ids[held, flips[sl].to(held.device)].to(device)
         else:
-            x0 = latent_cache.random_crops(job.pipe, job.found, rows.tolist(), cfg.resolution, crops_all[sl],
-                                           eps_all[sl])
-        cached = job.encoded.prompts[rows.to(job.encoded.prompts.device)].to(device)
-        prompts = torch.where(drop_all[sl, None, None], job.encoded.empty, cached).float()
+            x0, time_ids = latent_cache.random_crops(job.pipe, job.found, rows.tolist(), cfg.resolution,
+                                                     crops_all[sl], eps_all[sl])
+        drop = drop_all[sl]
+        cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), enc.empty[k], v[held].to(device)).float()
+                for k, v in enc.prompts.items()}
+        kwargs = job.family.unet_kwargs(cond, time_ids if job.family.sizes else None)
         noise, t, t_prime = noise_all[sl], t_all[sl], t_prime_all[sl]
         with acc.accumulate(job.unet):
             with acc.autocast():  # bf16: the student and the teacher; the losses accumulate in fp32
                 x_t = job.schedule.add_noise(x0, noise, t, check=False)
-                pred = job.unet(x_t, t, encoder_hidden_states=prompts).sample.float()
-                loss = objective_loss(cfg, job.teacher, job.schedule, pred, x0, noise, t, t_prime,
-                                      {"encoder_hidden_states": prompts}, job.strata.k)
+                pred = job.unet(x_t, t, **kwargs).sample.float()
+                loss = objective_loss(cfg, job.teacher, job.schedule, pred, x0, noise, t, t_prime, kwargs,
+                                      job.strata.k)
             acc.backward(loss)  # divided by grad_accum by accelerate
             total += loss.detach() / cfg.grad_accum
             if acc.sync_gradients:

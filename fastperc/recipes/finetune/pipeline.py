@@ -9,14 +9,12 @@ from pathlib import Path
 import torch
 
 from ...errors import InputError, MissingFileError
-
-# model_index.json's _class_name -> the family fastperc fine-tunes it as.
-SUPPORTED = {"StableDiffusionPipeline": "Stable Diffusion 1.x / 2.x"}
+from .families import FAMILIES, Family
 
 
-def pipeline_class(folder: str | Path) -> str:
-    """The pipeline class a folder holds (model_index.json's _class_name); a clear error when the folder
-    is not a diffusers pipeline or holds a family fastperc does not fine-tune yet."""
+def pipeline_family(folder: str | Path) -> Family:
+    """The family of the pipeline a folder holds (model_index.json's _class_name); a clear error when the
+    folder is not a diffusers pipeline or holds a family fastperc does not fine-tune yet."""
     folder = Path(folder)
     if not folder.is_dir():
         raise MissingFileError(f"pretrained: {folder} is not a folder; expected a diffusers pipeline folder (with "
@@ -29,28 +27,31 @@ def pipeline_class(folder: str | Path) -> str:
         name = json.loads(index.read_text())["_class_name"]
     except (ValueError, KeyError) as exc:
         raise InputError(f"pretrained: {index} is not a diffusers model index (no _class_name): {exc}") from None
-    if name not in SUPPORTED:
+    if name not in FAMILIES:
         raise InputError(f"pretrained: {folder} holds a {name}; fastperc finetune supports "
-                         + ", ".join(f"{k} ({v})" for k, v in SUPPORTED.items()))
-    return name
+                         + ", ".join(f"{k} ({f.label})" for k, f in FAMILIES.items()))
+    return FAMILIES[name]
 
 
-def load(folder: str | Path, device: torch.device, progress: bool = True):
-    """The pipeline with local files only and without its safety checker (fine-tuning never runs it; the
-    written pipeline keeps the original's). Text encoder and VAE frozen on `device`; the UNet as saved."""
+def load(folder: str | Path, device: torch.device, progress: bool = True) -> tuple[object, Family]:
+    """(the pipeline, its family), loaded with local files only (Stable Diffusion's without its safety
+    checker: fine-tuning never runs it, and the written pipeline keeps the original's). Every part but
+    the UNet (text encoders, VAE) frozen on `device`; the UNet as saved."""
     import diffusers
     import transformers
-    pipeline_class(folder)
+    family = pipeline_family(folder)
     if not progress:
         diffusers.utils.logging.disable_progress_bar()
         transformers.utils.logging.disable_progress_bar()
-    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+    extra = {"safety_checker": None, "requires_safety_checker": False} if family.pipeline == \
+        "StableDiffusionPipeline" else {}
+    pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
-    for part in (pipe.text_encoder, pipe.vae):
-        part.to(device).eval().requires_grad_(False)
+    for name, part in pipe.components.items():
+        if isinstance(part, torch.nn.Module) and name != "unet":
+            part.to(device).eval().requires_grad_(False)
     pipe.unet.to(device)
-    return pipe
+    return pipe, family
 
 
 def resolution_step(pipe) -> int:
@@ -66,17 +67,6 @@ def check_resolution(pipe, resolution: int) -> None:
         lower, upper = max(step, resolution // step * step), (resolution // step + 1) * step
         raise InputError(f"resolution: this pipeline's VAE and UNet take sides that are multiples of {step}, got "
                          f"{resolution} (use {lower} or {upper})")
-
-
-@torch.no_grad()
-def encode_prompts(pipe, prompts: list[str], device: torch.device, batch: int = 64) -> torch.Tensor:
-    """The text encoder's hidden states for each prompt, as the pipeline conditions its UNet
-    (its own encode_prompt), in batches; float32 on the CPU."""
-    out = []
-    for i in range(0, len(prompts), batch):
-        embeds, _ = pipe.encode_prompt(prompts[i:i + batch], device, 1, False)
-        out.append(embeds.float().cpu())
-    return torch.cat(out)
 
 
 @torch.no_grad()
