@@ -193,7 +193,7 @@ def test_the_mse_baseline_random_crops_with_an_fp8_teacher_and_unconditional_run
                              teacher_precision="bf16"))
     assert mse["finished"] and crops["finished"] and uncond["finished"]
     held = torch.load(tmp_path / "crops" / "cache" / "encoded.pt", weights_only=True)
-    assert held["latents"] is None and held["prompts"].shape[0] == 6  # random crops: encoded per step
+    assert held["latents"] is None and held["prompts"]["encoder_hidden_states"].shape[0] == 6  # per step: the crops
 
 
 @pytest.mark.slow
