@@ -36,20 +36,26 @@ def clip_tokenizer(folder: Path):
     return CLIPTokenizer.from_pretrained(str(folder))
 
 
+def tiny_vae():
+    """An AutoencoderKL that halves each side into 4 latent channels (both tiny pipelines use it)."""
+    from diffusers import AutoencoderKL
+    return AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                         up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                         norm_num_groups=8, sample_size=16)
+
+
 def save_tiny_sd(folder: Path, prediction_type: str = "epsilon") -> Path:
     """A Stable Diffusion pipeline (UNet2DConditionModel with cross-attention, AutoencoderKL, CLIP text
     encoder, DDIM scheduler) small enough for a CPU test, saved with save_pretrained. The VAE halves,
     the UNet has two levels: image sides must be multiples of 4 (16 px -> 8x8 latents)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-source")
     text_encoder = CLIPTextModel(CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37,
                                                 num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
                                                 projection_dim=32, bos_token_id=0, eos_token_id=1, pad_token_id=1))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
+    vae = tiny_vae()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32,
@@ -67,7 +73,7 @@ def save_tiny_sdxl(folder: Path) -> Path:
     """A Stable Diffusion XL pipeline (two CLIP text encoders, the second with a projection; a UNet with
     SDXL's text_time added conditioning), small enough for a CPU test, saved with save_pretrained. Image
     sides: multiples of 4."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
     torch.manual_seed(0)
     tokenizer = clip_tokenizer(folder.parent / f"{folder.name}-tokenizer-source")
@@ -76,9 +82,7 @@ def save_tiny_sdxl(folder: Path) -> Path:
                   eos_token_id=1, pad_token_id=1)
     text_encoder = CLIPTextModel(CLIPTextConfig(**config))
     text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**config))
-    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
-                        norm_num_groups=8, sample_size=16)
+    vae = tiny_vae()
     unet = UNet2DConditionModel(sample_size=8, in_channels=4, out_channels=4, block_out_channels=(32, 64),
                                 layers_per_block=1, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=64,
