@@ -88,6 +88,7 @@ def hopper_objects(tmp_path_factory):
     return _compile_cu_files(tmp_path_factory.mktemp("nvcc90"), ["-gencode=arch=compute_90,code=sm_90"])
 
 
+@pytest.mark.slow  # nvcc on every .cu file takes half a minute on 2 cores: beyond the fast suite's budget
 @needs_nvcc
 def test_the_build_lists_ampere_and_hopper_and_every_cu_file_compiles_for_hopper(hopper_objects):
     assert CU_FILES, "no .cu files found"
@@ -142,6 +143,7 @@ def assert_vector_stores(ops: dict[str, collections.Counter], what: str) -> int:
     return checked
 
 
+@pytest.mark.slow  # the same nvcc compile
 @needs_nvcc
 def test_cuda_vector_paths_store_16_bytes_per_instruction(hopper_objects):
     tool = _cuobjdump()

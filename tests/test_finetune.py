@@ -1,7 +1,8 @@
-"""`fastperc finetune` on a tiny Stable Diffusion pipeline the tests build and save (random weights, an
-offline CLIP tokenizer) and a few captioned images. Fast: one fine-tune step, the data and pipeline checks.
-Slow: several steps, exact resume, SIGTERM, validation grids, the written pipeline loading and sampling,
-random crops, a saved `datasets` dataset, v-prediction, the command line."""
+"""`fastperc finetune` on tiny Stable Diffusion, SDXL, SD3 and Flux pipelines the tests build and save
+(random weights, offline CLIP and T5 tokenizers) and a few captioned images. Fast: one fine-tune step,
+the data, pipeline and option checks. Slow: several steps, exact resume, SIGTERM, validation grids, the
+written pipeline loading and sampling, random crops, a saved `datasets` dataset, v-prediction, the
+command line, two processes, LoRA, and each family end to end."""
 from __future__ import annotations
 
 import json
@@ -43,9 +44,16 @@ def config(tiny_sd, captioned, out, **over) -> FinetuneConfig:
     return FinetuneConfig(**{**base, **over})
 
 
-def unet_weights(folder: Path) -> dict[str, torch.Tensor]:
+def unet_weights(folder: Path, part: str = "unet") -> dict[str, torch.Tensor]:
+    """The saved weights of a pipeline folder's denoiser (`part`: "unet" or "transformer")."""
     from safetensors.torch import load_file
-    return load_file(str(next((folder / "unet").glob("*.safetensors"))))
+    return load_file(str(next((folder / part).glob("*.safetensors"))))
+
+
+@pytest.fixture(scope="session")
+def tiny_flux(tmp_path_factory) -> Path:
+    from .tiny_pipelines import save_tiny_flux
+    return save_tiny_flux(tmp_path_factory.mktemp("pipelines") / "flux")
 
 
 # ---- fast ------------------------------------------------------------------------------------------
@@ -70,9 +78,10 @@ def test_a_folder_that_is_not_a_pipeline_or_another_family_is_refused(tmp_path):
         pipeline.pipeline_family(tmp_path)
     with pytest.raises(InputError, match="pretrained: .* is not a folder"):
         pipeline.pipeline_family(tmp_path / "missing")
-    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "FluxPipeline"}))
-    with pytest.raises(InputError, match=r"holds a FluxPipeline; fastperc finetune supports StableDiffusionPipeline "
-                                         r"\(Stable Diffusion 1.x / 2.x\), StableDiffusionXLPipeline"):
+    (tmp_path / "model_index.json").write_text(json.dumps({"_class_name": "KandinskyPipeline"}))
+    with pytest.raises(InputError, match=r"holds a KandinskyPipeline; fastperc finetune supports "
+                                         r"StableDiffusionPipeline \(Stable Diffusion 1.x / 2.x\), "
+                                         r"StableDiffusionXLPipeline .*, FluxPipeline \(Flux\)"):
         pipeline.pipeline_family(tmp_path)
 
 
@@ -121,6 +130,36 @@ def test_a_resolution_the_vae_and_unet_cannot_take_is_refused(tiny_sd, captioned
     with pytest.raises(InputError, match="resolution: this pipeline's VAE and UNet take sides that are multiples of "
                                          r"4, got 18 \(use 16 or 20\)"):
         finetune(config(tiny_sd, captioned, tmp_path / "run", resolution=18))
+
+
+def test_the_student_t_follows_the_chosen_density_and_flow_pipelines_default_to_logit_normal():
+    from fastperc import NoiseSchedule
+    from fastperc.recipes.objective import TimestepStrata
+    cfg = FinetuneConfig(out="o", pretrained="p", data="d")
+    assert cfg.t_distribution(flow=False) is None  # DDPM pipelines: uniform over the table, as diffusers' scripts
+    assert cfg.t_distribution(flow=True).density == "logit_normal"
+    flow = NoiseSchedule.flow_matching(shift=3.0)
+    g = torch.Generator().manual_seed(0)
+    draw = lambda c: TimestepStrata.of(c, flow, 8, torch.device("cpu"), c.t_distribution(flow=True)).draw(4000, g)
+    uniform = draw(FinetuneConfig(out="o", pretrained="p", data="d", t_density="uniform"))
+    logit = draw(cfg)
+    assert torch.isin(logit, flow.timesteps).all() and torch.isin(uniform, flow.timesteps).all()
+    rank = lambda t: torch.searchsorted(flow.timesteps_by_noise(), t).float() / 1000  # noqa: E731  noise rank in [0, 1)
+    middle = lambda t: ((rank(t) > 0.25) & (rank(t) < 0.75)).float().mean()  # noqa: E731
+    assert middle(uniform) == pytest.approx(0.5, abs=0.03) and middle(logit) > 0.6  # logit-normal: the middle
+    low = draw(FinetuneConfig(out="o", pretrained="p", data="d", t_loc=-1.5))
+    assert rank(low).mean() < 0.3  # loc < 0: low-noise t
+    with pytest.raises(InputError, match="objective_t_range: .*logit_normal density"):
+        TimestepStrata.of(FinetuneConfig(out="o", pretrained="p", data="d", objective_t_range=(0, 400)), flow, 8,
+                          torch.device("cpu"), cfg.t_distribution(flow=True))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("t_density", "cosine", "t_density: expected one of"), ("t_scale", 0.0, "t_scale: expected a value > 0"),
+    ("mode_scale", 3.0, "mode_scale: expected a number in"), ("flux_guidance", -1.0, "flux_guidance: expected a value >= 0")])
+def test_bad_t_density_options_and_flux_guidance_are_refused(option, value, message):
+    with pytest.raises(InputError, match=message):
+        FinetuneConfig(out="o", pretrained="p", data="d", **{option: value}).validate()
 
 
 def test_finetune_options_come_from_the_train_options_definitions():
@@ -299,11 +338,14 @@ def test_a_save_cut_between_its_renames_resumes_from_the_previous_checkpoint(tin
 
 
 @pytest.mark.slow
-def test_two_processes_train_together_as_one_with_the_same_global_batch(tiny_sd, captioned, tmp_path):
+@pytest.mark.parametrize("family", ["sd", "flux-lora"])
+def test_two_processes_train_together_as_one_with_the_same_global_batch(family, tiny_sd, tiny_flux, captioned,
+                                                                        tmp_path):
     from safetensors.torch import load_file
-    args = ["-m", "fastperc.recipes.cli", "finetune", "--pretrained", str(tiny_sd), "--data", str(captioned),
+    folder, extra = (tiny_sd, []) if family == "sd" else (tiny_flux, ["--lora-rank", "4"])
+    args = ["-m", "fastperc.recipes.cli", "finetune", "--pretrained", str(folder), "--data", str(captioned),
             "--resolution", "16", "--batch-size", "4", "--max-steps", "2", "--no-progress", "--validation-steps", "2",
-            "--ema-decay", "0", "--log-every", "1"]
+            "--ema-decay", "0", "--log-every", "1", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "ACCELERATE_USE_CPU": "1"}
     two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                           "29563", *args, "--out", str(tmp_path / "two")], cwd=ROOT, env=env, capture_output=True,
@@ -315,8 +357,11 @@ def test_two_processes_train_together_as_one_with_the_same_global_batch(tiny_sd,
     start = lambda run: next(r for r in log_rows(run) if r.get("event") == "start")  # noqa: E731
     assert start(tmp_path / "two")["processes"] == 2 and start(tmp_path / "one")["processes"] == 1
     a, b = (load_file(str(tmp_path / run / "checkpoint" / "model.safetensors")) for run in ("one", "two"))
-    base = unet_weights(tiny_sd)
-    assert any(not torch.equal(a[k], base[k]) for k in a)
+    if extra:  # LoRA: its B matrices start at zero and only they (and A) train
+        assert any("lora_B" in k and a[k].abs().sum() > 0 for k in a)
+    else:
+        base = unet_weights(tiny_sd)
+        assert any(not torch.equal(a[k], base[k]) for k in a)
     for k in a:  # each process took half of each global batch; the all-reduced step is the one-process step
         assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6), k
     losses = lambda run: [r["loss"] for r in log_rows(run) if "loss" in r]  # noqa: E731
@@ -331,8 +376,8 @@ def test_a_lora_fine_tune_trains_only_the_lora_weights_against_the_base_model_an
 
     from fastperc.recipes.finetune.loop import build
     job = build(config(tiny_sd, captioned, tmp_path / "probe", lora_rank=4))
-    assert job.teacher.adapters_off and job.teacher.model is job.accelerator.unwrap_model(job.unet)
-    assert job.teacher.held_bytes == 0 and len(job.trained) == sum(p.requires_grad for p in job.unet.parameters())
+    assert job.teacher.adapters_off and job.teacher.model is job.accelerator.unwrap_model(job.denoiser)
+    assert job.teacher.held_bytes == 0 and len(job.trained) == sum(p.requires_grad for p in job.denoiser.parameters())
     result = finetune(config(tiny_sd, captioned, tmp_path / "run", lora_rank=4, max_steps=3, lr=1e-3))
     state = load_file(str(tmp_path / "run" / "checkpoint" / "model.safetensors"))
     base = unet_weights(tiny_sd)
@@ -373,3 +418,97 @@ def test_sdxl_fine_tunes_with_its_two_encoders_and_size_conditioning_and_the_res
     base.load_lora_weights(lora_run["pipeline"])
     assert base("a red square", height=16, width=16, num_inference_steps=2, output_type="np").images[0].shape == \
         (16, 16, 3)
+
+
+def _sample(pipe, **options):
+    return pipe("a red square", height=16, width=16, num_inference_steps=2, output_type="np",
+                generator=torch.Generator().manual_seed(0), **options).images[0]
+
+
+@pytest.mark.slow
+def test_sd3_fine_tunes_its_transformer_on_flow_matching_with_three_encoders_and_the_result_loads(captioned,
+                                                                                                   tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from fastperc.recipes.finetune.loop import build
+    from .tiny_pipelines import save_tiny_sd3
+    sd3 = save_tiny_sd3(tmp_path / "sd3")
+    job = build(config(sd3, captioned, tmp_path / "probe"))
+    assert job.family.denoiser == "transformer" and job.teacher.layers == ("transformer_blocks.1",)
+    assert set(job.encoded.prompts) == {"encoder_hidden_states", "pooled_projections"}
+    # two CLIP encoders' 77 tokens then T5's 256, each 64 wide; both pooled outputs (32 + 32)
+    assert job.encoded.prompts["encoder_hidden_states"].shape[1:] == (77 + 256, 64)
+    assert job.encoded.prompts["pooled_projections"].shape[1:] == (64,)
+    assert job.strata.density.density == "logit_normal" and job.schedule.prediction_type == "flow_prediction"
+    with pytest.raises(InputError, match="resolution: this pipeline's transformer takes sides up to 32"):
+        build(config(sd3, captioned, tmp_path / "big", resolution=36))
+    straight = finetune(config(sd3, captioned, tmp_path / "a", max_steps=3, save_every=1))
+    finetune(config(sd3, captioned, tmp_path / "b", max_steps=2, save_every=1))
+    resumed = finetune(config(sd3, captioned, tmp_path / "b", max_steps=3, save_every=1, resume=True,
+                              validation_cfg=2.0))
+    assert straight["finished"] and resumed["steps_run"] == 1
+    a, b = (unet_weights(tmp_path / run / "final", "transformer") for run in ("a", "b"))
+    assert all(torch.equal(a[k], b[k]) for k in a)  # the resumed run is the uninterrupted one
+    base = unet_weights(sd3, "transformer")
+    assert any(not torch.equal(a[k], base[k]) for k in a)
+    pipe = DiffusionPipeline.from_pretrained(resumed["pipeline"], local_files_only=True)
+    assert type(pipe).__name__ == "StableDiffusion3Pipeline" and _sample(pipe).shape == (16, 16, 3)
+    from PIL import Image
+    grid = Image.open(tmp_path / "b" / "validation" / "step_0000003.png")
+    assert grid.size == (2 * 16, 2 * 16)  # no guidance and CFG 2, for the two distinct captions
+    lora_run = finetune(config(sd3, captioned, tmp_path / "lora", max_steps=2, lora_rank=4, lr=1e-2))
+    base_pipe = DiffusionPipeline.from_pretrained(str(sd3), local_files_only=True)
+    before = _sample(base_pipe)
+    base_pipe.load_lora_weights(lora_run["pipeline"])
+    assert not (before == _sample(base_pipe)).all()
+    # every adapted projection loads back: the image stream's and, in the joint blocks, the text stream's
+    loaded = {n.rsplit(".lora_B", 1)[0].split(".")[-1] for n, _ in base_pipe.transformer.named_modules()
+              if ".lora_B" in n}
+    assert loaded == {"to_q", "to_k", "to_v", "0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"}
+
+
+@pytest.mark.slow
+def test_flux_fine_tunes_on_packed_latents_with_ids_and_guidance_resumes_and_its_lora_teacher_is_the_base(
+        tiny_flux, captioned, tmp_path):
+    from diffusers import DiffusionPipeline
+
+    from fastperc import FrozenTeacher
+    from fastperc.recipes.finetune.loop import build
+    from .tiny_pipelines import save_tiny_flux
+    job = build(config(tiny_flux, captioned, tmp_path / "probe"))
+    assert job.family.packed and job.teacher.layers == ("transformer_blocks.1",)  # mid-depth of 2 + 2 blocks
+    latents = torch.randn(2, 4, 8, 8)
+    tokens = job.family.model_input(job.pipe, latents)
+    assert tokens.shape == (2, 16, 16)  # 2x2 patches of 4 channels as 16 tokens of 16
+    assert torch.equal(tokens[0, 0], latents[0, :, :2, :2].reshape(-1))
+    cond = {k: v[:2].float() for k, v in job.encoded.prompts.items()}
+    kwargs = job.family.kwargs(job.pipe, cond, None, 8, 3.5)
+    assert kwargs["img_ids"].shape == (16, 3) and kwargs["txt_ids"].shape == (512, 3)
+    assert kwargs["guidance"].tolist() == [3.5, 3.5]
+    assert job.model_timestep(torch.tensor([500.0])).item() == 0.5  # Flux's forward takes sigma
+    straight = finetune(config(tiny_flux, captioned, tmp_path / "a", max_steps=3, save_every=1, flux_guidance=1.0))
+    finetune(config(tiny_flux, captioned, tmp_path / "b", max_steps=2, save_every=1, flux_guidance=1.0))
+    resumed = finetune(config(tiny_flux, captioned, tmp_path / "b", max_steps=3, save_every=1, resume=True,
+                              flux_guidance=1.0, validation_cfg=2.0))
+    a, b = (unet_weights(tmp_path / run / "final", "transformer") for run in ("a", "b"))
+    assert straight["finished"] and all(torch.equal(a[k], b[k]) for k in a)
+    pipe = DiffusionPipeline.from_pretrained(resumed["pipeline"], local_files_only=True)
+    assert type(pipe).__name__ == "FluxPipeline" and _sample(pipe).shape == (16, 16, 3)
+    # a Flux without the guidance embedding (FLUX.1-schnell's kind) gets no guidance value
+    schnell = save_tiny_flux(tmp_path / "schnell", guidance_embeds=False)
+    assert finetune(config(schnell, captioned, tmp_path / "schnell_run", max_steps=1))["finished"]
+
+    lora_run = finetune(config(tiny_flux, captioned, tmp_path / "lora", max_steps=2, lora_rank=4, lr=1e-2))
+    base_pipe = DiffusionPipeline.from_pretrained(str(tiny_flux), local_files_only=True)
+    model = base_pipe.transformer
+    base_teacher = FrozenTeacher(model)  # a frozen copy of the base weights, before the LoRA weights load
+    base_pipe.load_lora_weights(lora_run["pipeline"])
+    lora_teacher = FrozenTeacher(model, copy=False, adapters_off=True)
+    sample, t = torch.randn(2, 16, 16), torch.tensor([700.0, 300.0])
+    kwargs = job.family.kwargs(base_pipe, {k: v[:2].float() for k, v in job.encoded.prompts.items()}, None, 8, 3.5)
+    with torch.no_grad():
+        assert torch.equal(base_teacher(sample, t, **kwargs)[0], lora_teacher(sample, t, **kwargs)[0])
+        with_lora = model(sample, timestep=t / 1000, **kwargs).sample
+        model.disable_adapters()
+        without = model(sample, timestep=t / 1000, **kwargs).sample
+    assert not torch.allclose(with_lora, without)  # the adapters trained, and the teacher left them out

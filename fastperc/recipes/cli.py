@@ -38,8 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train with MSE or the self-perceptual objective")
     add_train_options(tr)
 
-    ft = sub.add_parser("finetune", help="fine-tune a diffusers pipeline folder (Stable Diffusion 1.x / 2.x, XL) on "
-                                         "captioned images; its frozen UNet is the teacher")
+    ft = sub.add_parser("finetune", help="fine-tune a diffusers pipeline folder (Stable Diffusion 1.x / 2.x, XL, 3 / "
+                                         "3.5, Flux) on captioned images; its frozen denoiser is the teacher")
     add_options(ft, FinetuneConfig)
 
     sa = sub.add_parser("sample", help="DDIM samples from a checkpoint to FILE.npz and FILE.png")

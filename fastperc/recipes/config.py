@@ -359,13 +359,14 @@ class FinetuneConfig(ObjectiveOptions):
     out: str = shared("out", help="run folder: checkpoint/ (accelerate's state), log.jsonl, cache/ (encoded "
                                   "latents and captions), validation/ (PNG grids), final/ (at the end: the "
                                   "fine-tuned pipeline, or with --lora-rank its LoRA weights)")
-    pretrained: str = option(MISSING, "a diffusers pipeline folder (Stable Diffusion 1.x / 2.x, XL), loaded with local "
-                             "files only; its UNet is fine-tuned and its frozen copy is the teacher", type=str,
-                             study=False)
+    pretrained: str = option(MISSING, "a diffusers pipeline folder (Stable Diffusion 1.x / 2.x, XL, 3 / 3.5, Flux), "
+                             "loaded with local files only; its denoiser (UNet or transformer) is fine-tuned and its "
+                             "frozen copy is the teacher", type=str, study=False)
     data: str = option(MISSING, "a folder of images with captions in metadata.jsonl (file_name, text), or a Hugging "
                        "Face datasets dataset saved with save_to_disk (columns image, text)", type=str)
     resolution: int = option(512, "images are resized (shorter side) and centre-cropped to this square; a multiple of "
-                             "what the VAE and UNet downsample by (64 for Stable Diffusion)", type=int,
+                             "what the VAE and the denoiser downsample by (64 for Stable Diffusion 1.x / 2.x, 32 "
+                             "for XL, 16 for SD3 and Flux)", type=int,
                              bound="positive")
     random_crop: bool = option(False, "a random crop and flip per step, encoded by the VAE each step (default: the "
                                "centre crop and its mirror image, encoded once and cached)", type=bool)
@@ -384,17 +385,29 @@ class FinetuneConfig(ObjectiveOptions):
                                    "guidance only)", type=float, bound="non_negative", resumable=True)
     validation_steps: int = option(25, "sampling steps per validation image", type=int, bound="positive",
                                    resumable=True)
-    gradient_checkpointing: bool = option(False, "recompute the fine-tuned UNet's activations in backward (less "
+    gradient_checkpointing: bool = option(False, "recompute the fine-tuned denoiser's activations in backward (less "
                                           "memory, one more forward)", type=bool, resumable=True)
-    lora_rank: int = option(0, "train LoRA adapters of this rank on the UNet's attention projections (peft) instead "
-                            "of the whole UNet; the teacher is then the same UNet with its adapters off (no copy), "
+    lora_rank: int = option(0, "train LoRA adapters of this rank on the denoiser's attention projections (peft) "
+                            "instead of the whole denoiser; the teacher is then the same model with its adapters off "
+                            "(no copy), "
                             "and OUT/final holds the LoRA weights (pipe.load_lora_weights)", type=int,
                             bound="non_negative")
+    t_density: str | None = option(None, "how the student's t is drawn over the schedule's table: uniform, "
+                                   "logit_normal or mode (default: logit_normal for flow-matching pipelines, SD3 and "
+                                   "Flux, as diffusers' scripts draw it; uniform for the others)", type=str,
+                                   choices=DENSITIES)
+    t_loc: float = option(0.0, "logit-normal location of t (< 0: low noise)", type=float)
+    t_scale: float = option(1.0, "logit-normal scale of t", type=float, bound="positive")
+    mode_scale: float = option(1.29, "the mode density's scale (SD3's; in [-1, 2 / (pi - 2)])", type=float)
+    flux_guidance: float = option(3.5, "the guidance value a guidance-distilled Flux transformer (FLUX.1-dev) gets "
+                                  "in training and in validation images (diffusers' Flux scripts: 3.5)", type=float,
+                                  bound="non_negative")
     objective: str = shared("objective", default="self_perceptual",
-                            help="self_perceptual: the frozen pretrained UNet is the teacher; mse: the equal-step "
+                            help="self_perceptual: the frozen pretrained denoiser is the teacher; mse: the equal-step "
                                  "baseline to compare against")
     mse_weight: float = shared("mse_weight")
-    layers: tuple[str, ...] | None = shared("layers", help="comma-separated teacher layers (default: mid_block)")
+    layers: tuple[str, ...] | None = shared("layers", help="comma-separated teacher layers (default: the library's tap: mid_block for a "
+                                                 "UNet, a mid-depth block for a transformer)")
     layer_weights: tuple[float, ...] | None = shared("layer_weights")
     feature_norm: str = shared("feature_norm")
     t_prime_range: tuple[int, int] | None = shared("t_prime_range")
@@ -412,9 +425,9 @@ class FinetuneConfig(ObjectiveOptions):
     warmup_steps: int = shared("warmup_steps")
     lr_schedule: str = shared("lr_schedule")
     ema_decay: float = shared("ema_decay", help="EMA decay, warmed up as (1+step)/(10+step); 0: no EMA (the final "
-                                                "pipeline gets the EMA UNet when there is one)")
+                                                "pipeline gets the EMA weights when there are)")
     precision: str = shared("precision")
-    teacher_precision: str = shared("teacher_precision", help="the teacher's weights: as the pretrained UNet's "
+    teacher_precision: str = shared("teacher_precision", help="the teacher's weights: as the pretrained denoiser's "
                                     "(same: fp32 as loaded, even with --precision bf16), bf16, or fp8 (Linear layers in "
                                     "FP8, the rest bf16; CUDA sm_89 or newer, or the CPU); not with --lora-rank")
     teacher_checkpoint: bool = shared("teacher_checkpoint")
@@ -434,11 +447,21 @@ class FinetuneConfig(ObjectiveOptions):
         check_options(self)
         self.check_shared()
         if self.lora_rank and (self.teacher_precision != "same" or self.teacher_checkpoint):
-            raise InputError("lora_rank: a LoRA run's teacher is the UNet being trained, with its adapters off; "
-                             "--teacher-precision and --teacher-checkpoint would change that UNet (leave them out)")
+            raise InputError("lora_rank: a LoRA run's teacher is the model being trained, with its adapters off; "
+                             "--teacher-precision and --teacher-checkpoint would change that model (leave them out)")
+        self.t_distribution(flow=True)  # density, loc, scale and mode scale
         if 0 < self.validation_cfg <= 1:  # a scale of 1 or less is no guidance: the first column already
             raise InputError(f"validation_cfg: expected 0 (no guided column) or a guidance scale > 1, got "
                              f"{self.validation_cfg}")
 
+
+    def t_distribution(self, flow: bool) -> TimestepDistribution | None:
+        """How the student's t is drawn (`flow`: the pipeline is a flow-matching one); None: uniform over the
+        table (TimestepStrata's own draw)."""
+        density = self.t_density or ("logit_normal" if flow else "uniform")
+        if density == "uniform":
+            return None
+        return TimestepDistribution(density=density, loc=float(self.t_loc), scale=float(self.t_scale),
+                                    mode_scale=float(self.mode_scale))
 
 FINETUNE_RESUMABLE_OPTIONS = frozenset(f.name for f in fields(FinetuneConfig) if f.metadata.get("resumable"))

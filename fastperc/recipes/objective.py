@@ -13,7 +13,7 @@ from torch import nn
 
 from ..errors import InputError
 from ..loss import self_perceptual_loss, teacher_batch
-from ..schedule import NoiseSchedule
+from ..schedule import NoiseSchedule, TimestepDistribution
 
 
 def objective_loss(cfg, teacher, schedule, pred, x0, noise, t, t_prime, teacher_kwargs: dict | None,
@@ -41,21 +41,27 @@ class TimestepStrata:
     `micro` samples the first `k` get the self-perceptual objective and the rest plain MSE (static
     shapes). With `objective_t_range` the first k are drawn from the table entries inside the band and
     the others from the rest, k = round(micro * the band's share of the table); without it t is uniform
-    over the table and k is the `sp_fraction` share of the micro-batch."""
+    over the table (or drawn from `density`: diffusers' logit-normal or mode density for flow matching)
+    and k is the `sp_fraction` share of the micro-batch."""
     micro: int
     k: int
     values: torch.Tensor                 # the table's timesteps by index, on the device (ints, or sigma * T)
     inside: torch.Tensor | None = None   # indices of the entries in the band (on the device)
     outside: torch.Tensor | None = None  # ... and of the others
+    density: TimestepDistribution | None = None  # a density over the table's entries ranked by noise; None uniform
 
     @classmethod
-    def of(cls, cfg, schedule: NoiseSchedule, micro: int, device: torch.device) -> "TimestepStrata":
+    def of(cls, cfg, schedule: NoiseSchedule, micro: int, device: torch.device,
+           density: TimestepDistribution | None = None) -> "TimestepStrata":
         # diffusers' training scripts draw a flow table's float timesteps, a VP table's indices
         values = schedule.timesteps_by_noise()
         if cfg.objective != "self_perceptual":
-            return cls(micro, 0, values.to(device))
+            return cls(micro, 0, values.to(device), density=density)
         if cfg.objective_t_range is None:
-            return cls(micro, teacher_batch(micro, cfg.sp_fraction), values.to(device))
+            return cls(micro, teacher_batch(micro, cfg.sp_fraction), values.to(device), density=density)
+        if density is not None:
+            raise InputError(f"objective_t_range: t is drawn uniformly inside and outside the band; expected no "
+                             f"--objective-t-range with the {density.density} density of t (or --t-density uniform)")
         low, high = cfg.objective_t_range
         band = (values >= low) & (values <= high)
         share = float(band.float().mean())
@@ -71,6 +77,8 @@ class TimestepStrata:
         """(batch,) timesteps for the global batch (every micro-batch laid out alike)."""
         device = self.values.device
         n = len(self.values)
+        if self.density is not None:  # ranks by noise level, as TimestepDistribution draws them
+            return self.values[self.density.sample(batch, num_train_timesteps=n, generator=generator)]
         if self.inside is None or not len(self.inside) or not len(self.outside):  # no band, or all or nothing
             pool = None if self.inside is None else self.inside if len(self.inside) else self.outside
             i = torch.randint(0, len(pool) if pool is not None else n, (batch,), generator=generator, device=device)

@@ -1,7 +1,9 @@
-"""`fastperc finetune`: fine-tune your own diffusers pipeline (Stable Diffusion 1.x / 2.x, XL) on captioned
-images with the self-perceptual objective, the pretrained UNet's frozen copy as the teacher.
+"""`fastperc finetune`: fine-tune your own diffusers pipeline (Stable Diffusion 1.x / 2.x, XL, 3 / 3.5, Flux)
+on captioned images with the self-perceptual objective, the pretrained denoiser's frozen copy (or, with
+LoRA, the denoiser itself with its adapters off) as the teacher.
 
-    families.py          what differs per family: captions to conditioning, SDXL's size conditioning
+    families.py          what differs per family: the denoiser, captions to conditioning, SDXL's size
+                         conditioning, Flux's packed latents, ids and guidance
     pipeline.py          the pipeline folder: family, loading, encoding images, writing the result
     captioned_images.py  the images and captions (imagefolder + metadata.jsonl, or a saved dataset)
     latent_cache.py      latents and caption states encoded once under OUT/cache

@@ -1,11 +1,18 @@
-"""What differs between the pipeline families `fastperc finetune` takes: how a caption becomes the
-UNet's conditioning (each family's own `encode_prompt`), and what else the UNet gets. One entry per
-family; the loop, the cache and the teacher see only a dict of per-sample tensors.
+"""What differs between the pipeline families `fastperc finetune` takes: which component is the denoiser,
+how a caption becomes its conditioning (each family's own `encode_prompt`), what else it gets, and in
+what layout it sees the latents. One entry per family; the loop, the cache and the teacher see only a
+dict of per-sample tensors and these few methods.
 
-    Stable Diffusion 1.x / 2.x   encoder_hidden_states (CLIP)
-    Stable Diffusion XL          encoder_hidden_states (two CLIP encoders), and added_cond_kwargs:
+    Stable Diffusion 1.x / 2.x   UNet: encoder_hidden_states (CLIP)
+    Stable Diffusion XL          UNet: encoder_hidden_states (two CLIP encoders), and added_cond_kwargs:
                                  text_embeds (the pooled projection) and time_ids (original size, crop
                                  corner, target size: the micro-conditioning SDXL was trained with)
+    Stable Diffusion 3 / 3.5     transformer: encoder_hidden_states (two CLIP encoders and T5, joined),
+                                 pooled_projections (both CLIP encoders' pooled outputs); flow matching
+    Flux                         transformer on packed latents (2x2 patches as tokens): encoder_hidden_states
+                                 (T5), pooled_projections (CLIP), img_ids / txt_ids (the rotary positions)
+                                 and, for guidance-distilled models (FLUX.1-dev), the guidance value;
+                                 flow matching
 """
 from __future__ import annotations
 
@@ -14,13 +21,21 @@ from dataclasses import dataclass
 
 import torch
 
+# The attention projections LoRA adapts: the image stream's (every family) and, in the joint text-image
+# blocks of SD3 and Flux, the text stream's, as diffusers' SD3 and Flux LoRA scripts adapt them.
+IMAGE_ATTENTION = ("to_k", "to_q", "to_v", "to_out.0")
+JOINT_ATTENTION = IMAGE_ATTENTION + ("add_k_proj", "add_q_proj", "add_v_proj", "to_add_out")
+
 
 @dataclass(frozen=True)
 class Family:
     pipeline: str   # model_index.json's _class_name
     label: str
     _encode: Callable  # (pipe, prompts, device) -> dict of (N, ...) tensors
-    sizes: bool = False  # the UNet takes SDXL's time ids (image size and crop)
+    denoiser: str = "unet"  # the pipeline component that trains (and is the teacher)
+    sizes: bool = False     # the UNet takes SDXL's time ids (image size and crop)
+    packed: bool = False    # Flux: 2x2 latent patches as tokens, with position ids and a guidance value
+    lora_targets: tuple[str, ...] = IMAGE_ATTENTION
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], device: torch.device, batch: int = 64) -> dict[str, torch.Tensor]:
@@ -28,12 +43,42 @@ class Family:
         parts = [self._encode(pipe, prompts[i:i + batch], device) for i in range(0, len(prompts), batch)]
         return {k: torch.cat([p[k].float().cpu() for p in parts]) for k in parts[0]}
 
-    def unet_kwargs(self, cond: dict[str, torch.Tensor], time_ids: torch.Tensor | None) -> dict:
-        """The UNet's (and the teacher's) keyword arguments for a micro-batch."""
-        if not self.sizes:
-            return {"encoder_hidden_states": cond["encoder_hidden_states"]}
-        return {"encoder_hidden_states": cond["encoder_hidden_states"],
-                "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids}}
+    def model_input(self, pipe, latents: torch.Tensor) -> torch.Tensor:
+        """Latents (B, C, h, w) in the layout the denoiser takes: as they are, or Flux's packed tokens
+        (B, h/2 * w/2, 4C). The loss compares in this layout too (as diffusers' Flux script does)."""
+        if not self.packed:
+            return latents
+        B, C, h, w = latents.shape
+        return type(pipe)._pack_latents(latents, B, C, h, w)
+
+    def kwargs(self, pipe, cond: dict[str, torch.Tensor], time_ids: torch.Tensor | None, side: int,
+               guidance: float) -> dict:
+        """The denoiser's (and the teacher's) keyword arguments for a micro-batch: `cond` the captions'
+        conditioning, `time_ids` SDXL's size conditioning, `side` the latents' side, `guidance` Flux's
+        guidance value (used by guidance-distilled models only)."""
+        if self.sizes:
+            return {"encoder_hidden_states": cond["encoder_hidden_states"],
+                    "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids}}
+        if not self.packed:
+            return dict(cond)
+        embeds = cond["encoder_hidden_states"]
+        B, device = embeds.shape[0], embeds.device
+        out = dict(cond, txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
+                   img_ids=type(pipe)._prepare_latent_image_ids(B, side // 2, side // 2, device, torch.float32))
+        if getattr(pipe.transformer.config, "guidance_embeds", False):
+            out["guidance"] = torch.full((B,), float(guidance), device=device)
+        return out
+
+    def sampler_options(self, scale: float, guidance: float) -> dict:
+        """The pipeline call's guidance options for a validation image: classifier-free guidance at
+        `scale` (1: none). Flux's `guidance_scale` is the distilled guidance value it was trained with;
+        its classifier-free guidance is `true_cfg_scale` against the empty prompt."""
+        if not self.packed:
+            return {"guidance_scale": scale}
+        options = {"guidance_scale": guidance}
+        if scale > 1:
+            options.update(true_cfg_scale=scale, negative_prompt="")
+        return options
 
 
 def _sd(pipe, prompts, device):
@@ -47,9 +92,23 @@ def _sdxl(pipe, prompts, device):
     return {"encoder_hidden_states": embeds, "text_embeds": pooled}
 
 
+def _sd3(pipe, prompts, device):
+    embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=device, num_images_per_prompt=1,
+                                              do_classifier_free_guidance=False)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
+def _flux(pipe, prompts, device):
+    embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, num_images_per_prompt=1)
+    return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+
 FAMILIES = {f.pipeline: f for f in (
     Family("StableDiffusionPipeline", "Stable Diffusion 1.x / 2.x", _sd),
     Family("StableDiffusionXLPipeline", "Stable Diffusion XL", _sdxl, sizes=True),
+    Family("StableDiffusion3Pipeline", "Stable Diffusion 3 / 3.5", _sd3, denoiser="transformer",
+           lora_targets=JOINT_ATTENTION),
+    Family("FluxPipeline", "Flux", _flux, denoiser="transformer", packed=True, lora_targets=JOINT_ATTENTION),
 )}
 
 

@@ -1,9 +1,9 @@
-"""`fastperc finetune`: fine-tune a pipeline's UNet with the self-perceptual objective (its frozen copy is
-the teacher) or with plain MSE (the equal-step baseline), on accelerate.
+"""`fastperc finetune`: fine-tune a pipeline's denoiser (a UNet or a transformer) with the self-perceptual
+objective (its frozen copy is the teacher) or with plain MSE (the equal-step baseline), on accelerate.
 
 accelerate holds the processes, mixed precision, gradient accumulation (`accumulate`) and the
-checkpoint (`save_state` / `load_state` of the UNet, the optimizer, the EMA UNet, the step counters and
-every RNG). Every draw of step k (images, flips, noise, t, t', caption dropout) comes from a generator
+checkpoint (`save_state` / `load_state` of the denoiser, the optimizer, the EMA weights, the step counters
+and every RNG). Every draw of step k (images, flips, noise, t, t', caption dropout) comes from a generator
 seeded with (seed, k) and is made for the whole global batch on every process, each taking its slice:
 a resumed run repeats the uninterrupted one. A step whose loss or gradient norm is not finite is
 skipped on the device (the optimizer, the EMA and the warm-up counter), as in `fastperc train`, whose
@@ -25,7 +25,8 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from ...schedule import NoiseSchedule
+from ...adapters.registry import find_adapter
+from ...schedule import NoiseSchedule, is_diffusers_flow_scheduler
 from ...teacher import FrozenTeacher
 from ..config import FINETUNE_RESUMABLE_OPTIONS, FinetuneConfig
 from ..objective import TimestepStrata, ema_update, lr_factor, objective_loss, seed_for, warmup_length
@@ -50,10 +51,11 @@ class Job:
     cfg: FinetuneConfig
     accelerator: object
     pipe: object
-    family: object           # families.Family: how captions become the UNet's conditioning
-    unet: nn.Module          # prepared by accelerate (DDP-wrapped with several processes)
-    trained: list            # the parameters that train: all of the UNet's, or its LoRA weights
-    ema: nn.Module | None    # the EMA UNet, or with LoRA the EMA of the LoRA weights (lora.LoraEMA)
+    family: object           # families.Family: the denoiser, its conditioning and its latent layout
+    denoiser: nn.Module      # the UNet or transformer, prepared by accelerate (DDP-wrapped with several processes)
+    model_timestep: object   # the loss's timestep -> the one the denoiser's forward takes (Flux: / 1000)
+    trained: list            # the parameters that train: all of the denoiser's, or its LoRA weights
+    ema: nn.Module | None    # the EMA denoiser, or with LoRA the EMA of the LoRA weights (lora.LoraEMA)
     teacher: FrozenTeacher | None
     opt: object
     counters: Counters
@@ -62,7 +64,7 @@ class Job:
     t_prime: object
     found: captioned_images.CaptionedImages
     encoded: latent_cache.Encoded
-    latent_shape: tuple[int, int, int]
+    latent_shape: tuple[int, int, int]  # (C, h, w) of the VAE's latents, before any packing
     start: int
     elapsed: float
     resumed: bool
@@ -112,7 +114,7 @@ def build(cfg: FinetuneConfig) -> Job:
         raise InputError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
                          f"got {cfg.batch_size}")
     pipe, family = pipeline.load(cfg.pretrained, device, cfg.progress)
-    pipeline.check_resolution(pipe, cfg.resolution)
+    pipeline.check_resolution(pipe, family, cfg.resolution)
     found = captioned_images.load(cfg.data, cfg.unconditional, cfg.strict)
     held = checkpoint_folder(out)
     resumed = cfg.resume and held is not None
@@ -126,28 +128,30 @@ def build(cfg: FinetuneConfig) -> Job:
     encoded = encoded.to(device if encoded.nbytes() <= ON_DEVICE_BYTES else torch.device("cpu"), device)
 
     schedule = NoiseSchedule.from_diffusers(pipe.scheduler)
-    unet = pipe.unet
-    trained = lora.add_lora(unet, cfg.lora_rank) if cfg.lora_rank else list(unet.parameters())
+    model = pipeline.denoiser(pipe, family)
+    adapter = find_adapter(model)
+    trained = lora.add_lora(model, cfg.lora_rank, family.lora_targets, cfg.seed) if cfg.lora_rank else \
+        list(model.parameters())
     teacher = None
     if cfg.objective == "self_perceptual":
-        if cfg.lora_rank:  # the base weights are the teacher: the same UNet with its adapters off
-            teacher = FrozenTeacher(unet, cfg.layers, copy=False, adapters_off=True)
-        else:  # the pretrained UNet, frozen and pruned, before it trains
+        if cfg.lora_rank:  # the base weights are the teacher: the same denoiser with its adapters off
+            teacher = FrozenTeacher(model, cfg.layers, copy=False, adapters_off=True)
+        else:  # the pretrained denoiser, frozen and pruned, before it trains
             dtype = None if cfg.teacher_precision == "same" else torch.bfloat16
-            teacher = FrozenTeacher(unet, cfg.layers, checkpoint=cfg.teacher_checkpoint, dtype=dtype,
+            teacher = FrozenTeacher(model, cfg.layers, checkpoint=cfg.teacher_checkpoint, dtype=dtype,
                                     fp8=cfg.teacher_precision == "fp8")
         if cfg.layers is None:
             cfg = replace(cfg, layers=teacher.layers)
     if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    unet.train()
+        model.enable_gradient_checkpointing()
+    model.train()
     ema = None
     if cfg.ema_decay > 0:
-        ema = lora.LoraEMA(trained) if cfg.lora_rank else copy.deepcopy(unet).eval().requires_grad_(False)
+        ema = lora.LoraEMA(trained) if cfg.lora_rank else copy.deepcopy(model).eval().requires_grad_(False)
     lr = torch.tensor(cfg.lr, device=device)
     opt = torch.optim.AdamW(trained, lr=lr, eps=cfg.adam_eps, weight_decay=cfg.weight_decay, fused=True)
     counters = Counters().to(device)
-    unet, opt = accelerator.prepare(unet, opt)
+    model, opt = accelerator.prepare(model, opt)
     accelerator.register_for_checkpointing(counters)
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
@@ -160,12 +164,15 @@ def build(cfg: FinetuneConfig) -> Job:
         start, elapsed = saved["step"], saved.get("elapsed", 0.0)
         opt.param_groups[0]["lr"] = lr  # the tensor the loop updates in place, on this device
     micro = cfg.batch_size // (world * cfg.grad_accum)
-    strata = TimestepStrata.of(cfg, schedule, micro, device)
+    density = cfg.t_distribution(flow=is_diffusers_flow_scheduler(pipe.scheduler))
+    strata = TimestepStrata.of(cfg, schedule, micro, device, density)
     t_prime = cfg.t_prime_distribution()
     t_prime.bounds(schedule.num_train_timesteps)
     side = cfg.resolution // pipe.vae_scale_factor
-    return Job(cfg, accelerator, pipe, family, unet, trained, ema, teacher, opt, counters, schedule, strata, t_prime, found, encoded,
-               (pipe.unet.config.in_channels, side, side), start, elapsed, resumed)
+    model_timestep = adapter.model_timestep if adapter is not None else (lambda t: t)
+    return Job(cfg, accelerator, pipe, family, model, model_timestep, trained, ema, teacher, opt, counters, schedule,
+               strata, t_prime, found, encoded, (pipe.vae.config.latent_channels, side, side), start, elapsed,
+               resumed)
 
 
 def step(job: Job, k: int, warmup: int) -> torch.Tensor:
@@ -206,18 +213,20 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
         drop = drop_all[sl]
         cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), enc.empty[k], v[held].to(device)).float()
                 for k, v in enc.prompts.items()}
-        kwargs = job.family.unet_kwargs(cond, time_ids if job.family.sizes else None)
-        noise, t, t_prime = noise_all[sl], t_all[sl], t_prime_all[sl]
-        with acc.accumulate(job.unet):
+        kwargs = job.family.kwargs(job.pipe, cond, time_ids, job.latent_shape[-1], cfg.flux_guidance)
+        # the latents and the noise in the denoiser's layout (Flux: packed tokens); the loss compares there
+        x0, noise = job.family.model_input(job.pipe, x0), job.family.model_input(job.pipe, noise_all[sl])
+        t, t_prime = t_all[sl], t_prime_all[sl]
+        with acc.accumulate(job.denoiser):
             with acc.autocast():  # bf16: the student and the teacher; the losses accumulate in fp32
                 x_t = job.schedule.add_noise(x0, noise, t, check=False)
-                pred = job.unet(x_t, t, **kwargs).sample.float()
+                pred = job.denoiser(x_t, timestep=job.model_timestep(t), **kwargs).sample.float()
                 loss = objective_loss(cfg, job.teacher, job.schedule, pred, x0, noise, t, t_prime, kwargs,
                                       job.strata.k)
             acc.backward(loss)  # divided by grad_accum by accelerate
             total += loss.detach() / cfg.grad_accum
             if acc.sync_gradients:
-                norm = acc.clip_grad_norm_(job.unet.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
+                norm = acc.clip_grad_norm_(job.denoiser.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf)
                 # every process skips alike: the norm is of the all-reduced gradients, the loss all-reduced
                 seen = acc.reduce(total, reduction="sum") if acc.num_processes > 1 else total
                 ok = torch.isfinite(norm) & torch.isfinite(seen)
@@ -235,7 +244,7 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
         if cfg.lora_rank:
             job.ema.update(job.trained, decay, ok)
         else:
-            ema_update(job.ema, acc.unwrap_model(job.unet), decay, ok)
+            ema_update(job.ema, acc.unwrap_model(job.denoiser), decay, ok)
     return total
 
 
@@ -267,14 +276,14 @@ def save_checkpoint(job: Job, k: int, t0: float) -> None:
 
 @contextlib.contextmanager
 def _final_weights(job: Job):
-    """The UNet with the weights the result gets: the EMA UNet when kept; with LoRA the trained UNet with
-    the LoRA weights' EMA swapped in for the span of the block; else the trained UNet."""
-    unet = job.accelerator.unwrap_model(job.unet)
+    """The denoiser with the weights the result gets: the EMA copy when kept; with LoRA the trained model
+    with the LoRA weights' EMA swapped in for the span of the block; else the trained model."""
+    model = job.accelerator.unwrap_model(job.denoiser)
     if job.ema is None:
-        yield unet
+        yield model
     elif job.cfg.lora_rank:
         with job.ema.swapped_in(job.trained):
-            yield unet
+            yield model
     else:
         yield job.ema
 
@@ -292,9 +301,10 @@ def validate(job: Job, k: int, log_path: Path) -> Path | None:
     acc = job.accelerator
     if not acc.is_main_process:
         return None
-    with _final_weights(job) as unet:
-        image = validation.grid(job.pipe, unet, validation_prompts(job), job.cfg.resolution,
-                                job.cfg.validation_steps, job.cfg.validation_cfg, job.cfg.seed, job.device)
+    with _final_weights(job) as model:
+        image = validation.grid(job.pipe, job.family, model, validation_prompts(job), job.cfg.resolution,
+                                job.cfg.validation_steps, job.cfg.validation_cfg, job.cfg.flux_guidance,
+                                job.cfg.seed, job.device)
     path = validation.write(image, job.out / "validation", k)
     append_log(log_path, {"step": k, "event": "validation", "grid": str(path.relative_to(job.out))})
     return path
@@ -342,11 +352,11 @@ def finetune(cfg: FinetuneConfig) -> dict:
         if job.start < cfg.max_steps or not (job.out / "final").exists():
             validate(job, k, log_path)
             if acc.is_main_process:
-                with _final_weights(job) as unet:
+                with _final_weights(job) as model:
                     if cfg.lora_rank:
-                        lora.save(job.pipe, unet, job.out / "final")
+                        lora.save(job.pipe, model, job.out / "final", job.family.denoiser)
                     else:
-                        pipeline.write_pipeline(cfg.pretrained, unet, job.out / "final")
+                        pipeline.write_pipeline(cfg.pretrained, model, job.out / "final", job.family.denoiser)
         final = job.out / "final"
     acc.wait_for_everyone()
     acc.end_training()

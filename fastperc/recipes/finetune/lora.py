@@ -1,5 +1,5 @@
-"""LoRA fine-tuning (`--lora-rank R`): adapters on the UNet's attention projections through peft, as
-diffusers' LoRA scripts add them (`add_adapter`); only they train. The teacher is the same UNet with its
+"""LoRA fine-tuning (`--lora-rank R`): adapters on the denoiser's attention projections through peft, as
+diffusers' LoRA scripts add them (`add_adapter`); only they train. The teacher is the same denoiser with its
 adapters off (`FrozenTeacher(..., copy=False, adapters_off=True)`): no second copy of the weights. The
 EMA, when kept, covers the LoRA weights only; the result is saved the way diffusers loads LoRA weights
 (`pipe.load_lora_weights(OUT/final)`)."""
@@ -14,16 +14,18 @@ from torch import nn
 
 from ..objective import ema_tensors_update
 
-TARGET_MODULES = ("to_k", "to_q", "to_v", "to_out.0")
-
-
-def add_lora(unet: nn.Module, rank: int) -> list[nn.Parameter]:
-    """LoRA of `rank` on `unet` (its own weights frozen); the LoRA parameters, in the model's order."""
+def add_lora(model: nn.Module, rank: int, targets: tuple[str, ...], seed: int) -> list[nn.Parameter]:
+    """LoRA of `rank` on the modules of `model` whose names end in one of `targets` (its own weights
+    frozen); the LoRA parameters, in the model's order. The initial weights come from `seed` (the global
+    RNG is left as it was): every run with the seed starts alike, whatever the number of processes."""
     from peft import LoraConfig
-    unet.requires_grad_(False)
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                target_modules=list(TARGET_MODULES)))
-    return [p for p in unet.parameters() if p.requires_grad]
+    model.requires_grad_(False)
+    device = next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
+                                     target_modules=list(targets)))
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def trainable(model: nn.Module) -> list[nn.Parameter]:
@@ -55,16 +57,18 @@ class LoraEMA(nn.Module):
                     p.copy_(s)
 
 
-def save(pipe, unet: nn.Module, out: Path) -> Path:
-    """The UNet's LoRA weights as diffusers writes and loads them (pytorch_lora_weights.safetensors),
-    written beside `out` and renamed into place."""
+def save(pipe, model: nn.Module, out: Path, part: str = "unet") -> Path:
+    """The LoRA weights of the pipeline's `part` ("unet" or "transformer") as diffusers writes and loads
+    them (pytorch_lora_weights.safetensors), written beside `out` and renamed into place."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
-    type(pipe).save_lora_weights(save_directory=str(tmp), unet_lora_layers=layers, safe_serialization=True)
+    layers = get_peft_model_state_dict(model)
+    if part == "unet":  # diffusers' UNet LoRA files use its own key names; transformers' keep peft's
+        layers = convert_state_dict_to_diffusers(layers)
+    type(pipe).save_lora_weights(save_directory=str(tmp), safe_serialization=True, **{f"{part}_lora_layers": layers})
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -36,7 +36,7 @@ def pipeline_family(folder: str | Path) -> Family:
 def load(folder: str | Path, device: torch.device, progress: bool = True) -> tuple[object, Family]:
     """(the pipeline, its family), loaded with local files only (Stable Diffusion's without its safety
     checker: fine-tuning never runs it, and the written pipeline keeps the original's). Every part but
-    the UNet (text encoders, VAE) frozen on `device`; the UNet as saved."""
+    the denoiser (text encoders, VAE) frozen on `device`; the denoiser (UNet or transformer) as saved."""
     import diffusers
     import transformers
     family = pipeline_family(folder)
@@ -48,25 +48,44 @@ def load(folder: str | Path, device: torch.device, progress: bool = True) -> tup
     pipe = diffusers.DiffusionPipeline.from_pretrained(str(folder), local_files_only=True, **extra)
     pipe.set_progress_bar_config(disable=True)
     for name, part in pipe.components.items():
-        if isinstance(part, torch.nn.Module) and name != "unet":
+        if isinstance(part, torch.nn.Module) and name != family.denoiser:
             part.to(device).eval().requires_grad_(False)
-    pipe.unet.to(device)
+    denoiser(pipe, family).to(device)
     return pipe, family
 
 
-def resolution_step(pipe) -> int:
-    """What an image side must be a multiple of: the VAE's downsampling times the UNet's (2 per level
-    below the first)."""
-    unet_levels = len(pipe.unet.config.block_out_channels)
-    return pipe.vae_scale_factor * 2 ** (unet_levels - 1)
+def denoiser(pipe, family: Family) -> torch.nn.Module:
+    """The pipeline's part that trains: its UNet or its transformer."""
+    return getattr(pipe, family.denoiser)
 
 
-def check_resolution(pipe, resolution: int) -> None:
-    step = resolution_step(pipe)
+def resolution_step(pipe, family: Family) -> int:
+    """What an image side must be a multiple of: the VAE's downsampling times the denoiser's (a UNet: 2 per
+    level below the first; a transformer: its patch size, 2 for Flux's packing)."""
+    model = denoiser(pipe, family)
+    if family.denoiser == "unet":
+        return pipe.vae_scale_factor * 2 ** (len(model.config.block_out_channels) - 1)
+    return pipe.vae_scale_factor * (2 if family.packed else model.config.patch_size)
+
+
+def largest_resolution(pipe, family: Family) -> int | None:
+    """The largest side the denoiser's position embedding covers (SD3's `pos_embed_max_size` patches),
+    or None when there is no such limit."""
+    limit = getattr(denoiser(pipe, family).config, "pos_embed_max_size", None)
+    return None if family.denoiser == "unet" or limit is None else limit * resolution_step(pipe, family)
+
+
+def check_resolution(pipe, family: Family, resolution: int) -> None:
+    step = resolution_step(pipe, family)
+    kind = "UNet" if family.denoiser == "unet" else "transformer"
     if resolution % step:
         lower, upper = max(step, resolution // step * step), (resolution // step + 1) * step
-        raise InputError(f"resolution: this pipeline's VAE and UNet take sides that are multiples of {step}, got "
+        raise InputError(f"resolution: this pipeline's VAE and {kind} take sides that are multiples of {step}, got "
                          f"{resolution} (use {lower} or {upper})")
+    largest = largest_resolution(pipe, family)
+    if largest is not None and resolution > largest:
+        raise InputError(f"resolution: this pipeline's transformer takes sides up to {largest} (its position "
+                         f"embedding's size), got {resolution}")
 
 
 @torch.no_grad()
@@ -83,15 +102,16 @@ def encode_images(pipe, images: torch.Tensor, generator: torch.Generator | None 
     return (latents - shift) * vae.config.scaling_factor
 
 
-def write_pipeline(source: str | Path, unet, out: Path) -> Path:
-    """A complete pipeline folder at `out`: every part of `source` as it was (tokenizer, text encoder, VAE,
-    scheduler, safety checker, ...) and the fine-tuned UNet. Written beside and renamed into place, so
-    an interrupted write leaves no half pipeline."""
+def write_pipeline(source: str | Path, model, out: Path, part: str = "unet") -> Path:
+    """A complete pipeline folder at `out`: every part of `source` as it was (tokenizers, text encoders,
+    VAE, scheduler, safety checker, ...) and the fine-tuned denoiser `model` as its `part` ("unet" or
+    "transformer"). Written beside and renamed into place, so an interrupted write leaves no half
+    pipeline."""
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
-    shutil.copytree(source, tmp, ignore=lambda d, names: ["unet"] if Path(d) == Path(source) else [])
-    unet.save_pretrained(tmp / "unet")
+    shutil.copytree(source, tmp, ignore=lambda d, names: [part] if Path(d) == Path(source) else [])
+    model.save_pretrained(tmp / part)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

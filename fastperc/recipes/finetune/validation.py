@@ -10,15 +10,16 @@ import torch
 
 
 @torch.no_grad()
-def grid(pipe, unet, prompts: list[str], resolution: int, steps: int, cfg_scale: float, seed: int,
-         device: torch.device) -> np.ndarray:
+def grid(pipe, family, model, prompts: list[str], resolution: int, steps: int, cfg_scale: float, guidance: float,
+         seed: int, device: torch.device) -> np.ndarray:
     """(rows * resolution, cols * resolution, 3) uint8: prompts by rows, no guidance then `cfg_scale`
-    (when > 1) by columns; every image from the same seed."""
-    sampler = type(pipe).from_pipe(pipe, unet=unet)  # the same parts, this UNet
+    (when > 1) by columns; every image from the same seed. `model` is the family's denoiser with the
+    weights to show; `guidance` Flux's distilled guidance value (families.Family.sampler_options)."""
+    sampler = type(pipe).from_pipe(pipe, **{family.denoiser: model})  # the same parts, this denoiser
     sampler.set_progress_bar_config(disable=True)
     scales = [1.0] + ([cfg_scale] if cfg_scale > 1 else [])
-    was_training = unet.training
-    unet.eval()
+    was_training = model.training
+    model.eval()
     rows = []
     try:
         for prompt in prompts:
@@ -26,11 +27,11 @@ def grid(pipe, unet, prompts: list[str], resolution: int, steps: int, cfg_scale:
             for scale in scales:
                 g = torch.Generator(device=device).manual_seed(seed)
                 out = sampler(prompt, height=resolution, width=resolution, num_inference_steps=steps,
-                              guidance_scale=scale, generator=g, output_type="np")
+                              generator=g, output_type="np", **family.sampler_options(scale, guidance))
                 row.append(out.images[0])
             rows.append(np.concatenate(row, axis=1))
     finally:
-        unet.train(was_training)
+        model.train(was_training)
     return (np.clip(np.concatenate(rows, axis=0), 0, 1) * 255).round().astype(np.uint8)
 
 
