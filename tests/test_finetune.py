@@ -162,6 +162,19 @@ def test_bad_t_density_options_and_flux_guidance_are_refused(option, value, mess
         FinetuneConfig(out="o", pretrained="p", data="d", **{option: value}).validate()
 
 
+@pytest.mark.parametrize("kind", ["FSDP", "DEEPSPEED"])
+def test_sharding_modes_of_accelerate_are_refused_with_a_clear_error(kind, monkeypatch, tiny_sd, captioned, tmp_path):
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from fastperc.recipes.finetune import loop
+    fake = SimpleNamespace(distributed_type=DistributedType[kind], num_processes=2, device=torch.device("cpu"))
+    monkeypatch.setattr(loop, "_accelerator", lambda cfg: fake)
+    with pytest.raises(InputError, match=f"accelerate: .* as DDP .*asks for {kind}, which it does not support"):
+        finetune(config(tiny_sd, captioned, tmp_path / "run"))
+
+
 def test_finetune_options_come_from_the_train_options_definitions():
     from dataclasses import fields
 

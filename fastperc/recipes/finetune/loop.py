@@ -94,6 +94,17 @@ def _accelerator(cfg: FinetuneConfig):
                        kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(hours=4))])
 
 
+def refuse_sharding(accelerator) -> None:
+    """Several processes run as DDP. accelerate's FSDP, DeepSpeed and Megatron modes shard the denoiser,
+    which the EMA copy, the frozen teacher copy and the LoRA teacher here do not expect: refused with a
+    clear error rather than run wrongly (a sharded teacher is `fastperc train --fsdp`'s)."""
+    kind = getattr(accelerator.distributed_type, "name", str(accelerator.distributed_type))
+    if kind in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        raise InputError(f"accelerate: fastperc finetune runs several processes as DDP (accelerate launch "
+                         f"--multi_gpu, or torchrun); accelerate's config asks for {kind}, which it does not support "
+                         "yet: run `accelerate config` again and choose multi-GPU without it")
+
+
 def checkpoint_folder(out: Path) -> Path | None:
     """The checkpoint to resume from: OUT/checkpoint, or the previous one when a save was cut between
     moving it aside and renaming the new one into place."""
@@ -109,6 +120,7 @@ def build(cfg: FinetuneConfig) -> Job:
     cfg.validate()
     out = Path(cfg.out)
     accelerator = _accelerator(cfg)
+    refuse_sharding(accelerator)
     world, device = accelerator.num_processes, accelerator.device
     if cfg.batch_size % (world * cfg.grad_accum):
         raise InputError(f"batch_size: expected a multiple of processes x grad_accum = {world * cfg.grad_accum}, "
