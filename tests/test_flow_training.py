@@ -70,3 +70,24 @@ def test_cli_flow_schedule_sets_the_flow_prediction_and_refuses_a_vp_one(tmp_pat
     assert main(["train", "--out", str(tmp_path / "c"), "--init", str(tmp_path / "a"), "--schedule", "ddpm",
                  "--max-steps", "1", "--batch-size", "4", "--no-progress"]) == 2
     assert "--schedule 'ddpm' disagrees" in capsys.readouterr().err
+
+
+def test_a_dit_with_patches_of_2_and_logit_normal_t_trains_stores_its_patch_and_init_takes_it(tmp_path):
+    run = train(TrainConfig(out=str(tmp_path / "mse"), max_steps=2, dit_patch=2, t_density="logit_normal",
+                            t_loc=-0.5, **TINY_DIT))
+    assert run["step"] == 2 and np.isfinite(run["loss"])
+    model, config = load_model(str(tmp_path / "mse"), use_ema=True)
+    assert config["dit"] == {"width": 16, "depth": 2, "patch": 2} and model.grid == 16  # 32 / 2: 256 tokens
+    sp = train(TrainConfig(out=str(tmp_path / "sp"), objective="self_perceptual", init=str(tmp_path / "mse"),
+                           max_steps=1, **{k: v for k, v in TINY_DIT.items() if k not in ("dit_width", "dit_depth")}))
+    assert sp["step"] == 1 and load_model(str(tmp_path / "sp"))[1]["dit"]["patch"] == 2  # from --init
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("dit_patch", 3, "dit_patch: expected a divisor of image_size=32, got 3"),
+    ("t_density", "beta", "t_density: expected one of"),
+    ("mode_scale", -2.0, "mode_scale: expected a number in")])
+def test_bad_dit_patch_and_t_density_options_are_refused(option, value, message, tmp_path):
+    from fastperc import InputError
+    with pytest.raises(InputError, match=message):
+        TrainConfig(out=str(tmp_path / "r"), **{**TINY_DIT, option: value}).validate()

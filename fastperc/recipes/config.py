@@ -79,6 +79,7 @@ class ObjectiveOptions:
     def check_shared(self) -> None:
         """The shared options' combinations, after `check_options`."""
         self.t_prime_distribution()  # range order, density, loc and scale
+        self.t_distribution(flow=True)  # the same of t, and the mode scale
         for name in ("t_prime_range", "objective_t_range"):
             r = getattr(self, name)
             if r is not None and not (len(r) == 2 and r[0] <= r[1]):
@@ -91,6 +92,15 @@ class ObjectiveOptions:
                              f"(the band's share of the table); expected 1 with it, got {self.sp_fraction}")
         if self.resume and self.overwrite:
             raise InputError("resume: --resume and --overwrite exclude each other")
+
+    def t_distribution(self, flow: bool) -> TimestepDistribution | None:
+        """How the student's t is drawn (`flow`: a flow-matching schedule; an unset --t-density means
+        logit-normal there, as diffusers' SD3 and Flux scripts draw it, uniform elsewhere); None: uniform
+        over the table (TimestepStrata's own draw)."""
+        density = self.t_density or ("logit_normal" if flow else "uniform")
+        drawn = TimestepDistribution(density=density, loc=float(self.t_loc), scale=float(self.t_scale),
+                                     mode_scale=float(self.mode_scale))  # checks every option, whatever the density
+        return None if density == "uniform" else drawn
 
     def t_prime_distribution(self) -> TimestepDistribution:
         low, high = self.t_prime_range if self.t_prime_range is not None else (0, None)
@@ -122,6 +132,12 @@ class TrainConfig(ObjectiveOptions):
     t_prime_density: str = option("uniform", "how t' is drawn over its range", type=str, choices=DENSITIES)
     t_prime_loc: float = option(0.0, "logit-normal location (< 0: low-noise t')", type=float)
     t_prime_scale: float = option(1.0, "logit-normal scale", type=float, bound="positive")
+    t_density: str | None = option("uniform", "how the student's t is drawn over the table: uniform (the "
+                                   "default), logit_normal or mode (SD3's densities for flow matching)", type=str,
+                                   choices=DENSITIES)
+    t_loc: float = option(0.0, "logit-normal location of t (< 0: low noise)", type=float)
+    t_scale: float = option(1.0, "logit-normal scale of t", type=float, bound="positive")
+    mode_scale: float = option(1.29, "the mode density's scale (SD3's; in [-1, 2 / (pi - 2)])", type=float)
     objective_t_range: tuple[int, int] | None = option(None, "use the self-perceptual objective where t is in "
                                                        "[LOW, HIGH], plain MSE elsewhere: t is drawn so that a "
                                                        "fixed share of each micro-batch (the band's share of the "
@@ -137,6 +153,8 @@ class TrainConfig(ObjectiveOptions):
     dit_width: int = option(128, "DiT token width (a multiple of 4; 4 attention heads)", type=int, bound="positive",
                             model=True)
     dit_depth: int = option(6, "DiT blocks", type=int, bound="positive", model=True)
+    dit_patch: int = option(0, "DiT patch side in pixels (0: 4 on images of 32 pixels or more, 2 on smaller "
+                            "inputs such as 8x8 latents)", type=int, bound="non_negative", model=True)
     conditional: bool = option(False, "class labels, 10% dropped to the null class", type=bool, model=True)
     label_dropout: float = option(0.1, "share of labels replaced by the null class (for CFG)", type=float,
                                   bound="unit_interval")
@@ -212,6 +230,8 @@ class TrainConfig(ObjectiveOptions):
                              f"{self.prediction_type!r}")
         if self.arch == "dit" and self.dit_width is not None and self.dit_width % 4:
             raise InputError(f"dit_width: expected a multiple of 4, got {self.dit_width!r}")
+        if self.arch == "dit" and self.dit_patch and self.image_size % self.dit_patch:
+            raise InputError(f"dit_patch: expected a divisor of image_size={self.image_size}, got {self.dit_patch!r}")
 
 
 # What each option's metadata says, gathered once for the places that ask.
@@ -392,13 +412,12 @@ class FinetuneConfig(ObjectiveOptions):
                             "(no copy), "
                             "and OUT/final holds the LoRA weights (pipe.load_lora_weights)", type=int,
                             bound="non_negative")
-    t_density: str | None = option(None, "how the student's t is drawn over the schedule's table: uniform, "
-                                   "logit_normal or mode (default: logit_normal for flow-matching pipelines, SD3 and "
-                                   "Flux, as diffusers' scripts draw it; uniform for the others)", type=str,
-                                   choices=DENSITIES)
-    t_loc: float = option(0.0, "logit-normal location of t (< 0: low noise)", type=float)
-    t_scale: float = option(1.0, "logit-normal scale of t", type=float, bound="positive")
-    mode_scale: float = option(1.29, "the mode density's scale (SD3's; in [-1, 2 / (pi - 2)])", type=float)
+    t_density: str | None = shared("t_density", default=None, help="how the student's t is drawn over the schedule's "
+                                   "table: uniform, logit_normal or mode (default: logit_normal for flow-matching "
+                                   "pipelines, SD3 and Flux, as diffusers' scripts draw it; uniform for the others)")
+    t_loc: float = shared("t_loc")
+    t_scale: float = shared("t_scale")
+    mode_scale: float = shared("mode_scale")
     flux_guidance: float = option(3.5, "the guidance value a guidance-distilled Flux transformer (FLUX.1-dev) gets "
                                   "in training and in validation images (diffusers' Flux scripts: 3.5)", type=float,
                                   bound="non_negative")
@@ -449,19 +468,9 @@ class FinetuneConfig(ObjectiveOptions):
         if self.lora_rank and (self.teacher_precision != "same" or self.teacher_checkpoint):
             raise InputError("lora_rank: a LoRA run's teacher is the model being trained, with its adapters off; "
                              "--teacher-precision and --teacher-checkpoint would change that model (leave them out)")
-        self.t_distribution(flow=True)  # density, loc, scale and mode scale
         if 0 < self.validation_cfg <= 1:  # a scale of 1 or less is no guidance: the first column already
             raise InputError(f"validation_cfg: expected 0 (no guided column) or a guidance scale > 1, got "
                              f"{self.validation_cfg}")
 
-
-    def t_distribution(self, flow: bool) -> TimestepDistribution | None:
-        """How the student's t is drawn (`flow`: the pipeline is a flow-matching one); None: uniform over the
-        table (TimestepStrata's own draw)."""
-        density = self.t_density or ("logit_normal" if flow else "uniform")
-        if density == "uniform":
-            return None
-        return TimestepDistribution(density=density, loc=float(self.t_loc), scale=float(self.t_scale),
-                                    mode_scale=float(self.mode_scale))
 
 FINETUNE_RESUMABLE_OPTIONS = frozenset(f.name for f in fields(FinetuneConfig) if f.metadata.get("resumable"))

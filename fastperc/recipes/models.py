@@ -12,19 +12,20 @@ from ..errors import InputError
 ARCHS = ("unet", "diffusers-unet2d", "dit")
 
 
-def dit_patch_size(image_size: int) -> int:
-    """Patches of 4 pixels on 32x32 images (64 tokens), of 2 on smaller inputs such as 8x8 latents."""
-    return 4 if image_size >= 32 else 2
+def dit_patch_size(image_size: int, patch: int = 0) -> int:
+    """`patch` when given (> 0); else patches of 4 pixels on 32x32 images (64 tokens), of 2 on smaller
+    inputs such as 8x8 latents."""
+    return patch if patch else 4 if image_size >= 32 else 2
 
 
 def build_model(config: dict) -> nn.Module:
     """config: {"arch", "in_channels", "image_size", "block_channels", "num_classes"} (+ "dit": {"width",
-    "depth"} for arch "dit")."""
+    "depth", "patch" (optional)} for arch "dit")."""
     arch = config["arch"]
     if arch == "dit":
         dit = config.get("dit", {})
         return DiT(in_channels=config["in_channels"], image_size=config["image_size"],
-                   patch_size=dit_patch_size(config["image_size"]), hidden=dit.get("width", 128),
+                   patch_size=dit_patch_size(config["image_size"], dit.get("patch", 0)), hidden=dit.get("width", 128),
                    depth=dit.get("depth", 6), heads=4, num_classes=config.get("num_classes"))
     if arch == "unet":
         return UNet(in_channels=config["in_channels"], block_channels=tuple(config["block_channels"]),
@@ -84,7 +85,7 @@ def model_options_of(config: dict) -> dict:
     dit = config.get("dit", {})
     return {"arch": config.get("arch", "unet"), "conditional": config.get("num_classes") is not None, "block_channels": tuple(config["block_channels"]),
             "prediction_type": config["prediction_type"], "schedule": "flow" if kind == "flow_matching" else "ddpm",
-            "dit_width": dit.get("width", 128), "dit_depth": dit.get("depth", 6)}
+            "dit_width": dit.get("width", 128), "dit_depth": dit.get("depth", 6), "dit_patch": dit.get("patch", 0)}
 
 
 def null_class(config: dict) -> int | None:
@@ -105,7 +106,8 @@ def model_config_of(cfg, num_classes: int | None) -> dict:
                     "num_classes": num_classes if cfg.conditional else None,
                     "prediction_type": cfg.prediction_type, "schedule": schedule_config(cfg.prediction_type)}
     if cfg.arch == "dit":
-        model_config["dit"] = {"width": cfg.dit_width, "depth": cfg.dit_depth}
+        model_config["dit"] = {"width": cfg.dit_width, "depth": cfg.dit_depth} | (
+            {"patch": cfg.dit_patch} if cfg.dit_patch else {})  # absent: the size's default (older checkpoints)
     if cfg.latent:
         # The autoencoder travels inside the model config: samples decode with exactly these weights.
         ae = latent.load_autoencoder(cfg.latent)
