@@ -421,7 +421,9 @@ def test_sdxl_fine_tunes_with_its_two_encoders_and_size_conditioning_and_the_res
     # the images are 20 wide, 24 high: resized to 16 x 19, the centre crop starts 2 rows down; mirrored alike
     assert job.encoded.time_ids[0].tolist() == [[24, 20, 2, 0, 16, 16], [24, 20, 2, 0, 16, 16]]
     assert job.encoded.prompts["encoder_hidden_states"].shape[-1] == 64  # both encoders' states, concatenated
-    result = finetune(config(sdxl, captioned, tmp_path / "run", max_steps=2))
+    finetune(config(sdxl, captioned, tmp_path / "run", max_steps=2))
+    result = finetune(config(sdxl, captioned, tmp_path / "run", max_steps=3, resume=True))  # extends the run
+    assert result["steps_run"] == 1 and (tmp_path / "run" / "validation" / "step_0000003.png").is_file()
     pipe = DiffusionPipeline.from_pretrained(result["pipeline"], local_files_only=True)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     image = pipe("a red square", height=16, width=16, num_inference_steps=2, output_type="np").images[0]
