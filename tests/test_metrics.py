@@ -42,6 +42,32 @@ def test_classifier_score_is_number_of_classes_for_confident_balanced_and_one_fo
     assert metrics.classifier_score(torch.eye(10, dtype=torch.float64)[[3] * 50]) == pytest.approx(1.0)
 
 
+def test_class_balance_is_the_predicted_class_histogram_and_its_total_variation_to_the_data():
+    probs = torch.eye(10, dtype=torch.float64)[[0, 0, 1, 3]] * 0.9 + 0.01
+    assert metrics.class_shares(probs).tolist() == [0.5, 0.25, 0, 0.25, 0, 0, 0, 0, 0, 0]
+    uniform = torch.full((10,), 0.1, dtype=torch.float64)
+    assert metrics.class_tv(uniform, uniform) == 0.0
+    assert metrics.class_tv(metrics.class_shares(probs), uniform) == pytest.approx(0.7)  # 0.4 + 0.15 + 0.15
+    one, other = torch.zeros(10, dtype=torch.float64), torch.zeros(10, dtype=torch.float64)
+    one[2], other[7] = 1.0, 1.0
+    assert metrics.class_tv(one, other) == 1.0  # no class in common
+
+
+def test_evaluate_reports_class_balance_against_the_reference_images():
+    clf = metrics.Classifier()
+    torch.manual_seed(0)
+    real = mnist5k().images[:200]
+    ref = metrics.reference_of(clf, real)
+    same = metrics.evaluate(real, np.full(200, -1), clf, ref)
+    assert same["class_tv"] == 0.0 and sum(same["class_shares"]) == pytest.approx(1.0)
+    _, probs = metrics.embed(clf, real)
+    top = int(probs.argmax(1).mode().values)
+    skewed = real[probs.argmax(1) == top]  # only the images of the most predicted class
+    out = metrics.evaluate(skewed, np.full(len(skewed), -1), clf, ref)
+    assert out["class_tv"] == pytest.approx(1 - float(ref.shares[top]))
+    assert "class_tv" not in metrics.evaluate(real, np.full(200, -1), clf, ref.features)  # features alone
+
+
 @pytest.fixture(scope="module")
 def random_classifier(tmp_path_factory):
     path = tmp_path_factory.mktemp("clf") / "classifier.pt"
@@ -59,6 +85,7 @@ def test_eval_cli_prints_metrics_for_each_file(random_classifier, tmp_path, caps
     assert len(rows) == 2
     fd_real, fd_noise = float(rows[0].split()[2]), float(rows[1].split()[2])
     assert fd_real < fd_noise  # even a random network tells digits from uniform noise
+    assert 0 <= float(rows[0].split()[6]) <= 1  # class TV
 
 
 @pytest.mark.parametrize("make, message", [

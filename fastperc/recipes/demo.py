@@ -221,7 +221,7 @@ def _run_one(out: str, preset: str, p: Plan, seed: int, progress: bool, resume: 
     times["classifier"] = round(time.time() - t0, 1)
     print(f"classifier: held-out accuracy {acc:.4f}")
     classifier = metrics.load_classifier(str(clf_path))
-    reference = metrics.embed(classifier, metrics.reference_set().images)[0]
+    reference = metrics.reference_of(classifier, metrics.reference_set().images)
 
     def sample_and_eval(path: Path, ckpt: str, scale: float, sample_seed: int, n: int) -> dict:
         if not (resume and path.exists()):

@@ -5,12 +5,16 @@
   held-out real images (the FID recipe on another network; not comparable to FID numbers);
 - classifier score: exp(E_x KL(p(y|x) || p(y))), the Inception-Score recipe on this classifier;
 - precision / recall: the k-NN manifold estimate of Kynkaanniemi et al. 2019 (realism / diversity);
-- label accuracy: how often the classifier agrees with the class a conditional sample was drawn for.
+- label accuracy: how often the classifier agrees with the class a conditional sample was drawn for;
+- class balance: the share of samples the classifier puts in each class, and its total-variation
+  distance to the same shares of the held-out real images ("class TV": 0 the same balance, 1 disjoint
+  classes); for unconditional models the one number that says whether some digits are over-drawn.
 """
 from __future__ import annotations
 
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +116,30 @@ def embed(model: Classifier, images_uint8: torch.Tensor, batch: int = 500) -> tu
     return torch.cat(feats), torch.cat(probs)
 
 
+def class_shares(probs: torch.Tensor) -> torch.Tensor:
+    """(classes,) float64: the share of images whose most probable class is each class."""
+    return torch.bincount(probs.argmax(1), minlength=probs.shape[1]).double() / len(probs)
+
+
+def class_tv(shares: torch.Tensor, reference_shares: torch.Tensor) -> float:
+    """Total-variation distance between two class histograms: half the summed absolute difference
+    (0: the same balance; 1: no class in common)."""
+    return float((shares - reference_shares).abs().sum() / 2)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """The held-out real images as the metrics compare with them: their features, and the share of them
+    the classifier puts in each class (the data's class balance, measured with the same classifier)."""
+    features: torch.Tensor
+    shares: torch.Tensor
+
+
+def reference_of(classifier: "Classifier", images_uint8: torch.Tensor) -> Reference:
+    features, probs = embed(classifier, images_uint8)
+    return Reference(features, class_shares(probs))
+
+
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
     """||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^(1/2)), with scipy's matrix square root."""
     with warnings.catch_warnings():  # near-singular products (few samples) are handled just below
@@ -165,13 +193,20 @@ def load_samples(path: str) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def evaluate(images_uint8: torch.Tensor, labels: np.ndarray, classifier: Classifier,
-             reference: data.ImageSet | torch.Tensor, k: int = 3) -> dict:
-    """FD-MNIST, classifier score, precision, recall, label accuracy of one sample set vs `reference`
-    (real images, or their features from `embed` to skip recomputing them)."""
-    rf = reference if isinstance(reference, torch.Tensor) else embed(classifier, reference.images)[0]
+             reference: data.ImageSet | Reference | torch.Tensor, k: int = 3) -> dict:
+    """FD-MNIST, classifier score, precision, recall, class balance (`class_shares`, `class_tv`) and
+    label accuracy of one sample set vs `reference`: real images, or a `reference_of` them to skip
+    recomputing it (or their features alone from `embed`, which leaves out the class balance)."""
+    if isinstance(reference, data.ImageSet):
+        reference = reference_of(classifier, reference.images)
+    rf = reference.features if isinstance(reference, Reference) else reference
     ff, probs = embed(classifier, images_uint8)
     out = {"n": len(images_uint8), "fd": frechet_distance(*gaussian(ff), *gaussian(rf)),
            "classifier_score": classifier_score(probs)}
+    if isinstance(reference, Reference):
+        shares = class_shares(probs)
+        out["class_shares"] = [round(float(x), 4) for x in shares]
+        out["class_tv"] = class_tv(shares, reference.shares)
     out["precision"], out["recall"] = precision_recall(rf.float(), ff.float(), k)
     if (labels >= 0).all():
         out["label_accuracy"] = float((probs.argmax(1).numpy() == labels).mean())

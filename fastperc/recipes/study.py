@@ -52,7 +52,7 @@ from .train import train
 from ..errors import InputError, MissingFileError
 
 BASELINE = "MSE continued"
-METRICS = ("fd", "classifier_score", "precision", "recall", "label_accuracy")
+METRICS = ("fd", "classifier_score", "precision", "recall", "class_tv", "label_accuracy")
 
 
 @dataclass
@@ -141,7 +141,7 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
         print(f"study: training the metrics' classifier into {clf_path}")
         metrics.train_classifier(str(clf_path), epochs=spec.classifier_epochs, progress=progress)
     classifier = metrics.load_classifier(str(clf_path))
-    reference = metrics.embed(classifier, metrics.reference_set().images)[0]
+    reference = metrics.reference_of(classifier, metrics.reference_set().images)
     results_path = out / "results.jsonl"
     done = _read_results(results_path)
     for seed in spec.training_seeds:  # seed-major: one seed of every variant first, for an early first look
@@ -167,7 +167,8 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
                 imgs, labels = metrics.load_samples(str(npz))
                 m = metrics.evaluate(imgs, labels, classifier, reference)
                 row = {"variant": name, "training_seed": seed, "sampling_seed": sseed, "train_seconds": train_s,
-                       "steps": spec.steps, **{k: m[k] for k in METRICS if k in m}, "n": m["n"]}
+                       "steps": spec.steps, **{k: m[k] for k in METRICS if k in m}, "n": m["n"],
+                       "class_shares": m["class_shares"]}
                 with open(results_path, "a") as f:
                     f.write(json.dumps(row) + "\n")
                 done[key] = row
@@ -231,9 +232,9 @@ def verdict(row: dict, base: dict) -> str:
 
 
 def table(spec: StudySpec, rows: list[dict]) -> str:
-    head = ("| variant | options | seeds | FD-MNIST ↓ | precision ↑ | recall ↑ | classifier score ↑ | label acc. ↑ "
-            "| s / run | vs MSE |")
-    lines = [head, "|" + "---|" * 10]
+    head = ("| variant | options | seeds | FD-MNIST ↓ | precision ↑ | recall ↑ | classifier score ↑ | class TV ↓ "
+            "| label acc. ↑ | s / run | vs MSE |")
+    lines = [head, "|" + "---|" * 11]
     for r in rows:
         def cell(k):
             if k not in r:
@@ -244,7 +245,7 @@ def table(spec: StudySpec, rows: list[dict]) -> str:
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
         lines.append(f"| {r['variant']} | {opts} | {len(r['training_seeds'])} x {len(r['sampling_seeds'])} | "
                      f"{cell('fd')} | {cell('precision')} | {cell('recall')} | {cell('classifier_score')} | "
-                     f"{cell('label_accuracy')} | {secs} | {r['verdict']} |")
+                     f"{cell('class_tv')} | {cell('label_accuracy')} | {secs} | {r['verdict']} |")
     return "\n".join(lines)
 
 
