@@ -132,26 +132,43 @@ def test_a_resolution_the_vae_and_unet_cannot_take_is_refused(tiny_sd, captioned
         finetune(config(tiny_sd, captioned, tmp_path / "run", resolution=18))
 
 
-def test_the_student_t_follows_the_chosen_density_and_flow_pipelines_default_to_logit_normal():
+@pytest.mark.parametrize("density", ["logit_normal", "mode"])
+def test_the_student_t_is_drawn_as_diffusers_scripts_draw_it(density):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+    from diffusers.training_utils import compute_density_for_timestep_sampling
+
     from fastperc import NoiseSchedule
     from fastperc.recipes.objective import TimestepStrata
+    sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    flow = NoiseSchedule.from_diffusers(sched)
+    cfg = FinetuneConfig(out="o", pretrained="p", data="d", t_density=density)
+    ours = TimestepStrata.of(cfg, flow, 8, torch.device("cpu"), cfg.t_distribution()).draw(
+        20000, torch.Generator().manual_seed(0))
+    u = compute_density_for_timestep_sampling(density, 20000, logit_mean=0.0, logit_std=1.0, mode_scale=1.29,
+                                              generator=torch.Generator().manual_seed(1))
+    theirs = sched.timesteps[(u * 1000).long()]  # train_dreambooth_sd3.py's indexing
+    assert torch.isin(ours, sched.timesteps).all()
+    for q in (0.1, 0.25, 0.5, 0.75, 0.9):  # the same distribution: quantiles agree within sampling error
+        assert abs(ours.quantile(q).item() - theirs.quantile(q).item()) < 15, q
+
+
+def test_each_family_draws_t_with_its_diffusers_scripts_default_and_t_loc_moves_it():
+    from fastperc import NoiseSchedule
+    from fastperc.recipes.finetune.families import FAMILIES
+    from fastperc.recipes.objective import TimestepStrata
+    assert {k: f.t_density for k, f in FAMILIES.items()} == {
+        "StableDiffusionPipeline": "uniform", "StableDiffusionXLPipeline": "uniform",
+        "StableDiffusion3Pipeline": "logit_normal", "FluxPipeline": "uniform"}
     cfg = FinetuneConfig(out="o", pretrained="p", data="d")
-    assert cfg.t_distribution(flow=False) is None  # DDPM pipelines: uniform over the table, as diffusers' scripts
-    assert cfg.t_distribution(flow=True).density == "logit_normal"
+    assert cfg.t_distribution("uniform") is None and cfg.t_distribution("logit_normal").density == "logit_normal"
     flow = NoiseSchedule.flow_matching(shift=3.0)
-    g = torch.Generator().manual_seed(0)
-    draw = lambda c: TimestepStrata.of(c, flow, 8, torch.device("cpu"), c.t_distribution(flow=True)).draw(4000, g)
-    uniform = draw(FinetuneConfig(out="o", pretrained="p", data="d", t_density="uniform"))
-    logit = draw(cfg)
-    assert torch.isin(logit, flow.timesteps).all() and torch.isin(uniform, flow.timesteps).all()
-    rank = lambda t: torch.searchsorted(flow.timesteps_by_noise(), t).float() / 1000  # noqa: E731  noise rank in [0, 1)
-    middle = lambda t: ((rank(t) > 0.25) & (rank(t) < 0.75)).float().mean()  # noqa: E731
-    assert middle(uniform) == pytest.approx(0.5, abs=0.03) and middle(logit) > 0.6  # logit-normal: the middle
-    low = draw(FinetuneConfig(out="o", pretrained="p", data="d", t_loc=-1.5))
-    assert rank(low).mean() < 0.3  # loc < 0: low-noise t
+    draw = lambda c: TimestepStrata.of(c, flow, 8, torch.device("cpu"), c.t_distribution("logit_normal")).draw(  # noqa: E731
+        4000, torch.Generator().manual_seed(0))
+    rank = lambda t: torch.searchsorted(flow.timesteps_by_noise(), t).float() / 1000  # noqa: E731  noise rank
+    assert rank(draw(FinetuneConfig(out="o", pretrained="p", data="d", t_loc=-1.5))).mean() < 0.3  # low noise
     with pytest.raises(InputError, match="objective_t_range: .*logit_normal density"):
         TimestepStrata.of(FinetuneConfig(out="o", pretrained="p", data="d", objective_t_range=(0, 400)), flow, 8,
-                          torch.device("cpu"), cfg.t_distribution(flow=True))
+                          torch.device("cpu"), cfg.t_distribution("logit_normal"))
 
 
 @pytest.mark.parametrize("option, value, message", [
@@ -455,6 +472,9 @@ def test_sd3_fine_tunes_its_transformer_on_flow_matching_with_three_encoders_and
     assert job.encoded.prompts["encoder_hidden_states"].shape[1:] == (77 + 256, 64)
     assert job.encoded.prompts["pooled_projections"].shape[1:] == (64,)
     assert job.strata.density.density == "logit_normal" and job.schedule.prediction_type == "flow_prediction"
+    with pytest.raises(InputError, match="objective_t_range: .*logit_normal"):  # refused before any encoding
+        build(config(sd3, captioned, tmp_path / "band", objective_t_range=(0, 300)))
+    assert not (tmp_path / "band" / "cache").exists()
     with pytest.raises(InputError, match="resolution: this pipeline's transformer takes sides up to 32"):
         build(config(sd3, captioned, tmp_path / "big", resolution=36))
     straight = finetune(config(sd3, captioned, tmp_path / "a", max_steps=3, save_every=1))
@@ -492,15 +512,26 @@ def test_flux_fine_tunes_on_packed_latents_with_ids_and_guidance_resumes_and_its
     from .tiny_pipelines import save_tiny_flux
     job = build(config(tiny_flux, captioned, tmp_path / "probe"))
     assert job.family.packed and job.teacher.layers == ("transformer_blocks.1",)  # mid-depth of 2 + 2 blocks
+    assert job.strata.density is None  # uniform t, as diffusers' Flux scripts draw it
     latents = torch.randn(2, 4, 8, 8)
     tokens = job.family.model_input(job.pipe, latents)
     assert tokens.shape == (2, 16, 16)  # 2x2 patches of 4 channels as 16 tokens of 16
     assert torch.equal(tokens[0, 0], latents[0, :, :2, :2].reshape(-1))
     cond = {k: v[:2].float() for k, v in job.encoded.prompts.items()}
-    kwargs = job.family.kwargs(job.pipe, cond, None, 8, 3.5)
+    kwargs = job.family.kwargs(job.pipe, cond, None, job.fixed, 3.5)
     assert kwargs["img_ids"].shape == (16, 3) and kwargs["txt_ids"].shape == (512, 3)
     assert kwargs["guidance"].tolist() == [3.5, 3.5]
-    assert job.model_timestep(torch.tensor([500.0])).item() == 0.5  # Flux's forward takes sigma
+    # the student's call is the pipeline's: Flux's forward takes sigma = t / 1000, as the teacher gives it
+    assert job.model_timestep(torch.tensor([500.0])).item() == 0.5
+    from fastperc.adapters.flux import FluxAdapter
+    with pytest.MonkeyPatch.context() as mp:  # ... also when the adapter's probe fails (the hook path)
+        mp.setattr(FluxAdapter, "probe", lambda self, model: ["a probe that fails"])
+        with pytest.warns(RuntimeWarning, match="hook path"):
+            hooked = build(config(tiny_flux, captioned, tmp_path / "hooked"))
+        assert hooked.model_timestep(torch.tensor([500.0])).item() == 0.5
+    # the guidance value reaches the student: another value, another loss on the same draws
+    loss = lambda g: finetune(config(tiny_flux, captioned, tmp_path / f"g{g}", flux_guidance=g, ema_decay=0.0))["loss"]  # noqa: E731
+    assert loss(1.0) != loss(3.5)
     straight = finetune(config(tiny_flux, captioned, tmp_path / "a", max_steps=3, save_every=1, flux_guidance=1.0))
     finetune(config(tiny_flux, captioned, tmp_path / "b", max_steps=2, save_every=1, flux_guidance=1.0))
     resumed = finetune(config(tiny_flux, captioned, tmp_path / "b", max_steps=3, save_every=1, resume=True,
@@ -520,7 +551,8 @@ def test_flux_fine_tunes_on_packed_latents_with_ids_and_guidance_resumes_and_its
     base_pipe.load_lora_weights(lora_run["pipeline"])
     lora_teacher = FrozenTeacher(model, copy=False, adapters_off=True)
     sample, t = torch.randn(2, 16, 16), torch.tensor([700.0, 300.0])
-    kwargs = job.family.kwargs(base_pipe, {k: v[:2].float() for k, v in job.encoded.prompts.items()}, None, 8, 3.5)
+    kwargs = job.family.kwargs(base_pipe, {k: v[:2].float() for k, v in job.encoded.prompts.items()}, None,
+                               job.fixed, 3.5)
     with torch.no_grad():
         assert torch.equal(base_teacher(sample, t, **kwargs)[0], lora_teacher(sample, t, **kwargs)[0])
         with_lora = model(sample, timestep=t / 1000, **kwargs).sample

@@ -79,7 +79,7 @@ class ObjectiveOptions:
     def check_shared(self) -> None:
         """The shared options' combinations, after `check_options`."""
         self.t_prime_distribution()  # range order, density, loc and scale
-        self.t_distribution(flow=True)  # the same of t, and the mode scale
+        self.t_distribution()  # the same of t, and the mode scale
         for name in ("t_prime_range", "objective_t_range"):
             r = getattr(self, name)
             if r is not None and not (len(r) == 2 and r[0] <= r[1]):
@@ -93,11 +93,11 @@ class ObjectiveOptions:
         if self.resume and self.overwrite:
             raise InputError("resume: --resume and --overwrite exclude each other")
 
-    def t_distribution(self, flow: bool) -> TimestepDistribution | None:
-        """How the student's t is drawn (`flow`: a flow-matching schedule; an unset --t-density means
-        logit-normal there, as diffusers' SD3 and Flux scripts draw it, uniform elsewhere); None: uniform
-        over the table (TimestepStrata's own draw)."""
-        density = self.t_density or ("logit_normal" if flow else "uniform")
+    def t_distribution(self, default: str = "uniform") -> TimestepDistribution | None:
+        """How the student's t is drawn: --t-density, or `default` when it is unset (a fine-tuned family's
+        own: logit-normal for SD3, as diffusers' SD3 scripts draw it); None: uniform over the table
+        (TimestepStrata's own draw)."""
+        density = self.t_density or default
         drawn = TimestepDistribution(density=density, loc=float(self.t_loc), scale=float(self.t_scale),
                                      mode_scale=float(self.mode_scale))  # checks every option, whatever the density
         return None if density == "uniform" else drawn
@@ -135,7 +135,8 @@ class TrainConfig(ObjectiveOptions):
     t_density: str | None = option("uniform", "how the student's t is drawn over the table: uniform (the "
                                    "default), logit_normal or mode (SD3's densities for flow matching)", type=str,
                                    choices=DENSITIES)
-    t_loc: float = option(0.0, "logit-normal location of t (< 0: low noise)", type=float)
+    t_loc: float = option(0.0, "logit-normal location of t (< 0: low noise; diffusers' --logit_mean with the sign "
+                          "flipped, since fastperc ranks the table from low noise up)", type=float)
     t_scale: float = option(1.0, "logit-normal scale of t", type=float, bound="positive")
     mode_scale: float = option(1.29, "the mode density's scale (SD3's; in [-1, 2 / (pi - 2)])", type=float)
     objective_t_range: tuple[int, int] | None = option(None, "use the self-perceptual objective where t is in "
@@ -230,7 +231,7 @@ class TrainConfig(ObjectiveOptions):
                              f"{self.prediction_type!r}")
         if self.arch == "dit" and self.dit_width is not None and self.dit_width % 4:
             raise InputError(f"dit_width: expected a multiple of 4, got {self.dit_width!r}")
-        if self.arch == "dit" and self.dit_patch and self.image_size % self.dit_patch:
+        if self.arch == "dit" and self.dit_patch and not self.latent and self.image_size % self.dit_patch:
             raise InputError(f"dit_patch: expected a divisor of image_size={self.image_size}, got {self.dit_patch!r}")
 
 
@@ -413,8 +414,8 @@ class FinetuneConfig(ObjectiveOptions):
                             "and OUT/final holds the LoRA weights (pipe.load_lora_weights)", type=int,
                             bound="non_negative")
     t_density: str | None = shared("t_density", default=None, help="how the student's t is drawn over the schedule's "
-                                   "table: uniform, logit_normal or mode (default: logit_normal for flow-matching "
-                                   "pipelines, SD3 and Flux, as diffusers' scripts draw it; uniform for the others)")
+                                   "table: uniform, logit_normal or mode (default: the family's, as diffusers' scripts "
+                                   "draw it: logit_normal for SD3, uniform for the others)")
     t_loc: float = shared("t_loc")
     t_scale: float = shared("t_scale")
     mode_scale: float = shared("mode_scale")

@@ -207,7 +207,7 @@ def build_run(cfg: TrainConfig) -> Run:
     t_prime = cfg.t_prime_distribution()
     t_prime.bounds(schedule.num_train_timesteps)
     strata = TimestepStrata.of(cfg, schedule, cfg.batch_size // (world * cfg.grad_accum), device,
-                               cfg.t_distribution(flow=cfg.schedule == "flow"))
+                               cfg.t_distribution())
     return Run(cfg=cfg, rank=rank, world=world, device=device, model=model, net=net, ema=ema, teacher=teacher,
                opt=opt, schedule=schedule, model_config=model_config, counters=counters, x_all=x_all, y_all=y_all,
                t_prime=t_prime, strata=strata, generator=torch.Generator(device=device), start=state["step"] if state is not None else 0, resumed=resumed,

@@ -36,6 +36,7 @@ class Family:
     sizes: bool = False     # the UNet takes SDXL's time ids (image size and crop)
     packed: bool = False    # Flux: 2x2 latent patches as tokens, with position ids and a guidance value
     lora_targets: tuple[str, ...] = IMAGE_ATTENTION
+    t_density: str = "uniform"  # how diffusers' training scripts for the family draw t (--t-density's default)
 
     @torch.no_grad()
     def encode(self, pipe, prompts: list[str], device: torch.device, batch: int = 64) -> dict[str, torch.Tensor]:
@@ -51,22 +52,26 @@ class Family:
         B, C, h, w = latents.shape
         return type(pipe)._pack_latents(latents, B, C, h, w)
 
-    def kwargs(self, pipe, cond: dict[str, torch.Tensor], time_ids: torch.Tensor | None, side: int,
-               guidance: float) -> dict:
+    def fixed_inputs(self, pipe, side: int, text_tokens: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """What the denoiser gets that is the same every step, made once on `device` (no per-step host
+        copy): Flux's rotary position ids of the text tokens and of the packed latents of `side`."""
+        if not self.packed:
+            return {}
+        return {"txt_ids": torch.zeros(text_tokens, 3, device=device),
+                "img_ids": type(pipe)._prepare_latent_image_ids(1, side // 2, side // 2, device, torch.float32)}
+
+    def kwargs(self, pipe, cond: dict[str, torch.Tensor], time_ids: torch.Tensor | None,
+               fixed: dict[str, torch.Tensor], guidance: float) -> dict:
         """The denoiser's (and the teacher's) keyword arguments for a micro-batch: `cond` the captions'
-        conditioning, `time_ids` SDXL's size conditioning, `side` the latents' side, `guidance` Flux's
-        guidance value (used by guidance-distilled models only)."""
+        conditioning, `time_ids` SDXL's size conditioning, `fixed` the `fixed_inputs`, `guidance` Flux's
+        guidance value (given to guidance-distilled models only)."""
         if self.sizes:
             return {"encoder_hidden_states": cond["encoder_hidden_states"],
                     "added_cond_kwargs": {"text_embeds": cond["text_embeds"], "time_ids": time_ids}}
-        if not self.packed:
-            return dict(cond)
-        embeds = cond["encoder_hidden_states"]
-        B, device = embeds.shape[0], embeds.device
-        out = dict(cond, txt_ids=torch.zeros(embeds.shape[1], 3, device=device),
-                   img_ids=type(pipe)._prepare_latent_image_ids(B, side // 2, side // 2, device, torch.float32))
-        if getattr(pipe.transformer.config, "guidance_embeds", False):
-            out["guidance"] = torch.full((B,), float(guidance), device=device)
+        out = dict(cond, **fixed)
+        if self.packed and getattr(pipe.transformer.config, "guidance_embeds", False):
+            embeds = cond["encoder_hidden_states"]
+            out["guidance"] = torch.full((embeds.shape[0],), float(guidance), device=embeds.device)
         return out
 
     def sampler_options(self, scale: float, guidance: float) -> dict:
@@ -107,7 +112,7 @@ FAMILIES = {f.pipeline: f for f in (
     Family("StableDiffusionPipeline", "Stable Diffusion 1.x / 2.x", _sd),
     Family("StableDiffusionXLPipeline", "Stable Diffusion XL", _sdxl, sizes=True),
     Family("StableDiffusion3Pipeline", "Stable Diffusion 3 / 3.5", _sd3, denoiser="transformer",
-           lora_targets=JOINT_ATTENTION),
+           lora_targets=JOINT_ATTENTION, t_density="logit_normal"),
     Family("FluxPipeline", "Flux", _flux, denoiser="transformer", packed=True, lora_targets=JOINT_ATTENTION),
 )}
 

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from ...errors import InputError
-from ...adapters.registry import find_adapter
-from ...schedule import NoiseSchedule, is_diffusers_flow_scheduler
+from ...adapters.registry import family_of
+from ...schedule import NoiseSchedule
 from ...teacher import FrozenTeacher
 from ..config import FINETUNE_RESUMABLE_OPTIONS, FinetuneConfig
 from ..objective import TimestepStrata, ema_update, lr_factor, objective_loss, seed_for, warmup_length
@@ -54,6 +54,7 @@ class Job:
     family: object           # families.Family: the denoiser, its conditioning and its latent layout
     denoiser: nn.Module      # the UNet or transformer, prepared by accelerate (DDP-wrapped with several processes)
     model_timestep: object   # the loss's timestep -> the one the denoiser's forward takes (Flux: / 1000)
+    fixed: dict              # inputs the same every step (Flux's position ids), on the device
     trained: list            # the parameters that train: all of the denoiser's, or its LoRA weights
     ema: nn.Module | None    # the EMA denoiser, or with LoRA the EMA of the LoRA weights (lora.LoraEMA)
     teacher: FrozenTeacher | None
@@ -127,6 +128,12 @@ def build(cfg: FinetuneConfig) -> Job:
                          f"got {cfg.batch_size}")
     pipe, family = pipeline.load(cfg.pretrained, device, cfg.progress)
     pipeline.check_resolution(pipe, family, cfg.resolution)
+    schedule = NoiseSchedule.from_diffusers(pipe.scheduler)
+    micro = cfg.batch_size // (world * cfg.grad_accum)
+    # before the data is encoded: a combination of options it refuses is refused in seconds
+    strata = TimestepStrata.of(cfg, schedule, micro, device, cfg.t_distribution(family.t_density))
+    t_prime = cfg.t_prime_distribution()
+    t_prime.bounds(schedule.num_train_timesteps)
     found = captioned_images.load(cfg.data, cfg.unconditional, cfg.strict)
     held = checkpoint_folder(out)
     resumed = cfg.resume and held is not None
@@ -139,9 +146,8 @@ def build(cfg: FinetuneConfig) -> Job:
                                        out / "cache", device, cfg.seed, is_main=accelerator.is_main_process)
     encoded = encoded.to(device if encoded.nbytes() <= ON_DEVICE_BYTES else torch.device("cpu"), device)
 
-    schedule = NoiseSchedule.from_diffusers(pipe.scheduler)
     model = pipeline.denoiser(pipe, family)
-    adapter = find_adapter(model)
+    adapter = family_of(model)  # its family's timestep convention, probed or not (as the teacher reads it)
     trained = lora.add_lora(model, cfg.lora_rank, family.lora_targets, cfg.seed) if cfg.lora_rank else \
         list(model.parameters())
     teacher = None
@@ -175,16 +181,12 @@ def build(cfg: FinetuneConfig) -> Job:
         accelerator.load_state(str(held))
         start, elapsed = saved["step"], saved.get("elapsed", 0.0)
         opt.param_groups[0]["lr"] = lr  # the tensor the loop updates in place, on this device
-    micro = cfg.batch_size // (world * cfg.grad_accum)
-    density = cfg.t_distribution(flow=is_diffusers_flow_scheduler(pipe.scheduler))
-    strata = TimestepStrata.of(cfg, schedule, micro, device, density)
-    t_prime = cfg.t_prime_distribution()
-    t_prime.bounds(schedule.num_train_timesteps)
     side = cfg.resolution // pipe.vae_scale_factor
     model_timestep = adapter.model_timestep if adapter is not None else (lambda t: t)
-    return Job(cfg, accelerator, pipe, family, model, model_timestep, trained, ema, teacher, opt, counters, schedule,
-               strata, t_prime, found, encoded, (pipe.vae.config.latent_channels, side, side), start, elapsed,
-               resumed)
+    fixed = family.fixed_inputs(pipe, side, encoded.empty["encoder_hidden_states"].shape[0], device)
+    return Job(cfg, accelerator, pipe, family, model, model_timestep, fixed, trained, ema, teacher, opt, counters,
+               schedule, strata, t_prime, found, encoded, (pipe.vae.config.latent_channels, side, side), start,
+               elapsed, resumed)
 
 
 def step(job: Job, k: int, warmup: int) -> torch.Tensor:
@@ -225,7 +227,7 @@ def step(job: Job, k: int, warmup: int) -> torch.Tensor:
         drop = drop_all[sl]
         cond = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), enc.empty[k], v[held].to(device)).float()
                 for k, v in enc.prompts.items()}
-        kwargs = job.family.kwargs(job.pipe, cond, time_ids, job.latent_shape[-1], cfg.flux_guidance)
+        kwargs = job.family.kwargs(job.pipe, cond, time_ids, job.fixed, cfg.flux_guidance)
         # the latents and the noise in the denoiser's layout (Flux: packed tokens); the loss compares there
         x0, noise = job.family.model_input(job.pipe, x0), job.family.model_input(job.pipe, noise_all[sl])
         t, t_prime = t_all[sl], t_prime_all[sl]
