@@ -72,7 +72,7 @@ def largest_resolution(pipe, family: Family) -> int | None:
     """The largest side the denoiser's position embedding covers (SD3's `pos_embed_max_size` patches),
     or None when there is no such limit."""
     limit = getattr(denoiser(pipe, family).config, "pos_embed_max_size", None)
-    return None if family.denoiser == "unet" or limit is None else limit * resolution_step(pipe, family)
+    return None if limit is None else limit * resolution_step(pipe, family)
 
 
 def check_resolution(pipe, family: Family, resolution: int) -> None:
