@@ -57,6 +57,10 @@ def test_the_dit_setup_taps_blocks_that_exist_and_the_mid_depth_block_for_the_pa
     assert p.model["prediction_type"] == "flow_prediction" and p.model["schedule"] == "flow"
     assert p.sp_best["layers"] and all(int(x.split(".")[1]) < depth for x in p.sp_best["layers"])
     assert p.sp_paper["layers"] == (f"blocks.{max(depth // 2 - 1, 0)}",)
+    unet = demo.arch_setup(PRESETS["default"], "unet", "flow")
+    dit = demo.arch_setup(PRESETS["default"], "dit", "flow")  # the testbed's training: docs/RESULTS.md
+    assert (dit.lr, dit.finetune_lr, dit.mse_steps) == (2 * unet.lr, 2 * unet.finetune_lr, 1150)
+    assert dit.model["t_density"] == "logit_normal" and "t_density" not in unet.model
     with pytest.raises(ValueError, match="arch: expected 'unet' or 'dit', got 'vit'"):
         demo.arch_setup(PRESETS["quick"], "vit", "flow")
 

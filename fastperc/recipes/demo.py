@@ -43,6 +43,10 @@ SP_PAPER_NAME = "the paper's: midblock, t' uniform"
 DIT_BEST = dict(layers=("blocks.0", "blocks.1", "blocks.2"), feature_norm="channel_rms", t_prime_range=(0, 100))
 DIT_BEST_NAME = "first 3 blocks, channel RMS, t' in [0, 100]"
 DIT_PAPER_NAME = "mid-depth block, t' uniform"
+# The DiT's training, from the testbed search (docs/RESULTS.md, "Towards a fair transformer testbed"): at the
+# UNet's learning rates and uniform t its MSE model is 5x worse at equal steps; twice the learning rates,
+# logit-normal t (as SD3 trains) and 1150/900 the steps (the UNet's wall time on CPU) bring it within 1.2x.
+DIT_TRAINING = dict(lr_factor=2.0, steps_factor=1150 / 900, t_density="logit_normal")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,7 @@ class Preset:
 @dataclass(frozen=True)
 class Plan(Preset):
     """A preset with the model and the two self-perceptual configurations of one architecture."""
-    model: dict = field(default_factory=dict)       # the model's TrainConfig options
+    model: dict = field(default_factory=dict)       # the architecture's TrainConfig options (model, noise, t)
     sp_best: dict = field(default_factory=dict)     # the fine-tune options of the best configuration
     sp_paper: dict = field(default_factory=dict)    # ... and of the paper's
     best_name: str = SP_BEST_NAME
@@ -109,7 +113,11 @@ def arch_setup(p: Preset, arch: str, schedule: str) -> Plan:
         return Plan(**preset, model=dict(model, block_channels=p.block_channels), sp_best=SP_BEST,
                     sp_paper=dict(layers=("mid_block",)), model_name=f"UNet {tuple(p.block_channels)}")
     best = dict(DIT_BEST, layers=tuple(x for x in DIT_BEST["layers"] if int(x.split(".")[1]) < p.dit_depth))
-    return Plan(**preset, model=dict(model, dit_width=p.dit_width, dit_depth=p.dit_depth), sp_best=best,
+    lr, steps = DIT_TRAINING["lr_factor"], DIT_TRAINING["steps_factor"]
+    preset.update(lr=p.lr * lr, finetune_lr=p.finetune_lr * lr, mse_steps=round(p.mse_steps * steps),
+                  uncond_mse_steps=round(p.uncond_mse_steps * steps))
+    model = dict(model, dit_width=p.dit_width, dit_depth=p.dit_depth, t_density=DIT_TRAINING["t_density"])
+    return Plan(**preset, model=model, sp_best=best,
                 sp_paper=dict(layers=(mid_depth_block([f"blocks.{i}" for i in range(p.dit_depth)]),)), best_name=DIT_BEST_NAME,
                 paper_name=DIT_PAPER_NAME, model_name=f"DiT (width {p.dit_width}, depth {p.dit_depth})")
 
@@ -284,7 +292,7 @@ def _write_report(root, p, preset, seed, acc, summary, sweep, best, times) -> No
     sampler = "Euler flow steps" if p.model["schedule"] == "flow" else "DDIM steps\n(trailing)"
     text = f"""# fastperc demo report
 
-Preset `{preset}`, seed {seed}: {p.model_name}, {p.model['schedule']} schedule, batch {p.batch_size}, MSE stage
+Preset `{preset}`, seed {seed}: {p.model_name}, {p.model['schedule']} schedule, t {p.model.get('t_density', 'uniform')}, batch {p.batch_size}, MSE stage
 {p.mse_steps} steps at lr {p.lr:g} (unconditional: {p.uncond_mse_steps}), then
 {p.finetune_steps} fine-tune steps at lr {p.finetune_lr:g} from it: the self-perceptual
 objective ({best_name}: taps {best_taps}; and {paper_name}) and, on another copy, as many MSE
