@@ -194,3 +194,10 @@ def test_add_noise_without_checks_gives_what_the_checked_call_gives(gen):
     s = NoiseSchedule.scaled_linear()
     x0, eps, t = torch.randn(2, 1, 4, 4, generator=gen), torch.randn(2, 1, 4, 4, generator=gen), torch.tensor([3, 998])
     assert torch.equal(s.add_noise(x0, eps, t, check=False), s.add_noise(x0, eps, t))
+
+
+def test_each_kind_of_schedule_names_the_sampler_its_step_is():
+    from fastperc import NoiseSchedule
+
+    assert NoiseSchedule.scaled_linear().sampler == "DDIM"
+    assert NoiseSchedule.flow_matching(shift=3.0).sampler == "Euler"

@@ -57,6 +57,7 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     assert set(table) == {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'"}
     assert table[BASELINE]["vs MSE"] == "baseline" and table["sp mid"]["vs MSE"] == "2 seeds: no verdict"
     assert "feature_norm=channel_rms" in table["sp mid, lr 3e-4, rms, low t'"]["options"]
+    assert " DDIM steps" in (out / "table.md").read_text()  # the teacher's schedule names the sampler
     assert (out / "fd_by_variant.png").exists() and (out / "fd_vs_lr.png").exists() and (out / "grids.png").exists()
     run_log = out / "runs" / "sp_mid" / "seed1" / "log.jsonl"
     before = run_log.read_text()

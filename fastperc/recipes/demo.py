@@ -27,7 +27,7 @@ from . import metrics, report
 from .checkpoint import load as load_checkpoint
 from .sample import generate, save_samples
 from .config import TrainConfig
-from .models import load_model
+from .models import load_model, schedule_of
 from .train import train
 from ..adapters import mid_depth_block
 from ..errors import InputError
@@ -239,8 +239,7 @@ def _run_one(out: str, preset: str, p: Plan, seed: int, progress: bool, resume: 
                                     device=device)
             save_samples(imgs, labels, path)
             times[str(path.relative_to(root))] = round(time.time() - t0, 1)
-            sampler = "Euler" if p.model["schedule"] == "flow" else "DDIM"
-            print(f"{path.relative_to(root)}: {n} images ({p.sample_steps} {sampler} steps, CFG {scale})")
+            print(f"{path.relative_to(root)}: {n} images ({p.sample_steps} {schedule_of(model_config).sampler} steps, CFG {scale})")
         imgs, labels = metrics.load_samples(str(path))
         return metrics.evaluate(imgs, labels, classifier, reference)
 

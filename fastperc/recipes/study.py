@@ -10,7 +10,7 @@ A spec is a small TOML file:
     training_seeds = [1, 2, 3]
     sampling_seeds = [0]
     samples = 1000                   # images per (run, sampling seed)
-    sample_steps = 15                # DDIM steps
+    sample_steps = 15                # sampler steps (DDIM, or Euler for flow matching)
     classifier = "runs/demo/classifier"   # optional: trained into OUT/classifier when absent
     base = { lr = 5e-5, batch_size = 64, conditional = true }   # any `fastperc train` option
 
@@ -44,10 +44,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import metrics, report
+from . import checkpoint, metrics, report
 from .sample import generate, save_samples
 from .config import STUDY_OPTIONS, TrainConfig
-from .models import load_model
+from .models import load_model, schedule_of
 from .train import train
 from ..errors import InputError, MissingFileError
 
@@ -261,6 +261,11 @@ def swept_options(rows: list[dict]) -> dict[str, list[dict]]:
     return out
 
 
+def _sampler_of(teacher: str) -> str:
+    """The sampler of the teacher's schedule (DDIM or Euler): the variants sample with it too."""
+    return schedule_of(checkpoint.load(teacher)["model_config"]).sampler
+
+
 def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
     import matplotlib
 
@@ -269,8 +274,8 @@ def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
 
     text = (f"# Study: {len(spec.variants)} variants of {spec.teacher}, {spec.steps} fine-tune steps each\n\n"
             f"Base options: {spec.base or 'defaults'}. Training seeds {spec.training_seeds}, sampling seeds "
-            f"{spec.sampling_seeds}, {spec.samples} images per run and sampling seed, {spec.sample_steps} DDIM "
-            "steps, EMA weights. Each cell: mean ± standard deviation over training seeds (each seed averaged "
+            f"{spec.sampling_seeds}, {spec.samples} images per run and sampling seed, {spec.sample_steps} "
+            f"{_sampler_of(spec.teacher)} steps, EMA weights. Each cell: mean ± standard deviation over training seeds (each seed averaged "
             "over its sampling seeds; the spread over sampling seeds in brackets when there are several). "
             "'vs MSE' (with three or more training seeds): 'beats' = FD lower than the MSE continuation's by more than the larger standard "
             "deviation, with precision not lower.\n\n" + table(spec, rows) + "\n")

@@ -42,6 +42,8 @@ class NoiseSchedule(ABC):
     prediction_type: str
     #: The prediction types this kind of schedule converts.
     prediction_types: tuple[str, ...] = ()
+    #: What `sampler_step` is, for reports.
+    sampler: str = ""
 
     def __new__(cls, *args, **kwargs):
         if cls is NoiseSchedule:  # the old name of the variance-preserving class

@@ -61,6 +61,7 @@ class FlowMatchingSchedule(NoiseSchedule):
     """
 
     prediction_types = FLOW_PREDICTION_TYPES
+    sampler = "Euler"
 
     def __init__(self, num_train_timesteps: int = 1000, shift: float = 1.0, prediction_type: str = "flow_prediction"):
         check_T(num_train_timesteps)

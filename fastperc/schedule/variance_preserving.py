@@ -53,6 +53,7 @@ class VPSchedule(NoiseSchedule):
     """
 
     prediction_types = PREDICTION_TYPES
+    sampler = "DDIM"
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction_type: str = "v_prediction"):
         check_tensor("alphas_cumprod", alphas_cumprod)
