@@ -51,12 +51,12 @@ def test_a_stage_interrupted_by_a_signal_stops_the_demo_with_that_signal(tmp_pat
     assert result == {"interrupted": 15} and list(stages) == ["mse", "sp"]  # nothing after the interrupted stage
 
 
-def test_the_dit_setup_taps_blocks_that_exist_and_the_mid_depth_block_for_the_paper(tmp_path, monkeypatch):
+def test_the_dit_setup_taps_the_mid_depth_block_with_t_prime_logit_normal_and_uniform_for_the_paper(tmp_path, monkeypatch):
     p = demo.arch_setup(PRESETS["quick"], "dit", "flow")
     depth = p.model["dit_depth"]
     assert p.model["prediction_type"] == "flow_prediction" and p.model["schedule"] == "flow"
-    assert p.sp_best["layers"] and all(int(x.split(".")[1]) < depth for x in p.sp_best["layers"])
-    assert p.sp_paper["layers"] == (f"blocks.{max(depth // 2 - 1, 0)}",)
+    assert p.sp_best["layers"] == p.sp_paper["layers"] == (f"blocks.{max(depth // 2 - 1, 0)}",)
+    assert p.sp_best["t_prime_density"] == "logit_normal" and "t_prime_density" not in p.sp_paper
     unet = demo.arch_setup(PRESETS["default"], "unet", "flow")
     dit = demo.arch_setup(PRESETS["default"], "dit", "flow")  # the testbed's training: docs/RESULTS.md
     assert (dit.lr, dit.finetune_lr, dit.mse_steps) == (2 * unet.lr, 2 * unet.finetune_lr, 1150)

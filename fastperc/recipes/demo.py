@@ -38,10 +38,11 @@ SP_BEST = dict(layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block")
                t_prime_range=(0, 100))
 SP_BEST_NAME = "4 taps, channel RMS, t' in [0, 100]"
 SP_PAPER_NAME = "the paper's: midblock, t' uniform"
-# For the DiT (`--arch dit`) no search has run: the analogue of SP_BEST (the first blocks, RMS-normalised,
-# t' in [0, 100]) and of the paper's tap (the mid-depth block, FrozenTeacher's default for transformers).
-DIT_BEST = dict(layers=("blocks.0", "blocks.1", "blocks.2"), feature_norm="channel_rms", t_prime_range=(0, 100))
-DIT_BEST_NAME = "first 3 blocks, channel RMS, t' in [0, 100]"
+# For the DiT (`--arch dit`), the transformer search's best (docs/RESULTS.md, batch J): the mid-depth block
+# (FrozenTeacher's default for transformers), raw features, t' logit-normal over the whole table; the
+# UNet's winner does not carry over. The layers are filled in for the preset's depth.
+DIT_BEST = dict(feature_norm="none", t_prime_density="logit_normal")
+DIT_BEST_NAME = "mid-depth block, t' logit-normal"
 DIT_PAPER_NAME = "mid-depth block, t' uniform"
 # The DiT's training, from the testbed search (docs/RESULTS.md, "Towards a fair transformer testbed"): at the
 # UNet's learning rates and uniform t its MSE model is 5x worse at equal steps; twice the learning rates,
@@ -112,13 +113,13 @@ def arch_setup(p: Preset, arch: str, schedule: str) -> Plan:
     if arch == "unet":
         return Plan(**preset, model=dict(model, block_channels=p.block_channels), sp_best=SP_BEST,
                     sp_paper=dict(layers=("mid_block",)), model_name=f"UNet {tuple(p.block_channels)}")
-    best = dict(DIT_BEST, layers=tuple(x for x in DIT_BEST["layers"] if int(x.split(".")[1]) < p.dit_depth))
+    mid_depth = (mid_depth_block([f"blocks.{i}" for i in range(p.dit_depth)]),)
     lr, steps = DIT_TRAINING["lr_factor"], DIT_TRAINING["steps_factor"]
     preset.update(lr=p.lr * lr, finetune_lr=p.finetune_lr * lr, mse_steps=round(p.mse_steps * steps),
                   uncond_mse_steps=round(p.uncond_mse_steps * steps))
     model = dict(model, dit_width=p.dit_width, dit_depth=p.dit_depth, t_density=DIT_TRAINING["t_density"])
-    return Plan(**preset, model=model, sp_best=best,
-                sp_paper=dict(layers=(mid_depth_block([f"blocks.{i}" for i in range(p.dit_depth)]),)), best_name=DIT_BEST_NAME,
+    return Plan(**preset, model=model, sp_best=dict(DIT_BEST, layers=mid_depth), sp_paper=dict(layers=mid_depth),
+                best_name=DIT_BEST_NAME,
                 paper_name=DIT_PAPER_NAME, model_name=f"DiT (width {p.dit_width}, depth {p.dit_depth})")
 
 
