@@ -11,8 +11,10 @@ Objectives, all on the same student, teacher weights and batch:
   fastperc-fp8  the same with an FP8 teacher (FrozenTeacher(fp8=True): Linear layers in FP8, the rest bf16)
   checkpointed  fastperc with FrozenTeacher(checkpoint=True)
   fastperc-quarter   fastperc on a quarter of the batch (batch_fraction=0.25; MSE on the rest)
-  4tap, 4tap-quarter the search's best configuration (conv_in, down_blocks.0, down_blocks.1, mid_block;
-                channel RMS; t' in [0, 100]) on the whole batch and on a quarter
+  4tap, 4tap-quarter, 4tap-half   the search's best configuration (conv_in, down_blocks.0, down_blocks.1,
+                mid_block; channel RMS; t' in [0, 100]) on the whole batch, a quarter and half of it
+  3tap          the same without the midblock tap: the teacher stops after down_blocks.1
+  4tap-bf16     4tap with a bf16 teacher (the cheaper forms of the study in docs/RESULTS.md, batch K)
   mse-compiled, fastperc-compiled   torch.compile of student forward + loss (backward compiled by AOTAutograd)
 
 Models: "default" (fastperc's UNet, 1x32x32, 10 classes), "sd-like" (a diffusers UNet2DConditionModel
@@ -37,7 +39,9 @@ import torch.nn.functional as F
 from teacher_memory import SD3_MEDIUM
 
 OBJECTIVES = ("mse", "naive", "trick", "fastperc", "fastperc-bf16", "fastperc-fp8", "checkpointed", "fastperc-quarter",
-              "4tap", "4tap-quarter", "mse-compiled", "fastperc-compiled")
+              "4tap", "4tap-quarter", "4tap-half", "3tap", "4tap-bf16", "mse-compiled", "fastperc-compiled")
+# The cheaper forms of the search's configuration: measured on request, not in every default run.
+CHEAPER_FORMS = ("4tap-half", "3tap", "4tap-bf16")
 SD3_MODELS = ("sd3-512", "sd3-1024", "sd3-tiny")
 SD3_TINY = dict(sample_size=16, patch_size=2, in_channels=16, num_layers=4, attention_head_dim=16, num_attention_heads=2,
                 joint_attention_dim=32, caption_projection_dim=32, pooled_projection_dim=16, out_channels=16,
@@ -50,8 +54,10 @@ def default_objectives(model: str) -> tuple[str, ...]:
     """The rows a model gets by default: the UNets every objective; SD3 the teachers that matter at its size."""
     if model in SD3_MODELS:
         return ("mse", "trick", "fastperc-bf16", "fastperc-fp8")
-    return tuple(o for o in OBJECTIVES if o not in ("fastperc-bf16", "fastperc-fp8"))
+    return tuple(o for o in OBJECTIVES if o not in ("fastperc-bf16", "fastperc-fp8", *CHEAPER_FORMS))
 FOUR_TAPS = ("conv_in", "down_blocks.0", "down_blocks.1", "mid_block")
+TAPS = {"4tap": FOUR_TAPS, "3tap": FOUR_TAPS[:3]}  # the search's taps; 3tap stops before the midblock
+SHARES = {"-quarter": 0.25, "-half": 0.5}  # the objective's share of the batch (MSE on the rest)
 
 
 @dataclass
@@ -176,23 +182,24 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, 
     t = table[torch.randint(0, len(table), (batch,), generator=gen, device=gen.device)].to(device)
     t2 = table[torch.randint(0, len(table), (batch,), generator=gen, device=gen.device)].to(device)
     base = objective.removesuffix("-compiled")
-    share = 0.25 if base.endswith("-quarter") else 1.0
-    base = base.removesuffix("-quarter")
+    share = next((f for suffix, f in SHARES.items() if base.endswith(suffix)), 1.0)
+    for suffix in SHARES:
+        base = base.removesuffix(suffix)
+    taps = TAPS.get(base.removesuffix("-bf16"))
     options = {}
-    if base == "4tap":
+    if taps:
         if setup.flow:
-            raise ValueError("4tap: the UNet taps (conv_in, down_blocks.0, down_blocks.1, mid_block); not for SD3")
-        low_t2 = TimestepDistribution(0, 100).sample(batch, 1000, gen).to(device)
+            raise ValueError(f"{base}: the UNet taps ({', '.join(taps)}); not for SD3")
+        t2 = TimestepDistribution(0, 100).sample(batch, 1000, gen).to(device)
         options = dict(feature_norm="channel_rms")
 
     teacher_options = {"checkpointed": {"checkpoint": True}, "fastperc-bf16": {"dtype": torch.bfloat16},
-                       "fastperc-fp8": {"fp8": True}}
-    fastperc_objective = base in ("fastperc", "4tap", *teacher_options)
+                       "4tap-bf16": {"dtype": torch.bfloat16}, "fastperc-fp8": {"fp8": True}}
+    fastperc_objective = base in ("fastperc", *TAPS, *teacher_options)
     if base in ("naive", "trick"):
         plain_teacher = copy.deepcopy(student).eval().requires_grad_(False)
     elif fastperc_objective:
-        teacher = FrozenTeacher(student, FOUR_TAPS if base == "4tap" else (setup.layer,),
-                                **teacher_options.get(base, {}))
+        teacher = FrozenTeacher(student, taps or (setup.layer,), **teacher_options.get(base, {}))
     elif base != "mse":
         raise ValueError(f"objective: expected one of {', '.join(OBJECTIVES)}, got {objective!r}")
 
@@ -200,8 +207,8 @@ def make_step(objective: str, setup: Setup, autocast_dtype: torch.dtype | None, 
         if base == "mse":
             return F.mse_loss(v.float(), schedule.target(x0, noise, t).float())
         if fastperc_objective:
-            return self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=low_t2 if base == "4tap"
-                                        else t2, teacher_kwargs=kw, batch_fraction=share, backend=backend, **options)
+            return self_perceptual_loss(teacher, v, x0, noise, t, schedule, timesteps_prime=t2, teacher_kwargs=kw,
+                                        batch_fraction=share, backend=backend, **options)
         # naive / trick: re-noise by hand, as a user would write it
         x_t = schedule.add_noise(x0, noise, t, check=check)
         x0_hat, eps_hat = schedule.convert(x_t, v.float(), t)

@@ -30,3 +30,12 @@ def test_the_sd3_medium_floors_and_the_fp8_teacher_count_fp8_matmuls_at_half():
     # and 1.31x with FP8 Linear layers (most of the teacher's work is Linear; attention stays bf16).
     assert 1.50 < f["fastperc-bf16"] / f["mse"] < 1.54
     assert 1.28 < f["fastperc-fp8"] / f["mse"] < 1.33
+
+
+@pytest.mark.slow
+def test_the_cheaper_forms_of_the_search_configuration_cost_less_work():
+    f = {o: flop_floor(o, "default", 8) for o in ("mse", "4tap", "4tap-half", "4tap-quarter", "3tap", "4tap-bf16")}
+    # a share of the batch: the teacher's work scales with it; 3 taps: the teacher stops before the midblock
+    assert f["4tap"] > f["4tap-half"] > f["4tap-quarter"] > f["mse"]
+    assert f["4tap"] > f["3tap"] > f["mse"]
+    assert f["4tap-bf16"] == f["4tap"]  # the same work in another precision: the floor counts bf16-equivalent

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastperc.recipes.cli import main
-from fastperc.recipes.study import BASELINE, aggregate, load_spec, verdict
+from fastperc.recipes.study import BASELINE, aggregate, load_spec, samples_name, verdict
 from fastperc.recipes.study import table as study_table
 from fastperc.recipes.train import TrainConfig, train
 
@@ -21,7 +21,7 @@ sampling_seeds = [0]
 samples = 20
 sample_steps = 2
 classifier_epochs = 1
-base = {{ lr = 1e-4, batch_size = 8 }}
+base = {{ lr = 1e-4, batch_size = 8, conditional = true }}
 
 [[variant]]
 name = "sp mid"
@@ -33,6 +33,11 @@ objective = "self_perceptual"
 lr = 3e-4
 feature_norm = "channel_rms"
 t_prime_range = [0, 300]
+
+[[variant]]
+name = "MSE continued + CFG 2"
+objective = "mse"
+guidance_scale = 2.0
 """
 
 
@@ -51,11 +56,18 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     out = tmp_path / "study"
     assert main(["study", str(spec), "--out", str(out), "--no-progress"]) == 0
     rows = [json.loads(ln) for ln in (out / "results.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 * 2  # (baseline + 2 variants) x 2 training seeds x 1 sampling seed
-    assert {r["variant"] for r in rows} == {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'"}
+    names = {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'", "MSE continued + CFG 2"}
+    assert len(rows) == 4 * 2  # (baseline + 3 variants) x 2 training seeds x 1 sampling seed
+    assert {r["variant"] for r in rows} == names
     table = _table_rows((out / "table.md").read_text())
-    assert set(table) == {BASELINE, "sp mid", "sp mid, lr 3e-4, rms, low t'"}
+    assert set(table) == names
     assert table[BASELINE]["vs MSE"] == "baseline" and table["sp mid"]["vs MSE"] == "2 seeds: no verdict"
+    # the guided row samples the baseline's own run with guidance: no second training, other images
+    assert not (out / "runs" / "MSE_continued_CFG_2").exists()
+    import numpy as np
+    plain, guided = (np.load(out / "runs" / "MSE_continued" / "seed1" / f"{samples_name(0, g)}.npz")["images"]
+                     for g in (1.0, 2.0))
+    assert plain.shape == guided.shape and not np.array_equal(plain, guided)
     assert "feature_norm=channel_rms" in table["sp mid, lr 3e-4, rms, low t'"]["options"]
     assert " DDIM steps" in (out / "table.md").read_text()  # the teacher's schedule names the sampler
     assert (out / "fd_by_variant.png").exists() and (out / "fd_vs_lr.png").exists() and (out / "grids.png").exists()
@@ -64,7 +76,7 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     capsys.readouterr()
     assert main(["study", str(spec), "--out", str(out), "--no-progress"]) == 0  # everything found on disk
     assert "FD-MNIST" not in capsys.readouterr().out.replace("table", "")
-    assert len((out / "results.jsonl").read_text().splitlines()) == 6 and run_log.read_text() == before
+    assert len((out / "results.jsonl").read_text().splitlines()) == 8 and run_log.read_text() == before
 
 
 @pytest.mark.parametrize("body, message", [
@@ -75,12 +87,28 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     ('[study]\nteacher = "x"\nwhat = 1\n', "study: unknown keys \\['what'\\]"),
     ('[study]\nteacher = "x"\n[[variant]]\nname = "a"\noptimizer = "lion"\n', "optimizer: expected one of \\['adamw', 'sgd'\\]"),
     ("[study\n", "not valid TOML"),
+    ('[study]\nteacher = "x"\n[[variant]]\nname = "a"\nguidance_scale = 0\n', "guidance_scale: expected a number > 0, got 0"),
+    ('[study]\nteacher = "x"\n[[variant]]\nname = "a"\nguidance_scale = "high"\n', "guidance_scale: expected a number > 0"),
+    ('[study]\nteacher = "x"\nbase = { conditional = false }\n[[variant]]\nname = "a"\nguidance_scale = 1.5\n',
+     "guidance_scale: classifier-free guidance needs conditional = true, got conditional = False"),
 ])
 def test_bad_specs_are_clear_errors(tmp_path, body, message):
     spec = tmp_path / "bad.toml"
     spec.write_text(body)
     with pytest.raises(ValueError, match=message):
         load_spec(spec)
+
+
+def test_variants_with_equal_training_options_share_one_run_and_differ_in_samples(tmp_path):
+    spec = load_spec(_write(tmp_path, '[study]\nteacher = "x"\nbase = { conditional = true }\n'
+                                      '[[variant]]\nname = "mse + cfg 1.5"\nguidance_scale = 1.5\n'
+                                      '[[variant]]\nname = "sp"\nobjective = "self_perceptual"\n'
+                                      '[[variant]]\nname = "sp + cfg 3"\nobjective = "self_perceptual"\nguidance_scale = 3\n'))
+    dirs = spec.run_dirs()
+    assert [n for n, _ in spec.variants][0] == BASELINE  # a guided MSE row is no baseline: one is added
+    assert dirs["mse + cfg 1.5"] == dirs[BASELINE] and dirs["sp + cfg 3"] == dirs["sp"] != dirs[BASELINE]
+    assert samples_name(0, 1.0) == "samples_seed0" and samples_name(2, 3) == "samples_seed2_cfg3"
+    assert spec.guidance_scale(dict(spec.variants)["sp + cfg 3"]) == 3
 
 
 def test_verdict_needs_a_margin_larger_than_the_seed_spread():

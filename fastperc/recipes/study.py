@@ -23,10 +23,16 @@ A spec is a small TOML file:
     objective = "self_perceptual"
     mse_weight = 0.1
 
-Option names are TrainConfig's (the `fastperc train` flags with underscores). A variant named
-"MSE continued" (the base options with objective "mse") is added when no variant has objective
-"mse": it is the baseline every row is compared with. Everything resumes: finished runs, samples
-and metrics are found on disk and skipped.
+    [[variant]]
+    name = "MSE continued + CFG 1.5"
+    objective = "mse"
+    guidance_scale = 1.5             # sampling only: classifier-free guidance (conditional models)
+
+Option names are TrainConfig's (the `fastperc train` flags with underscores), plus the sampling option
+`guidance_scale` (default 1, no guidance). Variants whose training options are equal share one
+training run: a guided row costs only its sampling. A variant named "MSE continued" (the base options
+with objective "mse", no guidance) is added when no variant is one: it is the baseline every row is
+compared with. Everything resumes: finished runs, samples and metrics are found on disk and skipped.
 
 Output: OUT/runs/<variant>/seed<k>/ (checkpoint, log, samples), OUT/results.jsonl (one line per
 run and sampling seed), OUT/table.md, OUT/fd_by_variant.png and one OUT/fd_vs_<option>.png per
@@ -52,6 +58,7 @@ from .train import train
 from ..errors import InputError, MissingFileError
 
 BASELINE = "MSE continued"
+SAMPLING_OPTIONS = frozenset({"guidance_scale"})  # variant keys that change sampling, not training
 METRICS = ("fd", "classifier_score", "precision", "recall", "class_tv", "label_accuracy")
 
 
@@ -70,7 +77,7 @@ class StudySpec:
     variants: list[tuple[str, dict]] = field(default_factory=list)
 
     def validate(self) -> None:
-        options = STUDY_OPTIONS
+        options = STUDY_OPTIONS | SAMPLING_OPTIONS
         for name, opts in [("base", self.base)] + [(f"variant {n!r}", o) for n, o in self.variants]:
             unknown = sorted(set(opts) - options)
             if unknown:
@@ -84,10 +91,45 @@ class StudySpec:
         if not self.training_seeds or not self.sampling_seeds:
             raise InputError("training_seeds/sampling_seeds: expected at least one seed each")
         for name, opts in self.variants:
-            TrainConfig(out="", **self._train_options(opts)).validate()
+            cfg = TrainConfig(out="", **self._train_options(opts))
+            cfg.validate()
+            scale = self.guidance_scale(opts)
+            if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
+                raise InputError(f"variant {name!r}: guidance_scale: expected a number > 0, got {scale!r}")
+            if scale != 1 and cfg.conditional is False:  # None: the teacher's, known when it is loaded
+                raise InputError(f"variant {name!r}: guidance_scale: classifier-free guidance needs "
+                                 f"conditional = true, got conditional = {cfg.conditional!r}")
 
     def _train_options(self, variant: dict) -> dict:
-        return {"teacher": self.teacher, "init": self.teacher, **self.base, **variant}
+        options = {"teacher": self.teacher, "init": self.teacher, **self.base, **variant}
+        return {k: v for k, v in options.items() if k not in SAMPLING_OPTIONS}
+
+    def guidance_scale(self, variant: dict) -> float:
+        """The variant's classifier-free guidance scale at sampling (1: none)."""
+        return {**self.base, **variant}.get("guidance_scale", 1.0)
+
+    def run_dirs(self) -> dict[str, Path]:
+        """Each variant's training folder (per seed below it): variants with equal training options
+        share the first one's, so a guided row reuses its unguided twin's run."""
+        dirs, firsts = {}, []
+        for name, opts in self.variants:
+            cfg = TrainConfig(out="", **self._train_options(opts))  # equal with defaults filled in
+            twin = next((n for n, c in firsts if c == cfg), None)
+            if twin is None:
+                firsts.append((name, cfg))
+            dirs[name] = Path(self.out) / "runs" / slug(twin or name)
+        return dirs
+
+
+def samples_name(sampling_seed: int, guidance_scale: float) -> str:
+    """The sample file of one sampling seed (the guided ones say their scale)."""
+    return f"samples_seed{sampling_seed}" + ("" if guidance_scale == 1 else f"_cfg{guidance_scale:g}")
+
+
+def _is_baseline(opts: dict, base: dict) -> bool:
+    """An unguided MSE continuation."""
+    both = {**base, **opts}
+    return both.get("objective", "mse") == "mse" and both.get("guidance_scale", 1.0) == 1
 
 
 def load_spec(path: str | Path, out: str | None = None) -> StudySpec:
@@ -109,8 +151,9 @@ def load_spec(path: str | Path, out: str | None = None) -> StudySpec:
         if not isinstance(name, str) or not name:
             raise InputError(f"variant {i}: expected a name = \"...\"")
         variants.append((name, _tuples(v)))
-    if not any(o.get("objective", study.get("base", {}).get("objective", "mse")) == "mse" for _, o in variants):
-        variants.insert(0, (BASELINE, {"objective": "mse"}))
+    if not any(_is_baseline(o, study.get("base", {})) for _, o in variants):
+        variants.insert(0, (BASELINE, {"objective": "mse", "guidance_scale": 1.0}
+                            if "guidance_scale" in study.get("base", {}) else {"objective": "mse"}))
     known = {f.name for f in fields(StudySpec)} - {"variants", "out"}
     unknown = sorted(set(study) - known - {"out"})
     if unknown:
@@ -144,9 +187,11 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
     reference = metrics.reference_of(classifier, metrics.reference_set().images)
     results_path = out / "results.jsonl"
     done = _read_results(results_path)
+    run_dirs = spec.run_dirs()
     for seed in spec.training_seeds:  # seed-major: one seed of every variant first, for an early first look
         for name, opts in spec.variants:
-            run_dir = out / "runs" / slug(name) / f"seed{seed}"
+            run_dir = run_dirs[name] / f"seed{seed}"
+            scale = spec.guidance_scale(opts)
             cfg = TrainConfig(out=str(run_dir), seed=seed, max_steps=spec.steps, save_every=max(1, spec.steps // 2),
                               resume=True, progress=progress, **spec._train_options(opts))
             t0 = time.time()
@@ -158,11 +203,11 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
                 key = (name, seed, sseed)
                 if key in done:
                     continue
-                npz = run_dir / f"samples_seed{sseed}.npz"
+                npz = run_dir / f"{samples_name(sseed, scale)}.npz"
                 if not npz.exists():
                     model, model_config = load_model(str(run_dir), use_ema=True)
                     imgs, labels = generate(model, model_config, spec.samples, steps=spec.sample_steps, seed=sseed,
-                                            device=device)
+                                            cfg_scale=scale, device=device)
                     save_samples(imgs, labels, npz)
                 imgs, labels = metrics.load_samples(str(npz))
                 m = metrics.evaluate(imgs, labels, classifier, reference)
@@ -209,7 +254,7 @@ def aggregate(spec: StudySpec, results: list[dict]) -> list[dict]:
                 row[k] = (float(np.mean(per_seed)), float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
                           float(np.mean(spreads)))
         rows.append(row)
-    base = next((r for r in rows if r["options"].get("objective", spec.base.get("objective", "mse")) == "mse"), None)
+    base = next((r for r in rows if _is_baseline(r["options"], spec.base)), None)
     for r in rows:
         r["verdict"] = verdict(r, base) if base is not None and r is not base else "baseline" if r is base else "-"
     return rows
@@ -302,8 +347,9 @@ def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
         fig.savefig(out / f"fd_vs_{key}.png")
         plt.close(fig)
     seed, sseed = spec.training_seeds[0], spec.sampling_seeds[0]
-    grids = [(r["variant"][:28], out / "runs" / slug(r["variant"]) / f"seed{seed}" / f"samples_seed{sseed}.png")
-             for r in rows]
+    run_dirs = spec.run_dirs()
+    grids = [(r["variant"][:28], run_dirs[r["variant"]] / f"seed{seed}" /
+              f"{samples_name(sseed, spec.guidance_scale(r['options']))}.png") for r in rows]
     grids = [(t, p) for t, p in grids if p.exists()]
     if grids:
         report.side_by_side(grids, out / "grids.png")
