@@ -1,0 +1,121 @@
+"""A study's FD-MNIST against each variant's training-step cost: the quality-per-compute front.
+
+    python benchmarks/quality_per_compute.py docs/studies/k_cheaper.toml --study runs/study_k \
+        [--steps 30] [--warmup 3] [--out DIR]
+
+Each variant's step is one of step_cases.py's (mse, 4tap, 4tap-quarter, 4tap-half, 3tap, 4tap-bf16),
+chosen from its options; all are timed in this one run on the study's model (the teacher's UNet widths)
+at the study's batch size, forward + loss + backward as bench_step.py times them (median of --steps
+after --warmup untimed). A variant's cost is its median over MSE's. Run it on a quiet machine.
+Writes OUT/front.md (variant, cost, FD mean ± standard deviation over training seeds, precision, the
+study's verdict, and whether the variant is on the front: no other is both cheaper and lower in FD)
+and OUT/fd_vs_step_cost.png; OUT defaults to the study folder.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_step import measure  # noqa: E402
+from step_cases import FOUR_TAPS, SHARES, TAPS, Setup, make_step  # noqa: E402
+
+
+def case_of(name: str, options: dict) -> str:
+    """The step case of a variant's effective options (base and variant); a clear error for a variant
+    no case times."""
+    if options.get("objective", "mse") == "mse":
+        return "mse"
+    layers = tuple(options.get("layers", ()))
+    taps = next((case for case, t in TAPS.items() if t == layers), None)
+    searched = options.get("feature_norm") == "channel_rms" and tuple(options.get("t_prime_range", ())) == (0, 100)
+    if taps is None or not searched:
+        raise ValueError(f"variant {name!r}: expected the search's configuration (layers {list(FOUR_TAPS)} or the "
+                         f"first three, feature_norm 'channel_rms', t' in [0, 100]), got layers {list(layers)}, "
+                         f"feature_norm {options.get('feature_norm')!r}, t' {options.get('t_prime_range')}")
+    share = {f: suffix for suffix, f in SHARES.items()} | {1.0: ""}
+    fraction, precision = options.get("sp_fraction", 1.0), options.get("teacher_precision", "same")
+    if fraction not in share or precision not in ("same", "bf16") or (precision == "bf16" and (fraction != 1 or taps != "4tap")):
+        raise ValueError(f"variant {name!r}: no step case for sp_fraction {fraction} with teacher_precision "
+                         f"{precision!r} and {taps}; expected one of the cases in step_cases.py")
+    return taps + share[fraction] + ("-bf16" if precision == "bf16" else "")
+
+
+def study_setup(teacher: str, batch: int, device: torch.device) -> Setup:
+    """The teacher's model (its architecture, fresh weights: the cost does not depend on them) and a
+    batch of its inputs."""
+    from fastperc.recipes import checkpoint
+    from fastperc.recipes.models import build_model
+
+    config = checkpoint.load(teacher)["model_config"]
+    torch.manual_seed(0)
+    student = build_model(config).to(device)
+    x0 = torch.rand(batch, config.get("in_channels", 1), config["image_size"], config["image_size"],
+                    device=device) * 2 - 1
+    kwargs = {"class_labels": torch.randint(0, 10, (batch,), device=device)} if config.get("num_classes") else {}
+    return Setup(student, x0, kwargs, f"the study's model ({teacher}), batch {batch}")
+
+
+def front(points: list[tuple[str, float, float]]) -> set[str]:
+    """Names of the (name, cost, fd) points that no other point beats on both (cheaper or as cheap, and
+    lower FD)."""
+    return {n for n, c, f in points
+            if not any((c2 <= c and f2 < f) or (c2 < c and f2 <= f) for n2, c2, f2 in points if n2 != n)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("spec", help="the study's spec (TOML)")
+    ap.add_argument("--study", required=True, help="the study's output folder (its results.jsonl)")
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    from fastperc.recipes.study import _read_results, aggregate, load_spec
+
+    spec = load_spec(args.spec, out=args.study)
+    results = _read_results(Path(args.study) / "results.jsonl")
+    if not results:
+        ap.error(f"--study: expected {args.study}/results.jsonl with the study's rows; found none")
+    rows = aggregate(spec, list(results.values()))
+    cases = {r["variant"]: case_of(r["variant"], r["effective"]) for r in rows}
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    setup = study_setup(spec.teacher, spec.base.get("batch_size", 64), device)
+    ms = {}
+    for case in dict.fromkeys(["mse", *cases.values()]):
+        ms[case] = measure(make_step(case, setup, None), device, args.steps, args.warmup)["ms"]
+        print(f"{case}: {ms[case]:.1f} ms/step", flush=True)
+    points = [(r["variant"], ms[cases[r["variant"]]] / ms["mse"], r["fd"][0]) for r in rows]
+    best = front(points)
+    out = Path(args.out or args.study)
+    out.mkdir(parents=True, exist_ok=True)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    lines = [f"Step cost: {setup.description}, {device_name}, torch {torch.__version__}; median of {args.steps} "
+             f"steps, MSE {ms['mse']:.1f} ms. FD-MNIST: mean ± standard deviation over training seeds "
+             f"{spec.training_seeds}.\n",
+             "| variant | step case | cost (x MSE) | FD-MNIST ↓ | precision ↑ | vs MSE | on the front |",
+             "|---|---|---|---|---|---|---|"]
+    for (name, cost, fd), r in zip(points, rows):
+        lines.append(f"| {name} | {cases[name]} | {cost:.2f} | {fd:.3f} ± {r['fd'][1]:.3f} | "
+                     f"{r['precision'][0]:.3f} | {r['verdict']} | {'yes' if name in best else ''} |")
+    (out / "front.md").write_text("\n".join(lines) + "\n")
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
+    for (name, cost, fd), r in zip(points, rows):
+        ax.errorbar(cost, fd, yerr=r["fd"][1], fmt="o", capsize=3, color="C3" if name in best else "C7")
+        ax.annotate(name, (cost, fd), fontsize=6, xytext=(4, 2), textcoords="offset points")
+    ax.set_xlabel("training step cost (x MSE step, step benchmark)")
+    ax.set_ylabel("FD-MNIST (lower is better)")
+    fig.tight_layout()
+    fig.savefig(out / "fd_vs_step_cost.png")
+    print(f"front: {out / 'front.md'}, {out / 'fd_vs_step_cost.png'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,44 @@
+"""benchmarks/quality_per_compute.py: each variant of the cheaper-forms study gets the step case that
+times its training step, a variant no case times is a clear error, and the front keeps the points no
+other beats on both cost and FD."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+from quality_per_compute import case_of, front  # noqa: E402
+
+from fastperc.recipes.study import load_spec  # noqa: E402
+
+
+def test_each_cheaper_form_maps_to_the_step_case_that_times_it():
+    spec = load_spec(ROOT / "docs" / "studies" / "k_cheaper.toml", out="unused")
+    cases = {name: case_of(name, {**spec.base, **opts}) for name, opts in spec.variants}
+    assert cases == {"MSE continued": "mse", "SP 4 taps, channel RMS, t' in [0, 100]": "4tap",
+                     "SP on a quarter of the batch": "4tap-quarter", "SP on half the batch": "4tap-half",
+                     "SP 3 taps before the midblock": "3tap", "SP bf16 teacher": "4tap-bf16"}
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(objective="self_perceptual", layers=("mid_block",), feature_norm="channel_rms", t_prime_range=(0, 100)),
+     "expected the search's configuration"),
+    (dict(objective="self_perceptual", layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"),
+          feature_norm="none", t_prime_range=(0, 100)), "feature_norm 'none'"),
+    (dict(objective="self_perceptual", layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"),
+          feature_norm="channel_rms", t_prime_range=(0, 100), sp_fraction=0.3), "no step case for sp_fraction 0.3"),
+    (dict(objective="self_perceptual", layers=("conv_in", "down_blocks.0", "down_blocks.1"),
+          feature_norm="channel_rms", t_prime_range=(0, 100), teacher_precision="bf16"), "teacher_precision 'bf16'"),
+])
+def test_a_variant_no_step_case_times_is_a_clear_error(options, message):
+    with pytest.raises(ValueError, match=f"variant 'v': .*{message}"):
+        case_of("v", options)
+
+
+def test_the_front_keeps_the_points_no_other_beats_on_both_cost_and_fd():
+    points = [("mse", 1.0, 3.0), ("full", 1.3, 2.3), ("quarter", 1.1, 2.6), ("dominated", 1.2, 2.7),
+              ("tie in cost, worse fd", 1.3, 2.4)]
+    assert front(points) == {"mse", "full", "quarter"}
