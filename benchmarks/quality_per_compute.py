@@ -75,10 +75,10 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from fastperc.recipes.study import _read_results, aggregate, load_spec
+    from fastperc.recipes.study import read_results, aggregate, load_spec
 
     spec = load_spec(args.spec, out=args.study)
-    results = _read_results(Path(args.study) / "results.jsonl")
+    results = read_results(Path(args.study) / "results.jsonl")
     if not results:
         ap.error(f"--study: expected {args.study}/results.jsonl with the study's rows; found none")
     rows = aggregate(spec, list(results.values()))

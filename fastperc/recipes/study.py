@@ -186,7 +186,7 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
     classifier = metrics.load_classifier(str(clf_path))
     reference = metrics.reference_of(classifier, metrics.reference_set().images)
     results_path = out / "results.jsonl"
-    done = _read_results(results_path)
+    done = read_results(results_path)
     run_dirs = spec.run_dirs()
     for seed in spec.training_seeds:  # seed-major: one seed of every variant first, for an early first look
         for name, opts in spec.variants:
@@ -223,7 +223,8 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
     return rows
 
 
-def _read_results(path: Path) -> dict:
+def read_results(path: Path) -> dict:
+    """The rows of a study's results.jsonl by (variant, training seed, sampling seed); {} when absent."""
     if not path.exists():
         return {}
     rows = [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
