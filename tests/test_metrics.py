@@ -60,6 +60,10 @@ def test_evaluate_reports_class_balance_against_the_reference_images():
     ref = metrics.reference_of(clf, real)
     same = metrics.evaluate(real, np.full(200, -1), clf, ref)
     assert same["class_tv"] == 0.0 and sum(same["class_shares"]) == pytest.approx(1.0)
+    assert same["ink_ratio"] == pytest.approx(1.0)
+    bold = (real.float() * 1.5).clamp(max=255).to(torch.uint8)  # bolder strokes carry more ink
+    ratio = metrics.evaluate(bold, np.full(200, -1), clf, ref)["ink_ratio"]
+    assert ratio == pytest.approx(metrics.ink(bold) / metrics.ink(real)) and ratio > 1.1
     _, probs = metrics.embed(clf, real)
     top = int(probs.argmax(1).mode().values)
     skewed = real[probs.argmax(1) == top]  # only the images of the most predicted class

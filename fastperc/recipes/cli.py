@@ -210,13 +210,13 @@ def _dispatch(args) -> int:
         clf = load_classifier(args.classifier or _find_classifier(args.samples))
         ref = reference_of(clf, reference_set().images)
         print(f"{'file':40s} {'n':>5s} {'FD-MNIST':>9s} {'cls-score':>9s} {'precision':>9s} {'recall':>7s} "
-              f"{'class-TV':>8s} {'label-acc':>9s}")
+              f"{'class-TV':>8s} {'ink/real':>8s} {'label-acc':>9s}")
         for path in args.samples:
             imgs, labels = load_samples(path)
             m = evaluate(imgs, labels, clf, ref, k=args.k)
             acc = f"{m['label_accuracy']:.3f}" if "label_accuracy" in m else "-"
             print(f"{path:40s} {m['n']:5d} {m['fd']:9.3f} {m['classifier_score']:9.3f} {m['precision']:9.3f} "
-                  f"{m['recall']:7.3f} {m['class_tv']:8.3f} {acc:>9s}")
+                  f"{m['recall']:7.3f} {m['class_tv']:8.3f} {m['ink_ratio']:8.3f} {acc:>9s}")
         return 0
     if args.command == "study":
         from .study import load_spec, run

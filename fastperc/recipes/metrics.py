@@ -129,15 +129,22 @@ def class_tv(shares: torch.Tensor, reference_shares: torch.Tensor) -> float:
 
 @dataclass(frozen=True)
 class Reference:
-    """The held-out real images as the metrics compare with them: their features, and the share of them
-    the classifier puts in each class (the data's class balance, measured with the same classifier)."""
+    """The held-out real images as the metrics compare with them: their features, the share of them
+    the classifier puts in each class (the data's class balance, measured with the same classifier) and
+    their ink (mean intensity)."""
     features: torch.Tensor
     shares: torch.Tensor
+    ink: float
+
+
+def ink(images_uint8: torch.Tensor) -> float:
+    """Mean intensity in [0, 1]: how much stroke the images carry (bolder or more strokes, more ink)."""
+    return float(images_uint8.float().mean() / 255)
 
 
 def reference_of(classifier: "Classifier", images_uint8: torch.Tensor) -> Reference:
     features, probs = embed(classifier, images_uint8)
-    return Reference(features, class_shares(probs))
+    return Reference(features, class_shares(probs), ink(images_uint8))
 
 
 def frechet_distance(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
@@ -194,9 +201,10 @@ def load_samples(path: str) -> tuple[torch.Tensor, np.ndarray]:
 
 def evaluate(images_uint8: torch.Tensor, labels: np.ndarray, classifier: Classifier,
              reference: data.ImageSet | Reference | torch.Tensor, k: int = 3) -> dict:
-    """FD-MNIST, classifier score, precision, recall, class balance (`class_shares`, `class_tv`) and
-    label accuracy of one sample set vs `reference`: real images, or a `reference_of` them to skip
-    recomputing it (or their features alone from `embed`, which leaves out the class balance)."""
+    """FD-MNIST, classifier score, precision, recall, class balance (`class_shares`, `class_tv`), ink
+    against the real images' (`ink_ratio`) and label accuracy of one sample set vs `reference`: real
+    images, or a `reference_of` them to skip recomputing it (or their features alone from `embed`,
+    which leaves out the class balance and the ink)."""
     if isinstance(reference, data.ImageSet):
         reference = reference_of(classifier, reference.images)
     rf = reference.features if isinstance(reference, Reference) else reference
@@ -207,6 +215,7 @@ def evaluate(images_uint8: torch.Tensor, labels: np.ndarray, classifier: Classif
         shares = class_shares(probs)
         out["class_shares"] = [round(float(x), 4) for x in shares]
         out["class_tv"] = class_tv(shares, reference.shares)
+        out["ink_ratio"] = ink(images_uint8) / reference.ink
     out["precision"], out["recall"] = precision_recall(rf.float(), ff.float(), k)
     if (labels >= 0).all():
         out["label_accuracy"] = float((probs.argmax(1).numpy() == labels).mean())

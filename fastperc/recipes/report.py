@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 
 COLUMNS = (("fd", "FD-MNIST ↓"), ("classifier_score", "classifier score ↑"), ("precision", "precision ↑"),
-           ("recall", "recall ↑"), ("class_tv", "class TV ↓"), ("label_accuracy", "label accuracy ↑"))
+           ("recall", "recall ↑"), ("class_tv", "class TV ↓"), ("ink_ratio", "ink / real"),
+           ("label_accuracy", "label accuracy ↑"))
 
 
 def summarize(runs: list[dict]) -> dict:

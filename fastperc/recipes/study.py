@@ -59,7 +59,7 @@ from ..errors import InputError, MissingFileError
 
 BASELINE = "MSE continued"
 SAMPLING_OPTIONS = frozenset({"guidance_scale"})  # variant keys that change sampling, not training
-METRICS = ("fd", "classifier_score", "precision", "recall", "class_tv", "label_accuracy")
+METRICS = ("fd", "classifier_score", "precision", "recall", "class_tv", "ink_ratio", "label_accuracy")
 
 
 @dataclass
@@ -279,8 +279,8 @@ def verdict(row: dict, base: dict) -> str:
 
 def table(spec: StudySpec, rows: list[dict]) -> str:
     head = ("| variant | options | seeds | FD-MNIST ↓ | precision ↑ | recall ↑ | classifier score ↑ | class TV ↓ "
-            "| label acc. ↑ | s / run | vs MSE |")
-    lines = [head, "|" + "---|" * 11]
+            "| ink / real | label acc. ↑ | s / run | vs MSE |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         def cell(k):
             if k not in r:
@@ -291,7 +291,7 @@ def table(spec: StudySpec, rows: list[dict]) -> str:
         secs = f"{r['train_seconds']:.0f}" if r["train_seconds"] else "-"
         lines.append(f"| {r['variant']} | {opts} | {len(r['training_seeds'])} x {len(r['sampling_seeds'])} | "
                      f"{cell('fd')} | {cell('precision')} | {cell('recall')} | {cell('classifier_score')} | "
-                     f"{cell('class_tv')} | {cell('label_accuracy')} | {secs} | {r['verdict']} |")
+                     f"{cell('class_tv')} | {cell('ink_ratio')} | {cell('label_accuracy')} | {secs} | {r['verdict']} |")
     return "\n".join(lines)
 
 
