@@ -4,12 +4,16 @@
         [--steps 30] [--warmup 3] [--out DIR]
 
 Each variant's step is one of step_cases.py's (mse, 4tap, 4tap-quarter, 4tap-half, 3tap, 4tap-bf16),
-chosen from its options; all are timed in this one run on the study's model (the teacher's UNet widths)
-at the study's batch size, forward + loss + backward as bench_step.py times them (median of --steps
-after --warmup untimed). A variant's cost is its median over MSE's. Run it on a quiet machine.
-Writes OUT/front.md (variant, cost, FD mean ± standard deviation over training seeds, precision, the
-study's verdict, and whether the variant is on the front: no other is both cheaper and lower in FD)
-and OUT/fd_vs_step_cost.png; OUT defaults to the study folder.
+chosen from the options that change its work (the objective, the taps, the share of the batch, the
+teacher's precision; not the t' range, the normalisation or an MSE mix); all are timed in this one run
+on the study's model (the teacher's architecture) at the study's batch size, forward + loss + backward
+as bench_step.py times them (median of --steps after --warmup untimed). A variant's cost is its median
+over MSE's. Run it on a quiet machine. A variant no case times is listed and left out. Guided rows
+(guidance_scale) cost their twin's training step, and twice the model evaluations at sampling: they
+are marked, and the front is drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean
+± standard deviation over training seeds, precision, the study's verdict, and whether the variant is on
+the front: no other is both cheaper and lower in FD) and OUT/fd_vs_step_cost.png; OUT defaults to the
+study folder.
 """
 from __future__ import annotations
 
@@ -22,27 +26,29 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import measure  # noqa: E402
-from step_cases import FOUR_TAPS, SHARES, TAPS, Setup, make_step  # noqa: E402
+from step_cases import FOUR_TAPS, OBJECTIVES, SHARES, TAPS, Setup, make_step  # noqa: E402
+
+from fastperc.recipes.config import TrainConfig  # noqa: E402
+from fastperc.recipes.study import SAMPLING_OPTIONS, is_guided  # noqa: E402
 
 
 def case_of(name: str, options: dict) -> str:
-    """The step case of a variant's effective options (base and variant); a clear error for a variant
-    no case times."""
-    if options.get("objective", "mse") == "mse":
+    """The step case of a variant's effective options (base and variant); a ValueError naming the
+    variant when no case times its step."""
+    cfg = TrainConfig(out="", **{k: v for k, v in options.items() if k not in SAMPLING_OPTIONS})
+    if cfg.objective == "mse":
         return "mse"
-    layers = tuple(options.get("layers", ()))
-    taps = next((case for case, t in TAPS.items() if t == layers), None)
-    searched = options.get("feature_norm") == "channel_rms" and tuple(options.get("t_prime_range", ())) == (0, 100)
-    if taps is None or not searched:
-        raise ValueError(f"variant {name!r}: expected the search's configuration (layers {list(FOUR_TAPS)} or the "
-                         f"first three, feature_norm 'channel_rms', t' in [0, 100]), got layers {list(layers)}, "
-                         f"feature_norm {options.get('feature_norm')!r}, t' {options.get('t_prime_range')}")
+    taps = next((case for case, t in TAPS.items() if t == tuple(cfg.layers or ())), None)
+    if taps is None:
+        raise ValueError(f"variant {name!r}: no step case for layers {list(cfg.layers or ())}; expected "
+                         f"{list(FOUR_TAPS)} or the first three")
     share = {f: suffix for suffix, f in SHARES.items()} | {1.0: ""}
-    fraction, precision = options.get("sp_fraction", 1.0), options.get("teacher_precision", "same")
-    if fraction not in share or precision not in ("same", "bf16") or (precision == "bf16" and (fraction != 1 or taps != "4tap")):
-        raise ValueError(f"variant {name!r}: no step case for sp_fraction {fraction} with teacher_precision "
-                         f"{precision!r} and {taps}; expected one of the cases in step_cases.py")
-    return taps + share[fraction] + ("-bf16" if precision == "bf16" else "")
+    precision = {"same": "", "bf16": "-bf16"}.get(cfg.teacher_precision)
+    case = taps + share.get(cfg.sp_fraction, "?") + (precision if precision is not None else "?")
+    if case not in OBJECTIVES:
+        raise ValueError(f"variant {name!r}: no step case for sp_fraction {cfg.sp_fraction} with teacher_precision "
+                         f"{cfg.teacher_precision!r} and {taps}; expected one of {', '.join(OBJECTIVES)}")
+    return case
 
 
 def study_setup(teacher: str, batch: int, device: torch.device) -> Setup:
@@ -56,7 +62,8 @@ def study_setup(teacher: str, batch: int, device: torch.device) -> Setup:
     student = build_model(config).to(device)
     x0 = torch.rand(batch, config.get("in_channels", 1), config["image_size"], config["image_size"],
                     device=device) * 2 - 1
-    kwargs = {"class_labels": torch.randint(0, 10, (batch,), device=device)} if config.get("num_classes") else {}
+    classes = config.get("num_classes")
+    kwargs = {"class_labels": torch.randint(0, classes, (batch,), device=device)} if classes else {}
     return Setup(student, x0, kwargs, f"the study's model ({teacher}), batch {batch}")
 
 
@@ -75,22 +82,29 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    from fastperc.recipes.study import read_results, aggregate, load_spec
+    from fastperc.recipes.study import aggregate, load_spec, read_results
 
     spec = load_spec(args.spec, out=args.study)
     results = read_results(Path(args.study) / "results.jsonl")
     if not results:
         ap.error(f"--study: expected {args.study}/results.jsonl with the study's rows; found none")
-    rows = aggregate(spec, list(results.values()))
-    cases = {r["variant"]: case_of(r["variant"], r["effective"]) for r in rows}
+    rows, cases, skipped = [], {}, []
+    for r in aggregate(spec, list(results.values())):
+        try:
+            cases[r["variant"]] = case_of(r["variant"], r["effective"])
+            rows.append(r)
+        except ValueError as e:
+            skipped.append(str(e))
+            print(f"left out: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    setup = study_setup(spec.teacher, spec.base.get("batch_size", 64), device)
+    setup = study_setup(spec.teacher, TrainConfig(out="", **spec._train_options({})).batch_size, device)
     ms = {}
     for case in dict.fromkeys(["mse", *cases.values()]):
         ms[case] = measure(make_step(case, setup, None), device, args.steps, args.warmup)["ms"]
         print(f"{case}: {ms[case]:.1f} ms/step", flush=True)
     points = [(r["variant"], ms[cases[r["variant"]]] / ms["mse"], r["fd"][0]) for r in rows]
-    best = front(points)
+    guided = {r["variant"] for r in rows if is_guided(r["effective"])}
+    best = front([p for p in points if p[0] not in guided])
     out = Path(args.out or args.study)
     out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
@@ -100,15 +114,18 @@ def main() -> None:
              "| variant | step case | cost (x MSE) | FD-MNIST ↓ | precision ↑ | vs MSE | on the front |",
              "|---|---|---|---|---|---|---|"]
     for (name, cost, fd), r in zip(points, rows):
+        mark = "guided: 2x sampling" if name in guided else "yes" if name in best else ""
         lines.append(f"| {name} | {cases[name]} | {cost:.2f} | {fd:.3f} ± {r['fd'][1]:.3f} | "
-                     f"{r['precision'][0]:.3f} | {r['verdict']} | {'yes' if name in best else ''} |")
+                     f"{r['precision'][0]:.3f} | {r['verdict']} | {mark} |")
+    lines += [f"\nLeft out: {s}" for s in skipped]
     (out / "front.md").write_text("\n".join(lines) + "\n")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.5, 3.6), dpi=120)
     for (name, cost, fd), r in zip(points, rows):
-        ax.errorbar(cost, fd, yerr=r["fd"][1], fmt="o", capsize=3, color="C3" if name in best else "C7")
+        ax.errorbar(cost, fd, yerr=r["fd"][1], fmt="s" if name in guided else "o", capsize=3,
+                    color="C3" if name in best else "C0" if name in guided else "C7")
         ax.annotate(name, (cost, fd), fontsize=6, xytext=(4, 2), textcoords="offset points")
     ax.set_xlabel("training step cost (x MSE step, step benchmark)")
     ax.set_ylabel("FD-MNIST (lower is better)")

@@ -14,7 +14,8 @@ Objectives, all on the same student, teacher weights and batch:
   4tap, 4tap-quarter, 4tap-half   the search's best configuration (conv_in, down_blocks.0, down_blocks.1,
                 mid_block; channel RMS; t' in [0, 100]) on the whole batch, a quarter and half of it
   3tap          the same without the midblock tap: the teacher stops after down_blocks.1
-  4tap-bf16     4tap with a bf16 teacher (the cheaper forms of the study in docs/RESULTS.md, batch K)
+  4tap-bf16     4tap with a bf16 teacher (the cheaper forms: docs/studies/k_cheaper.toml, timed by
+                quality_per_compute.py)
   mse-compiled, fastperc-compiled   torch.compile of student forward + loss (backward compiled by AOTAutograd)
 
 Models: "default" (fastperc's UNet, 1x32x32, 10 classes), "sd-like" (a diffusers UNet2DConditionModel

@@ -33,7 +33,7 @@ def test_the_sd3_medium_floors_and_the_fp8_teacher_count_fp8_matmuls_at_half():
 
 
 @pytest.mark.slow
-def test_the_cheaper_forms_of_the_search_configuration_cost_less_work():
+def test_the_cheaper_forms_order_by_their_work_and_a_bf16_teacher_does_the_same_work():
     f = {o: flop_floor(o, "default", 8) for o in ("mse", "4tap", "4tap-half", "4tap-quarter", "3tap", "4tap-bf16")}
     # a share of the batch: the teacher's work scales with it; 3 taps: the teacher stops before the midblock
     assert f["4tap"] > f["4tap-half"] > f["4tap-quarter"] > f["mse"]

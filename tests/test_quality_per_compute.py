@@ -23,15 +23,20 @@ def test_each_cheaper_form_maps_to_the_step_case_that_times_it():
                      "SP 3 taps before the midblock": "3tap", "SP bf16 teacher": "4tap-bf16"}
 
 
+SEARCHED = dict(objective="self_perceptual", layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"),
+                feature_norm="channel_rms", t_prime_range=(0, 100))
+
+
+def test_options_that_do_not_change_the_work_do_not_change_the_case():
+    assert case_of("v", {**SEARCHED, "t_prime_range": (0, 50), "mse_weight": 0.2, "feature_norm": "none"}) == "4tap"
+    assert case_of("v", {"objective": "mse", "lr": 1e-4, "guidance_scale": 1.5}) == "mse"
+
+
 @pytest.mark.parametrize("options, message", [
-    (dict(objective="self_perceptual", layers=("mid_block",), feature_norm="channel_rms", t_prime_range=(0, 100)),
-     "expected the search's configuration"),
-    (dict(objective="self_perceptual", layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"),
-          feature_norm="none", t_prime_range=(0, 100)), "feature_norm 'none'"),
-    (dict(objective="self_perceptual", layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"),
-          feature_norm="channel_rms", t_prime_range=(0, 100), sp_fraction=0.3), "no step case for sp_fraction 0.3"),
-    (dict(objective="self_perceptual", layers=("conv_in", "down_blocks.0", "down_blocks.1"),
-          feature_norm="channel_rms", t_prime_range=(0, 100), teacher_precision="bf16"), "teacher_precision 'bf16'"),
+    ({**SEARCHED, "layers": ("mid_block",)}, "no step case for layers \\['mid_block'\\]"),
+    ({**SEARCHED, "sp_fraction": 0.3}, "no step case for sp_fraction 0.3"),
+    ({**SEARCHED, "layers": SEARCHED["layers"][:3], "teacher_precision": "bf16"}, "teacher_precision 'bf16' and 3tap"),
+    ({**SEARCHED, "teacher_precision": "fp8"}, "teacher_precision 'fp8'"),
 ])
 def test_a_variant_no_step_case_times_is_a_clear_error(options, message):
     with pytest.raises(ValueError, match=f"variant 'v': .*{message}"):

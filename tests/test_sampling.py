@@ -71,3 +71,12 @@ def test_the_old_sampler_names_are_deprecated_aliases_of_the_one_loop(gen):
         with pytest.warns(DeprecationWarning, match="use sample_loop"):
             got = old(model, schedule, noise, steps=3)
         assert torch.equal(got, sample_loop(model, schedule, noise, steps=3))
+
+
+def test_guidance_on_an_unconditional_model_is_refused_not_silently_skipped(mse_run):
+    from fastperc.errors import InputError
+    from fastperc.recipes.sample import generate
+    model, config = load_model(str(mse_run))
+    unconditional = {**config, "num_classes": None}
+    with pytest.raises(InputError, match="cfg_scale: classifier-free guidance needs a conditional model; got 1.5"):
+        generate(model, unconditional, 4, steps=2, cfg_scale=1.5)

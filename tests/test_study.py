@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from fastperc.recipes.cli import main
-from fastperc.recipes.study import BASELINE, aggregate, load_spec, samples_name, verdict
+from fastperc.recipes.study import BASELINE, aggregate, load_spec, samples_name, slug, verdict
 from fastperc.recipes.study import table as study_table
 from fastperc.recipes.train import TrainConfig, train
 
@@ -63,7 +63,7 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
     assert set(table) == names
     assert table[BASELINE]["vs MSE"] == "baseline" and table["sp mid"]["vs MSE"] == "2 seeds: no verdict"
     # the guided row samples the baseline's own run with guidance: no second training, other images
-    assert not (out / "runs" / "MSE_continued_CFG_2").exists()
+    assert not (out / "runs" / slug("MSE continued + CFG 2")).exists() and (out / "runs" / slug(BASELINE)).exists()
     import numpy as np
     plain, guided = (np.load(out / "runs" / "MSE_continued" / "seed1" / f"{samples_name(0, g)}.npz")["images"]
                      for g in (1.0, 2.0))
@@ -108,7 +108,19 @@ def test_variants_with_equal_training_options_share_one_run_and_differ_in_sample
     assert [n for n, _ in spec.variants][0] == BASELINE  # a guided MSE row is no baseline: one is added
     assert dirs["mse + cfg 1.5"] == dirs[BASELINE] and dirs["sp + cfg 3"] == dirs["sp"] != dirs[BASELINE]
     assert samples_name(0, 1.0) == "samples_seed0" and samples_name(2, 3) == "samples_seed2_cfg3"
-    assert spec.guidance_scale(dict(spec.variants)["sp + cfg 3"]) == 3
+    assert samples_name(0, 1.25) == "samples_seed0_cfg1.25" and samples_name(0, 2.0) == samples_name(0, 2)
+    assert spec.effective(dict(spec.variants)["sp + cfg 3"])["guidance_scale"] == 3
+
+
+def test_a_guided_row_listed_before_its_twin_still_trains_in_the_unguided_twins_folder(tmp_path):
+    spec = load_spec(_write(tmp_path, '[study]\nteacher = "x"\nbase = { conditional = true }\n'
+                                      '[[variant]]\nname = "sp + cfg 3"\nobjective = "self_perceptual"\nguidance_scale = 3\n'
+                                      '[[variant]]\nname = "sp"\nobjective = "self_perceptual"\n'
+                                      '[[variant]]\nname = "sp, guided only"\nobjective = "self_perceptual"\nlr = 1e-3\n'
+                                      'guidance_scale = 2\n'))
+    dirs = spec.run_dirs()
+    assert dirs["sp + cfg 3"] == dirs["sp"] == tmp_path / "spec" / "runs" / "sp"
+    assert dirs["sp, guided only"].name == slug("sp, guided only")  # no unguided twin: its own folder
 
 
 def test_verdict_needs_a_margin_larger_than_the_seed_spread():

@@ -82,6 +82,9 @@ def generate(model, model_config: dict, n: int, *, steps: int = 50, cfg_scale: f
     model = model.to(device).eval()
     schedule = schedule_of(model_config)
     ncls = model_config.get("num_classes")
+    if cfg_scale != 1 and not ncls:  # else the unguided images would pass for guided ones
+        raise InputError(f"cfg_scale: classifier-free guidance needs a conditional model; got {cfg_scale} for an "
+                         "unconditional one")
     labels = torch.arange(n) % ncls if ncls else torch.full((n,), -1)
     g = torch.Generator().manual_seed(seed)
     shape = (model_config["in_channels"], model_config["image_size"], model_config["image_size"])

@@ -34,8 +34,8 @@ training run: a guided row costs only its sampling. A variant named "MSE continu
 with objective "mse", no guidance) is added when no variant is one: it is the baseline every row is
 compared with. Everything resumes: finished runs, samples and metrics are found on disk and skipped.
 
-Output: OUT/runs/<variant>/seed<k>/ (checkpoint, log, samples), OUT/results.jsonl (one line per
-run and sampling seed), OUT/table.md, OUT/fd_by_variant.png and one OUT/fd_vs_<option>.png per
+Output: OUT/runs/<variant>/seed<k>/ (checkpoint, log, samples; variants that share a run share the
+folder of their first unguided one), OUT/results.jsonl (one line per run and sampling seed), OUT/table.md, OUT/fd_by_variant.png and one OUT/fd_vs_<option>.png per
 numeric option that the variants sweep, OUT/grids.png (sampling seed 0 of the first training seed).
 """
 from __future__ import annotations
@@ -58,7 +58,7 @@ from .train import train
 from ..errors import InputError, MissingFileError
 
 BASELINE = "MSE continued"
-SAMPLING_OPTIONS = frozenset({"guidance_scale"})  # variant keys that change sampling, not training
+SAMPLING_OPTIONS = frozenset({"guidance_scale"})  # variant keys that change sampling, not training (defaults below)
 METRICS = ("fd", "classifier_score", "precision", "recall", "class_tv", "ink_ratio", "label_accuracy")
 
 
@@ -93,43 +93,61 @@ class StudySpec:
         for name, opts in self.variants:
             cfg = TrainConfig(out="", **self._train_options(opts))
             cfg.validate()
-            scale = self.guidance_scale(opts)
+            scale = self.effective(opts)["guidance_scale"]
             if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not scale > 0:
                 raise InputError(f"variant {name!r}: guidance_scale: expected a number > 0, got {scale!r}")
-            if scale != 1 and cfg.conditional is False:  # None: the teacher's, known when it is loaded
+            if scale != 1 and cfg.conditional is False:  # None: the teacher's; sampling refuses an unconditional one
                 raise InputError(f"variant {name!r}: guidance_scale: classifier-free guidance needs "
                                  f"conditional = true, got conditional = {cfg.conditional!r}")
 
-    def _train_options(self, variant: dict) -> dict:
-        options = {"teacher": self.teacher, "init": self.teacher, **self.base, **variant}
-        return {k: v for k, v in options.items() if k not in SAMPLING_OPTIONS}
+    def effective(self, variant: dict) -> dict:
+        """A variant's options over the base's, with the sampling options' defaults filled in."""
+        return effective_options(self.base, variant)
 
-    def guidance_scale(self, variant: dict) -> float:
-        """The variant's classifier-free guidance scale at sampling (1: none)."""
-        return {**self.base, **variant}.get("guidance_scale", 1.0)
+    def _train_options(self, variant: dict) -> dict:
+        options = {"teacher": self.teacher, "init": self.teacher, **self.effective(variant)}
+        return {k: v for k, v in options.items() if k not in SAMPLING_OPTIONS}
 
     def run_dirs(self) -> dict[str, Path]:
         """Each variant's training folder (per seed below it): variants with equal training options
-        share the first one's, so a guided row reuses its unguided twin's run."""
-        dirs, firsts = {}, []
+        share one run, in the folder of the first of them that samples unguided (else the first)."""
+        groups: list[tuple[TrainConfig, list[str]]] = []
         for name, opts in self.variants:
             cfg = TrainConfig(out="", **self._train_options(opts))  # equal with defaults filled in
-            twin = next((n for n, c in firsts if c == cfg), None)
-            if twin is None:
-                firsts.append((name, cfg))
-            dirs[name] = Path(self.out) / "runs" / slug(twin or name)
+            group = next((names for c, names in groups if c == cfg), None)
+            if group is None:
+                groups.append((cfg, [name]))
+            else:
+                group.append(name)
+        opts = dict(self.variants)
+        dirs = {}
+        for _, names in groups:
+            owner = next((n for n in names if not is_guided(self.effective(opts[n]))), names[0])
+            dirs |= {n: Path(self.out) / "runs" / slug(owner) for n in names}
         return dirs
+
+
+SAMPLING_DEFAULTS = {"guidance_scale": 1.0}
+
+
+def effective_options(base: dict, variant: dict) -> dict:
+    """A variant's options over the base's, with the sampling options' defaults filled in."""
+    return {**SAMPLING_DEFAULTS, **base, **variant}
+
+
+def is_guided(effective: dict) -> bool:
+    return effective["guidance_scale"] != 1
 
 
 def samples_name(sampling_seed: int, guidance_scale: float) -> str:
     """The sample file of one sampling seed (the guided ones say their scale)."""
-    return f"samples_seed{sampling_seed}" + ("" if guidance_scale == 1 else f"_cfg{guidance_scale:g}")
+    return f"samples_seed{sampling_seed}" + (f"_cfg{guidance_scale:g}" if guidance_scale != 1 else "")
 
 
-def _is_baseline(opts: dict, base: dict) -> bool:
-    """An unguided MSE continuation."""
-    both = {**base, **opts}
-    return both.get("objective", "mse") == "mse" and both.get("guidance_scale", 1.0) == 1
+def is_baseline(effective: dict) -> bool:
+    """An unguided MSE continuation (TrainConfig's default objective is MSE)."""
+    objective = effective.get("objective", TrainConfig.__dataclass_fields__["objective"].default)
+    return objective == "mse" and not is_guided(effective)
 
 
 def load_spec(path: str | Path, out: str | None = None) -> StudySpec:
@@ -151,7 +169,7 @@ def load_spec(path: str | Path, out: str | None = None) -> StudySpec:
         if not isinstance(name, str) or not name:
             raise InputError(f"variant {i}: expected a name = \"...\"")
         variants.append((name, _tuples(v)))
-    if not any(_is_baseline(o, study.get("base", {})) for _, o in variants):
+    if not any(is_baseline(effective_options(study.get("base", {}), o)) for _, o in variants):
         variants.insert(0, (BASELINE, {"objective": "mse", "guidance_scale": 1.0}
                             if "guidance_scale" in study.get("base", {}) else {"objective": "mse"}))
     known = {f.name for f in fields(StudySpec)} - {"variants", "out"}
@@ -191,7 +209,7 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
     for seed in spec.training_seeds:  # seed-major: one seed of every variant first, for an early first look
         for name, opts in spec.variants:
             run_dir = run_dirs[name] / f"seed{seed}"
-            scale = spec.guidance_scale(opts)
+            scale = spec.effective(opts)["guidance_scale"]
             cfg = TrainConfig(out=str(run_dir), seed=seed, max_steps=spec.steps, save_every=max(1, spec.steps // 2),
                               resume=True, progress=progress, **spec._train_options(opts))
             t0 = time.time()
@@ -239,7 +257,7 @@ def aggregate(spec: StudySpec, results: list[dict]) -> list[dict]:
         mine = [r for r in results if r["variant"] == name and r["training_seed"] in spec.training_seeds]
         if not mine:
             continue
-        row = {"variant": name, "options": opts, "effective": {**spec.base, **opts}, "training_seeds": sorted({r["training_seed"] for r in mine}),
+        row = {"variant": name, "options": opts, "effective": spec.effective(opts), "training_seeds": sorted({r["training_seed"] for r in mine}),
                "sampling_seeds": sorted({r["sampling_seed"] for r in mine}), "n": mine[0]["n"]}
         secs = [r["train_seconds"] for r in mine if r.get("train_seconds")]
         row["train_seconds"] = float(np.mean(secs)) if secs else None
@@ -255,7 +273,7 @@ def aggregate(spec: StudySpec, results: list[dict]) -> list[dict]:
                 row[k] = (float(np.mean(per_seed)), float(np.std(per_seed, ddof=1)) if len(per_seed) > 1 else 0.0,
                           float(np.mean(spreads)))
         rows.append(row)
-    base = next((r for r in rows if _is_baseline(r["options"], spec.base)), None)
+    base = next((r for r in rows if is_baseline(r["effective"])), None)
     for r in rows:
         r["verdict"] = verdict(r, base) if base is not None and r is not base else "baseline" if r is base else "-"
     return rows
@@ -350,7 +368,7 @@ def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
     seed, sseed = spec.training_seeds[0], spec.sampling_seeds[0]
     run_dirs = spec.run_dirs()
     grids = [(r["variant"][:28], run_dirs[r["variant"]] / f"seed{seed}" /
-              f"{samples_name(sseed, spec.guidance_scale(r['options']))}.png") for r in rows]
+              f"{samples_name(sseed, r['effective']['guidance_scale'])}.png") for r in rows]
     grids = [(t, p) for t, p in grids if p.exists()]
     if grids:
         report.side_by_side(grids, out / "grids.png")
