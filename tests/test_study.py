@@ -69,7 +69,12 @@ def test_tiny_study_writes_table_plots_grids_and_resumes(teacher, tmp_path, caps
                      for g in (1.0, 2.0))
     assert plain.shape == guided.shape and not np.array_equal(plain, guided)
     assert "feature_norm=channel_rms" in table["sp mid, lr 3e-4, rms, low t'"]["options"]
-    assert " DDIM steps" in (out / "table.md").read_text()  # the teacher's schedule names the sampler
+    text = (out / "table.md").read_text()
+    assert " DDIM steps" in text  # the teacher's schedule names the sampler
+    balance = _table_rows(text[text.index("Class balance"):], key="samples of")
+    assert set(balance) == names | {"held-out digits"}
+    for row in balance.values():  # shares of each class, summing to one
+        assert abs(sum(float(row[str(c)]) for c in range(10)) - 1) < 0.01
     assert (out / "fd_by_variant.png").exists() and (out / "fd_vs_lr.png").exists() and (out / "grids.png").exists()
     run_log = out / "runs" / "sp_mid" / "seed1" / "log.jsonl"
     before = run_log.read_text()
@@ -144,12 +149,17 @@ def test_aggregate_averages_sampling_seeds_then_spreads_over_training_seeds(tmp_
     assert mean == 4.0 and abs(sd - 2 ** 0.5) < 1e-12 and sampling_spread == 1.0  # seeds: 3.0 and 5.0
 
 
-def _table_rows(markdown: str) -> dict[str, dict[str, str]]:
-    """The study table's cells by variant and column header."""
-    lines = [ln for ln in markdown.splitlines() if ln.startswith("| ")]
-    head = [c.strip() for c in lines[0].strip("|").split("|")]
-    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
-    return {r["variant"]: r for r in rows}
+def _table_rows(markdown: str, key: str = "variant") -> dict[str, dict[str, str]]:
+    """The first table's cells by its `key` column and column header."""
+    block = []
+    for ln in markdown.splitlines():
+        if ln.startswith("|"):
+            block.append(ln)
+        elif block:
+            break
+    head = [c.strip() for c in block[0].strip("|").split("|")]
+    rows = [dict(zip(head, (c.strip() for c in ln.strip("|").split("|")))) for ln in block[1:] if ln.startswith("| ")]
+    return {r[key]: r for r in rows}
 
 
 def test_the_table_gives_each_variant_its_options_seeds_metrics_and_verdict(tmp_path):

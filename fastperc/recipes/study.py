@@ -237,7 +237,7 @@ def run(spec: StudySpec, progress: bool = True) -> list[dict]:
                 done[key] = row
                 print(f"study: {name}, training seed {seed}, sampling seed {sseed}: FD-MNIST {row['fd']:.3f}")
     rows = aggregate(spec, list(done.values()))
-    write_outputs(spec, rows, out)
+    write_outputs(spec, rows, out, data_shares=[float(x) for x in reference.shares])
     return rows
 
 
@@ -259,6 +259,9 @@ def aggregate(spec: StudySpec, results: list[dict]) -> list[dict]:
             continue
         row = {"variant": name, "options": opts, "effective": spec.effective(opts), "training_seeds": sorted({r["training_seed"] for r in mine}),
                "sampling_seeds": sorted({r["sampling_seed"] for r in mine}), "n": mine[0]["n"]}
+        shares = [r["class_shares"] for r in mine if r.get("class_shares")]
+        if shares:  # the predicted-class histogram, averaged over every run and sampling seed
+            row["class_shares"] = [float(x) for x in np.mean(shares, axis=0)]
         secs = [r["train_seconds"] for r in mine if r.get("train_seconds")]
         row["train_seconds"] = float(np.mean(secs)) if secs else None
         for k in METRICS:
@@ -330,7 +333,22 @@ def _sampler_of(teacher: str) -> str:
     return schedule_of(checkpoint.load(teacher)["model_config"]).sampler
 
 
-def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
+def class_balance_table(rows: list[dict], data_shares: list[float] | None) -> str:
+    """Markdown: each variant's share of samples per predicted class (mean over its runs), under the
+    held-out digits' own shares when given."""
+    having = [r for r in rows if r.get("class_shares")]
+    classes = len(having[0]["class_shares"])
+    lines = ["| samples of | " + " | ".join(str(c) for c in range(classes)) + " | class TV ↓ |",
+             "|---|" + "---|" * (classes + 1)]
+    if data_shares is not None:
+        lines.append("| held-out digits | " + " | ".join(f"{x:.3f}" for x in data_shares) + " | 0 |")
+    for r in having:
+        tv = f"{r['class_tv'][0]:.3f}" if "class_tv" in r else "-"
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{x:.3f}" for x in r["class_shares"]) + f" | {tv} |")
+    return "\n".join(lines)
+
+
+def write_outputs(spec: StudySpec, rows: list[dict], out: Path, data_shares: list[float] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -343,6 +361,9 @@ def write_outputs(spec: StudySpec, rows: list[dict], out: Path) -> None:
             "over its sampling seeds; the spread over sampling seeds in brackets when there are several). "
             "'vs MSE' (with three or more training seeds): 'beats' = FD lower than the MSE continuation's by more than the larger standard "
             "deviation, with precision not lower.\n\n" + table(spec, rows) + "\n")
+    if any(r.get("class_shares") for r in rows):
+        text += ("\nClass balance: the share of samples the classifier puts in each class (mean over runs), "
+                 "against the held-out digits'.\n\n" + class_balance_table(rows, data_shares) + "\n")
     (out / "table.md").write_text(text)
     fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 2), 3.4), dpi=120)
     ax.bar(range(len(rows)), [r["fd"][0] for r in rows], yerr=[r["fd"][1] for r in rows], capsize=3,
