@@ -127,6 +127,7 @@ def main() -> None:
         ax.errorbar(cost, fd, yerr=r["fd"][1], fmt="s" if name in guided else "o", capsize=3,
                     color="C3" if name in best else "C0" if name in guided else "C7")
         ax.annotate(name, (cost, fd), fontsize=6, xytext=(4, 2), textcoords="offset points")
+    ax.margins(x=0.3)  # room for the labels of the right-most points
     ax.set_xlabel("training step cost (x MSE step, step benchmark)")
     ax.set_ylabel("FD-MNIST (lower is better)")
     fig.tight_layout()
