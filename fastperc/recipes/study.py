@@ -58,7 +58,9 @@ from .train import train
 from ..errors import InputError, MissingFileError
 
 BASELINE = "MSE continued"
-SAMPLING_OPTIONS = frozenset({"guidance_scale"})  # variant keys that change sampling, not training (defaults below)
+# Variant keys that change sampling, not training, with their defaults.
+SAMPLING_DEFAULTS = {"guidance_scale": 1.0}
+SAMPLING_OPTIONS = frozenset(SAMPLING_DEFAULTS)
 METRICS = ("fd", "classifier_score", "precision", "recall", "class_tv", "ink_ratio", "label_accuracy")
 
 
@@ -101,7 +103,7 @@ class StudySpec:
                                  f"conditional = true, got conditional = {cfg.conditional!r}")
 
     def effective(self, variant: dict) -> dict:
-        """A variant's options over the base's, with the sampling options' defaults filled in."""
+        """`effective_options` of this spec's base and `variant`."""
         return effective_options(self.base, variant)
 
     def _train_options(self, variant: dict) -> dict:
@@ -125,9 +127,6 @@ class StudySpec:
             owner = next((n for n in names if not is_guided(self.effective(opts[n]))), names[0])
             dirs |= {n: Path(self.out) / "runs" / slug(owner) for n in names}
         return dirs
-
-
-SAMPLING_DEFAULTS = {"guidance_scale": 1.0}
 
 
 def effective_options(base: dict, variant: dict) -> dict:
