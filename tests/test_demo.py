@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fastperc.recipes import checkpoint, demo
-from fastperc.recipes.demo import PRESETS, SP_BEST
+from fastperc.recipes.demo import PRESETS, SP_BEST, SP_BEST_UNCOND
 
 
 def _record_stages(monkeypatch, stop_at: str | None = None) -> dict:
@@ -37,10 +37,13 @@ def test_the_fine_tunes_start_from_the_mse_stage_at_the_fine_tune_lr(tmp_path, m
         cfg, first = stages[name], stages["uncond_mse" if name.startswith("uncond") else "mse"]
         assert cfg.lr == quick.finetune_lr and cfg.max_steps == quick.finetune_steps, name
         assert cfg.init == first.out and cfg.seed == first.seed + 1, name
-    for name in ("sp", "uncond_sp"):  # the search's best configuration, the raw stage-1 model as teacher
+    for name, best in (("sp", SP_BEST), ("uncond_sp", SP_BEST_UNCOND)):  # the search's best, the raw stage-1 model as teacher
         cfg = stages[name]
         assert cfg.objective == "self_perceptual" and cfg.teacher == stages[name.replace("sp", "mse")].out
-        assert {k: getattr(cfg, k) for k in SP_BEST} == SP_BEST
+        assert {k: getattr(cfg, k) for k in best} == best, name
+    # the unconditional model's taps stop before the midblock (batch L); the conditional model keeps it
+    assert tuple(stages["uncond_sp"].layers) == ("conv_in", "down_blocks.0", "down_blocks.1")
+    assert tuple(stages["sp"].layers)[-1] == "mid_block"
     assert tuple(stages["sp_paper"].layers) == ("mid_block",) and stages["sp_paper"].t_prime_range is None
     assert stages["mse_cont"].objective == "mse"
 
@@ -57,6 +60,7 @@ def test_the_dit_setup_taps_the_mid_depth_block_with_t_prime_logit_normal_and_un
     assert p.model["prediction_type"] == "flow_prediction" and p.model["schedule"] == "flow"
     assert p.sp_best["layers"] == p.sp_paper["layers"] == (f"blocks.{max(depth // 2 - 1, 0)}",)
     assert p.sp_best["t_prime_density"] == "logit_normal" and "t_prime_density" not in p.sp_paper
+    assert p.sp_best_uncond == p.sp_best and p.best_uncond_name == p.best_name  # no unconditional DiT search yet
     unet = demo.arch_setup(PRESETS["default"], "unet", "flow")
     dit = demo.arch_setup(PRESETS["default"], "dit", "flow")  # the testbed's training: docs/RESULTS.md
     assert (dit.lr, dit.finetune_lr, dit.mse_steps) == (2 * unet.lr, 2 * unet.finetune_lr, 1150)

@@ -5,7 +5,8 @@ Training, for a conditional model (10% label dropout, for CFG) and for an uncond
   1. `mse/` (`uncond_mse/`): plain MSE;
   2. `sp/` (`uncond_sp/`): a copy fine-tuned with the self-perceptual objective in the best
      configuration the search found (SP_BEST: four taps down to full resolution, RMS-normalised
-     channels, t' in [0, 100]), the frozen stage-1 model (raw weights, not EMA) as teacher;
+     channels, t' in [0, 100]; for the unconditional model SP_BEST_UNCOND: the three of them before
+     the midblock), the frozen stage-1 model (raw weights, not EMA) as teacher;
   3. `sp_paper/` (and `uncond_sp_paper/` in the longer presets): the same fine-tune in the paper's
      configuration (midblock tap, t' uniform);
   4. `mse_cont/` (`uncond_mse_cont/`): stage 1 continued with MSE for as many steps (equal data).
@@ -37,6 +38,12 @@ from ..errors import InputError
 SP_BEST = dict(layers=("conv_in", "down_blocks.0", "down_blocks.1", "mid_block"), feature_norm="channel_rms",
                t_prime_range=(0, 100))
 SP_BEST_NAME = "4 taps, channel RMS, t' in [0, 100]"
+# For the unconditional model, the three taps before the midblock (batch L): over three seeds a lower FD than
+# the four taps and the MSE continuation, and the best class balance; the midblock tap drives the bolder
+# strokes and the shift towards 8s. The conditional model keeps the four taps (batch K: the three are
+# cheaper but 0.04-0.11 worse on every seed).
+SP_BEST_UNCOND = dict(SP_BEST, layers=SP_BEST["layers"][:3])
+SP_BEST_UNCOND_NAME = "3 taps before the midblock, channel RMS, t' in [0, 100]"
 SP_PAPER_NAME = "the paper's: midblock, t' uniform"
 # For the DiT (`--arch dit`), the transformer search's best (docs/RESULTS.md, batch J): the mid-depth block
 # (FrozenTeacher's default for transformers), raw features, t' logit-normal over the whole table; the
@@ -77,8 +84,10 @@ class Plan(Preset):
     """A preset with the model and the two self-perceptual configurations of one architecture."""
     model: dict = field(default_factory=dict)       # the architecture's TrainConfig options (model, noise, t)
     sp_best: dict = field(default_factory=dict)     # the fine-tune options of the best configuration
+    sp_best_uncond: dict = field(default_factory=dict)  # ... for the unconditional model
     sp_paper: dict = field(default_factory=dict)    # ... and of the paper's
     best_name: str = SP_BEST_NAME
+    best_uncond_name: str = SP_BEST_UNCOND_NAME
     paper_name: str = SP_PAPER_NAME
     model_name: str = ""
 
@@ -112,14 +121,16 @@ def arch_setup(p: Preset, arch: str, schedule: str) -> Plan:
     model = dict(arch=arch, schedule=schedule, prediction_type="flow_prediction" if schedule == "flow" else "v_prediction")
     if arch == "unet":
         return Plan(**preset, model=dict(model, block_channels=p.block_channels), sp_best=SP_BEST,
-                    sp_paper=dict(layers=("mid_block",)), model_name=f"UNet {tuple(p.block_channels)}")
+                    sp_best_uncond=SP_BEST_UNCOND, sp_paper=dict(layers=("mid_block",)),
+                    model_name=f"UNet {tuple(p.block_channels)}")
     mid_depth = (mid_depth_block([f"blocks.{i}" for i in range(p.dit_depth)]),)
     lr, steps = DIT_TRAINING["lr_factor"], DIT_TRAINING["steps_factor"]
     preset.update(lr=p.lr * lr, finetune_lr=p.finetune_lr * lr, mse_steps=round(p.mse_steps * steps),
                   uncond_mse_steps=round(p.uncond_mse_steps * steps))
     model = dict(model, dit_width=p.dit_width, dit_depth=p.dit_depth, t_density=DIT_TRAINING["t_density"])
-    return Plan(**preset, model=model, sp_best=dict(DIT_BEST, layers=mid_depth), sp_paper=dict(layers=mid_depth),
-                best_name=DIT_BEST_NAME,
+    best = dict(DIT_BEST, layers=mid_depth)  # the DiT's unconditional model has not been searched: the same
+    return Plan(**preset, model=model, sp_best=best, sp_best_uncond=best, sp_paper=dict(layers=mid_depth),
+                best_name=DIT_BEST_NAME, best_uncond_name=DIT_BEST_NAME,
                 paper_name=DIT_PAPER_NAME, model_name=f"DiT (width {p.dit_width}, depth {p.dit_depth})")
 
 
@@ -129,7 +140,8 @@ def rows_of(p: Plan) -> list[tuple[str, str]]:
     rows = [("mse", "conditional: MSE, no guidance"), ("mse_cfg", f"conditional: MSE + CFG {CFG_SCALE:g}"),
             ("sp", f"conditional: self-perceptual ({best}), no guidance"),
             ("sp_paper", f"conditional: self-perceptual ({paper}), no guidance"),
-            ("uncond_mse", "unconditional: MSE"), ("uncond_sp", f"unconditional: self-perceptual ({best})"),
+            ("uncond_mse", "unconditional: MSE"),
+            ("uncond_sp", f"unconditional: self-perceptual ({p.best_uncond_name})"),
             ("uncond_sp_paper", f"unconditional: self-perceptual ({paper})")]
     return [(k, t) for k, t in rows if not k.endswith("sp_paper") or k[:-len("sp_paper")] in p.paper_rows]
 
@@ -148,8 +160,8 @@ def _train_pair(root: Path, prefix: str, base: TrainConfig, p: Plan, mse_steps: 
     fine = dict(init=first.out, max_steps=p.finetune_steps, save_every=max(1, p.finetune_steps // 2),
                 warmup_steps=1, lr=p.finetune_lr, seed=base.seed + 1)
     sp = dict(objective="self_perceptual", teacher=first.out, **fine)
-    stages = {f"{prefix}mse": first,
-              f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), **sp, **p.sp_best)}
+    best = p.sp_best if base.conditional else p.sp_best_uncond
+    stages = {f"{prefix}mse": first, f"{prefix}sp": replace(base, out=str(root / f"{prefix}sp"), **sp, **best)}
     if prefix in p.paper_rows:
         stages[f"{prefix}sp_paper"] = replace(base, out=str(root / f"{prefix}sp_paper"), **sp, **p.sp_paper)
     stages[f"{prefix}mse_cont"] = replace(base, out=str(root / f"{prefix}mse_cont"), **fine)
@@ -285,17 +297,19 @@ def _write_report(root, p, preset, seed, acc, summary, sweep, best, times) -> No
     best_name, paper_name = p.best_name, p.paper_name
     lines = [f"- conditional, {best_name}: {versus('sp', 'mse')}"]
     lines += [f"- conditional, {paper_name}: {versus('sp_paper', 'mse')}"] if "sp_paper" in summary else []
-    lines += [f"- unconditional, {best_name}: {versus('uncond_sp', 'uncond_mse')}"]
+    lines += [f"- unconditional, {p.best_uncond_name}: {versus('uncond_sp', 'uncond_mse')}"]
     lines += ([f"- unconditional, {paper_name}: {versus('uncond_sp_paper', 'uncond_mse')}"]
               if "uncond_sp_paper" in summary else [])
     best_taps = ", ".join(p.sp_best["layers"])
+    uncond_taps = "" if p.sp_best_uncond == p.sp_best else (
+        f"; unconditional: {p.best_uncond_name}, taps {', '.join(p.sp_best_uncond['layers'])}")
     sampler = "Euler flow steps" if p.model["schedule"] == "flow" else "DDIM steps\n(trailing)"
     text = f"""# fastperc demo report
 
 Preset `{preset}`, seed {seed}: {p.model_name}, {p.model['schedule']} schedule, t {p.model.get('t_density', 'uniform')}, batch {p.batch_size}, MSE stage
 {p.mse_steps} steps at lr {p.lr:g} (unconditional: {p.uncond_mse_steps}), then
 {p.finetune_steps} fine-tune steps at lr {p.finetune_lr:g} from it: the self-perceptual
-objective ({best_name}: taps {best_taps}; and {paper_name}) and, on another copy, as many MSE
+objective ({best_name}: taps {best_taps}{uncond_taps}; and {paper_name}) and, on another copy, as many MSE
 steps (the equal-data baseline the MSE rows sample); EMA weights; {p.sample_steps} {sampler}. Metrics on the held-out 500 real images with the classifier trained here (held-out
 accuracy {acc:.4f}); FD-MNIST is a Frechet distance on that classifier's features, not FID. Mean ±
 half-range over 2 sampling seeds ({p.n} and {p.n_extra} images) of one training seed.
