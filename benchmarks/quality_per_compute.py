@@ -1,14 +1,18 @@
 """A study's FD-MNIST against each variant's training-step cost: the quality-per-compute front.
 
     python benchmarks/quality_per_compute.py docs/studies/k_cheaper.toml --study runs/study_k \
-        [--steps 30] [--warmup 3] [--out DIR]
+        [--steps 30] [--warmup 3] [--rounds 3] [--cost time|flops] [--out DIR]
 
 Each variant's step is one of step_cases.py's (mse, 4tap, 4tap-quarter, 4tap-half, 3tap, 4tap-bf16),
 chosen from the options that change its work (the objective, the taps, the share of the batch, the
 teacher's precision; not the t' range, the normalisation or an MSE mix); all are timed in this one run
 on the study's model (the teacher's architecture) at the study's batch size, forward + loss + backward
-as bench_step.py times them (median of --steps after --warmup untimed). A variant's cost is its median
-over MSE's. Run it on a quiet machine. A variant no case times is listed and left out. Guided rows
+as bench_step.py times them (median of --steps after --warmup untimed). The cases are timed in
+--rounds rounds, one after the other within each round, so that a drift of the machine's speed hits
+them alike; a variant's cost is the median over rounds of its median over MSE's in the same round, with
+the range over rounds beside it. Run it on a quiet machine. `--cost flops` counts each case's FLOP floor
+instead (step_cases.flop_floor: matmuls, convolutions and attention on the meta device; no timing, the
+same on every machine), for a front that does not move with a noisy machine. A variant no case times is listed and left out. Guided rows
 (guidance_scale) cost their twin's training step, and twice the model evaluations at sampling: they
 are marked, and the front is drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean
 ± standard deviation over training seeds, precision, the study's verdict, and whether the variant is on
@@ -19,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 from pathlib import Path
 
@@ -26,7 +31,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_step import measure  # noqa: E402
-from step_cases import FOUR_TAPS, OBJECTIVES, SHARES, TAPS, Setup, make_step  # noqa: E402
+from step_cases import FOUR_TAPS, OBJECTIVES, SHARES, TAPS, Setup, make_step, step_flops  # noqa: E402
 
 from fastperc.recipes.config import TrainConfig  # noqa: E402
 from fastperc.recipes.study import SAMPLING_OPTIONS, is_guided  # noqa: E402
@@ -74,12 +79,40 @@ def front(points: list[tuple[str, float, float]]) -> set[str]:
             if not any((c2 <= c and f2 < f) or (c2 < c and f2 <= f) for n2, c2, f2 in points if n2 != n)}
 
 
+def cost_over_rounds(rounds: list[dict[str, float]]) -> dict[str, tuple[float, float, float]]:
+    """Per case: (median, lowest, highest) over rounds of its time over MSE's time in the same round."""
+    if not rounds or any("mse" not in r or r["mse"] <= 0 for r in rounds):
+        raise ValueError(f"rounds: expected each round to time 'mse' (> 0 ms), got {rounds}")
+    ratios = {case: sorted(r[case] / r["mse"] for r in rounds) for case in rounds[0]}
+    return {case: (statistics.median(v), v[0], v[-1]) for case, v in ratios.items()}
+
+
+def time_cases(args, teacher: str, batch: int, device: torch.device, cases: dict) -> tuple[dict, str]:
+    """Each case's cost over rounds of timing (cost_over_rounds) and a line that says how it was measured."""
+    if args.rounds < 1:
+        raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
+    setup = study_setup(teacher, batch, device)
+    steps = {case: make_step(case, setup, None) for case in dict.fromkeys(["mse", *cases.values()])}
+    rounds = []
+    for k in range(args.rounds):
+        rounds.append({case: measure(step, device, args.steps, args.warmup)["ms"] for case, step in steps.items()})
+        print(f"round {k + 1}: " + ", ".join(f"{c} {t:.1f} ms" for c, t in rounds[-1].items()), flush=True)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    how = (f"{name}, torch {torch.__version__}; {args.rounds} rounds, each timing every case (median of {args.steps} "
+           f"steps); the cost is the median over rounds of the case's time over MSE's in the same round, its range "
+           f"over rounds in brackets; MSE {statistics.median(r['mse'] for r in rounds):.1f} ms")
+    return cost_over_rounds(rounds), how
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("spec", help="the study's spec (TOML)")
     ap.add_argument("--study", required=True, help="the study's output folder (its results.jsonl)")
     ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=3, help="rounds over all cases (the cost: median over rounds)")
+    ap.add_argument("--cost", choices=("time", "flops"), default="time",
+                    help="time the steps (default) or count their FLOP floor on the meta device")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     from fastperc.recipes.study import aggregate, load_spec, read_results
@@ -97,25 +130,29 @@ def main() -> None:
             skipped.append(str(e))
             print(f"left out: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    setup = study_setup(spec.teacher, TrainConfig(out="", **spec._train_options({})).batch_size, device)
-    ms = {}
-    for case in dict.fromkeys(["mse", *cases.values()]):
-        ms[case] = measure(make_step(case, setup, None), device, args.steps, args.warmup)["ms"]
-        print(f"{case}: {ms[case]:.1f} ms/step", flush=True)
-    points = [(r["variant"], ms[cases[r["variant"]]] / ms["mse"], r["fd"][0]) for r in rows]
+    batch = TrainConfig(out="", **spec._train_options({})).batch_size
+    if args.cost == "flops":
+        setup = study_setup(spec.teacher, batch, torch.device("meta"))
+        flops = {case: step_flops(case, setup) for case in dict.fromkeys(["mse", *cases.values()])}
+        print(", ".join(f"{c} {f / 1e9:.1f} GFLOP" for c, f in flops.items()), flush=True)
+        costs = cost_over_rounds([flops])
+        how = f"FLOP floor per step (MSE {flops['mse'] / 1e9:.1f} GFLOP; no timing)"
+    else:
+        costs, how = time_cases(args, spec.teacher, batch, device, cases)
+    points = [(r["variant"], costs[cases[r["variant"]]][0], r["fd"][0]) for r in rows]
     guided = {r["variant"] for r in rows if is_guided(r["effective"])}
     best = front([p for p in points if p[0] not in guided])
     out = Path(args.out or args.study)
     out.mkdir(parents=True, exist_ok=True)
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    lines = [f"Step cost: {setup.description}, {device_name}, torch {torch.__version__}; median of {args.steps} "
-             f"steps, MSE {ms['mse']:.1f} ms. FD-MNIST: mean ± standard deviation over training seeds "
-             f"{spec.training_seeds}.\n",
+    lines = [f"Step cost: the study's model ({spec.teacher}), batch {batch}; {how}. "
+             f"FD-MNIST: mean ± standard deviation over training seeds {spec.training_seeds}.\n",
              "| variant | step case | cost (x MSE) | FD-MNIST ↓ | precision ↑ | vs MSE | on the front |",
              "|---|---|---|---|---|---|---|"]
     for (name, cost, fd), r in zip(points, rows):
         mark = "guided: 2x sampling" if name in guided else "yes" if name in best else ""
-        lines.append(f"| {name} | {cases[name]} | {cost:.2f} | {fd:.3f} ± {r['fd'][1]:.3f} | "
+        lo, hi = costs[cases[name]][1:]
+        spread = f" ({lo:.2f}-{hi:.2f})" if f"{lo:.2f}" != f"{hi:.2f}" else ""
+        lines.append(f"| {name} | {cases[name]} | {cost:.2f}{spread} | {fd:.3f} ± {r['fd'][1]:.3f} | "
                      f"{r['precision'][0]:.3f} | {r['verdict']} | {mark} |")
     lines += [f"\nLeft out: {s}" for s in skipped]
     (out / "front.md").write_text("\n".join(lines) + "\n")

@@ -253,10 +253,15 @@ def flop_floor(objective: str, model: str, batch: int, side: int | None = None) 
     (elementwise work, norms and the fused ops are not counted). FP8 matmuls (torch._scaled_mm) count
     half: a GPU with FP8 runs them at twice its bf16 rate. The same for every dtype and for a compiled
     step."""
-    from torch.utils.flop_counter import FlopCounterMode
     setup = build(model, torch.device("meta"), batch)
     if side is not None:  # the benchmark's --quick crop
         setup.x0 = setup.x0[:, :, :side, :side].contiguous()
+    return step_flops(objective, setup)
+
+
+def step_flops(objective: str, setup: Setup) -> float:
+    """flop_floor's count for a Setup already built on the meta device."""
+    from torch.utils.flop_counter import FlopCounterMode
     step = make_step(objective.removesuffix("-compiled"), setup, None, backend="reference")
     with FlopCounterMode(display=False) as counter:
         step()

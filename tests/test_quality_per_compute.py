@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality_per_compute import case_of, front  # noqa: E402
+from quality_per_compute import case_of, cost_over_rounds, front  # noqa: E402
 
 from fastperc.recipes.study import load_spec  # noqa: E402
 
@@ -47,3 +47,19 @@ def test_the_front_keeps_the_points_no_other_beats_on_both_cost_and_fd():
     points = [("mse", 1.0, 3.0), ("full", 1.3, 2.3), ("quarter", 1.1, 2.6), ("dominated", 1.2, 2.7),
               ("tie in cost, worse fd", 1.3, 2.4)]
     assert front(points) == {"mse", "full", "quarter"}
+
+
+def test_the_cost_is_the_median_over_rounds_of_each_rounds_ratio_to_mse():
+    rounds = [{"mse": 100.0, "4tap": 125.0, "3tap": 108.0},
+              {"mse": 80.0, "4tap": 96.0, "3tap": 80.0},     # a faster round: its ratios count, not its times
+              {"mse": 120.0, "4tap": 150.0, "3tap": 132.0}]
+    costs = cost_over_rounds(rounds)
+    assert costs["mse"] == (1.0, 1.0, 1.0)
+    assert costs["4tap"] == pytest.approx((1.25, 1.2, 1.25))
+    assert costs["3tap"] == pytest.approx((1.08, 1.0, 1.1))
+
+
+@pytest.mark.parametrize("rounds", [[], [{"4tap": 1.0}], [{"mse": 0.0, "4tap": 1.0}]])
+def test_rounds_without_an_mse_time_are_a_clear_error(rounds):
+    with pytest.raises(ValueError, match="rounds: expected each round to time 'mse'"):
+        cost_over_rounds(rounds)
