@@ -12,9 +12,9 @@ as bench_step.py times them (median of --steps after --warmup untimed). The case
 them alike; a variant's cost is the median over rounds of its median over MSE's in the same round, with
 the range over rounds beside it. Run it on a quiet machine. `--cost flops` counts each case's FLOP floor
 instead (step_cases.flop_floor: matmuls, convolutions and attention on the meta device; no timing, the
-same on every machine), for a front that does not move with a noisy machine. A variant no case times is listed and left out. Guided rows
-(guidance_scale) cost their twin's training step, and twice the model evaluations at sampling: they
-are marked, and the front is drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean
+same on every machine), for a front that does not move with a noisy machine. A variant no case times is
+listed and left out. Guided rows (guidance_scale) cost their twin's training step, and twice the model
+evaluations at sampling: they are marked, and the front is drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean
 ± standard deviation over training seeds, precision, the study's verdict, and whether the variant is on
 the front: no other is both cheaper and lower in FD) and OUT/fd_vs_step_cost.png; OUT defaults to the
 study folder.
@@ -82,15 +82,13 @@ def front(points: list[tuple[str, float, float]]) -> set[str]:
 def cost_over_rounds(rounds: list[dict[str, float]]) -> dict[str, tuple[float, float, float]]:
     """Per case: (median, lowest, highest) over rounds of its time over MSE's time in the same round."""
     if not rounds or any("mse" not in r or r["mse"] <= 0 for r in rounds):
-        raise ValueError(f"rounds: expected each round to time 'mse' (> 0 ms), got {rounds}")
+        raise ValueError(f"rounds: expected each round to cost 'mse' more than 0, got {rounds}")
     ratios = {case: sorted(r[case] / r["mse"] for r in rounds) for case in rounds[0]}
     return {case: (statistics.median(v), v[0], v[-1]) for case, v in ratios.items()}
 
 
 def time_cases(args, teacher: str, batch: int, device: torch.device, cases: dict) -> tuple[dict, str]:
     """Each case's cost over rounds of timing (cost_over_rounds) and a line that says how it was measured."""
-    if args.rounds < 1:
-        raise SystemExit(f"--rounds: expected 1 or more, got {args.rounds}")
     setup = study_setup(teacher, batch, device)
     steps = {case: make_step(case, setup, None) for case in dict.fromkeys(["mse", *cases.values()])}
     rounds = []
@@ -115,6 +113,8 @@ def main() -> None:
                     help="time the steps (default) or count their FLOP floor on the meta device")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds: expected 1 or more, got {args.rounds}")
     from fastperc.recipes.study import aggregate, load_spec, read_results
 
     spec = load_spec(args.spec, out=args.study)

@@ -61,5 +61,5 @@ def test_the_cost_is_the_median_over_rounds_of_each_rounds_ratio_to_mse():
 
 @pytest.mark.parametrize("rounds", [[], [{"4tap": 1.0}], [{"mse": 0.0, "4tap": 1.0}]])
 def test_rounds_without_an_mse_time_are_a_clear_error(rounds):
-    with pytest.raises(ValueError, match="rounds: expected each round to time 'mse'"):
+    with pytest.raises(ValueError, match="rounds: expected each round to cost 'mse' more than 0"):
         cost_over_rounds(rounds)
