@@ -87,10 +87,10 @@ def cost_over_rounds(rounds: list[dict[str, float]]) -> dict[str, tuple[float, f
     return {case: (statistics.median(v), v[0], v[-1]) for case, v in ratios.items()}
 
 
-def time_cases(args, teacher: str, batch: int, device: torch.device, cases: dict) -> tuple[dict, str]:
+def time_cases(args, teacher: str, batch: int, device: torch.device, names: list[str]) -> tuple[dict, str]:
     """Each case's cost over rounds of timing (cost_over_rounds) and a line that says how it was measured."""
     setup = study_setup(teacher, batch, device)
-    steps = {case: make_step(case, setup, None) for case in dict.fromkeys(["mse", *cases.values()])}
+    steps = {case: make_step(case, setup, None) for case in names}
     rounds = []
     for k in range(args.rounds):
         rounds.append({case: measure(step, device, args.steps, args.warmup)["ms"] for case, step in steps.items()})
@@ -131,14 +131,15 @@ def main() -> None:
             print(f"left out: {e}")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = TrainConfig(out="", **spec._train_options({})).batch_size
+    names = list(dict.fromkeys(["mse", *cases.values()]))  # each step case once, MSE first
     if args.cost == "flops":
         setup = study_setup(spec.teacher, batch, torch.device("meta"))
-        flops = {case: step_flops(case, setup) for case in dict.fromkeys(["mse", *cases.values()])}
+        flops = {case: step_flops(case, setup) for case in names}
         print(", ".join(f"{c} {f / 1e9:.1f} GFLOP" for c, f in flops.items()), flush=True)
         costs = cost_over_rounds([flops])
         how = f"FLOP floor per step (MSE {flops['mse'] / 1e9:.1f} GFLOP; no timing)"
     else:
-        costs, how = time_cases(args, spec.teacher, batch, device, cases)
+        costs, how = time_cases(args, spec.teacher, batch, device, names)
     points = [(r["variant"], costs[cases[r["variant"]]][0], r["fd"][0]) for r in rows]
     guided = {r["variant"] for r in rows if is_guided(r["effective"])}
     best = front([p for p in points if p[0] not in guided])
