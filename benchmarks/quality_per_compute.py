@@ -12,8 +12,9 @@ as bench_step.py times them (median of --steps after --warmup untimed). The case
 them alike; a variant's cost is the median over rounds of its median over MSE's in the same round, with
 the range over rounds beside it. Run it on a quiet machine. `--cost flops` counts each case's FLOP floor
 instead (step_cases.flop_floor: matmuls, convolutions and attention on the meta device; no timing, the
-same on every machine), for a front that does not move with a noisy machine. A variant no case times is
-listed and left out. Guided rows (guidance_scale) cost their twin's training step, and twice the model
+same on every machine), for a front that does not move with a noisy machine; a FLOP count does not see a
+teacher's precision, so the bf16 teacher's row is then listed with its FD and left out of the front. A
+variant no case times is listed and left out. Guided rows (guidance_scale) cost their twin's training step, and twice the model
 evaluations at sampling: they are marked, and the front is drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean
 ± standard deviation over training seeds, precision, the study's verdict, and whether the variant is on
 the front: no other is both cheaper and lower in FD) and OUT/fd_vs_step_cost.png; OUT defaults to the
@@ -54,6 +55,25 @@ def case_of(name: str, options: dict) -> str:
         raise ValueError(f"variant {name!r}: no step case for sp_fraction {cfg.sp_fraction} with teacher_precision "
                          f"{cfg.teacher_precision!r} and {taps}; expected one of {', '.join(OBJECTIVES)}")
     return case
+
+
+def flop_blind(case: str) -> str | None:
+    """Why a FLOP count cannot price `case` against the others, or None when it can: a lower teacher
+    precision does the same FLOPs at another speed (faster on a GPU with bf16 tensor cores, several times
+    slower on a CPU without bf16 units), so only a timing on the target device prices it."""
+    precision = next((p for p in ("bf16", "fp8") if case.endswith(f"-{p}")), None)
+    if precision:
+        return (f"step case {case}: the {precision} teacher does the fp32 teacher's FLOPs at the device's {precision} "
+                "speed; a FLOP floor cannot price it (time it with --cost time on the target device)")
+    return None
+
+
+def fd_cell(row: dict) -> str:
+    """A row's FD-MNIST: mean ± standard deviation over training seeds, or the seed's value when one."""
+    seeds = row["training_seeds"]
+    if len(seeds) == 1:
+        return f"{row['fd'][0]:.3f} (training seed {seeds[0]} only)"
+    return f"{row['fd'][0]:.3f} ± {row['fd'][1]:.3f}"
 
 
 def study_setup(teacher: str, batch: int, device: torch.device) -> Setup:
@@ -124,11 +144,18 @@ def main() -> None:
     rows, cases, skipped = [], {}, []
     for r in aggregate(spec, list(results.values())):
         try:
-            cases[r["variant"]] = case_of(r["variant"], r["effective"])
-            rows.append(r)
+            case = case_of(r["variant"], r["effective"])
         except ValueError as e:
             skipped.append(str(e))
             print(f"left out: {e}")
+            continue
+        blind = flop_blind(case) if args.cost == "flops" else None
+        if blind:
+            skipped.append(f"variant {r['variant']!r} (FD-MNIST {fd_cell(r)}): {blind}")
+            print(f"left out: {skipped[-1]}")
+            continue
+        cases[r["variant"]] = case
+        rows.append(r)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = TrainConfig(out="", **spec._train_options({})).batch_size
     names = list(dict.fromkeys(["mse", *cases.values()]))  # each step case once, MSE first
@@ -153,7 +180,7 @@ def main() -> None:
         mark = "guided: 2x sampling" if name in guided else "yes" if name in best else ""
         lo, hi = costs[cases[name]][1:]
         spread = f" ({lo:.2f}-{hi:.2f})" if f"{lo:.2f}" != f"{hi:.2f}" else ""
-        lines.append(f"| {name} | {cases[name]} | {cost:.2f}{spread} | {fd:.3f} ± {r['fd'][1]:.3f} | "
+        lines.append(f"| {name} | {cases[name]} | {cost:.2f}{spread} | {fd_cell(r)} | "
                      f"{r['precision'][0]:.3f} | {r['verdict']} | {mark} |")
     lines += [f"\nLeft out: {s}" for s in skipped]
     (out / "front.md").write_text("\n".join(lines) + "\n")

@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
-from quality_per_compute import case_of, cost_over_rounds, front  # noqa: E402
+from quality_per_compute import case_of, cost_over_rounds, fd_cell, flop_blind, front  # noqa: E402
 
 from fastperc.recipes.study import load_spec  # noqa: E402
 
@@ -63,3 +63,15 @@ def test_the_cost_is_the_median_over_rounds_of_each_rounds_ratio_to_mse():
 def test_rounds_without_an_mse_time_are_a_clear_error(rounds):
     with pytest.raises(ValueError, match="rounds: expected each round to cost 'mse' more than 0"):
         cost_over_rounds(rounds)
+
+
+def test_a_flop_count_prices_every_case_but_a_lower_precision_teacher():
+    from step_cases import OBJECTIVES
+    blind = {case: flop_blind(case) for case in OBJECTIVES}
+    assert "the bf16 teacher" in blind["4tap-bf16"] and "--cost time" in blind["4tap-bf16"]
+    assert sorted(c for c, why in blind.items() if why is not None) == ["4tap-bf16", "fastperc-bf16", "fastperc-fp8"]
+
+
+def test_a_row_of_one_training_seed_names_its_seed_instead_of_a_zero_spread():
+    assert fd_cell({"fd": (2.0961, 0.0), "training_seeds": [1]}) == "2.096 (training seed 1 only)"
+    assert fd_cell({"fd": (2.0391, 0.0562), "training_seeds": [1, 2, 3]}) == "2.039 ± 0.056"
