@@ -186,8 +186,10 @@ def test_every_committed_spec_loads_and_the_confirmation_reuses_the_screens_runs
     specs = {p.stem: load_spec(p, out="runs/x") for p in sorted(studies.glob("*.toml"))}
     assert len(specs) >= 18 and all(s.variants for s in specs.values())
     # batch M's confirmation trains only runs of the screen (same folders), so its seed-1 runs are found on disk
-    screen, confirm = specs["m_guidance"].run_dirs(), specs["m_confirm"].run_dirs()
-    assert set(confirm.values()) <= set(screen.values()), set(confirm.values()) - set(screen.values())
-    # ... and the guided rows sample their unguided twins' runs
-    assert confirm["MSE continued + CFG 1.5"] == confirm["MSE continued"]
-    assert confirm["MSE continued, lr 1e-4, + CFG 2"] == confirm["MSE continued, lr 1e-4"]
+    for screen_name, confirm_name in (("m_guidance", "m_confirm"), ("m_guidance_teacher", "m_teacher_confirm")):
+        screen, confirm = specs[screen_name].run_dirs(), specs[confirm_name].run_dirs()
+        assert set(confirm.values()) <= set(screen.values()), set(confirm.values()) - set(screen.values())
+        assert specs[confirm_name].teacher == specs[screen_name].teacher
+        # ... and the guided rows sample their unguided twins' runs
+        assert confirm["MSE continued + CFG 1.5"] == confirm["MSE continued"]
+        assert confirm["MSE continued, lr 1e-4, + CFG 2"] == confirm["MSE continued, lr 1e-4"]
