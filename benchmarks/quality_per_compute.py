@@ -13,8 +13,8 @@ them alike; a variant's cost is the median over rounds of its median over MSE's 
 the range over rounds beside it. Run it on a quiet machine. `--cost flops` counts each case's FLOP floor
 instead (step_cases.flop_floor: matmuls, convolutions and attention on the meta device; no timing, the
 same on every machine), for a front that does not move with a noisy machine; a FLOP count does not see a
-teacher's precision, so the bf16 teacher's row is then listed with its FD and left out of the front. A
-variant no case times is listed and left out. Guided rows (guidance_scale) cost their twin's training step, and twice the model
+bf16 teacher's speed, so its row is then listed with its FD and left out of the front. A variant no
+case times is listed and left out (all of them: an error). Guided rows (guidance_scale) cost their twin's training step, and twice the model
 evaluations at sampling: they are marked, and the front is drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean
 ± standard deviation over training seeds, precision, the study's verdict, and whether the variant is on
 the front: no other is both cheaper and lower in FD) and OUT/fd_vs_step_cost.png; OUT defaults to the
@@ -58,12 +58,12 @@ def case_of(name: str, options: dict) -> str:
 
 
 def flop_blind(case: str) -> str | None:
-    """Why a FLOP count cannot price `case` against the others, or None when it can: a lower teacher
-    precision does the same FLOPs at another speed (faster on a GPU with bf16 tensor cores, several times
-    slower on a CPU without bf16 units), so only a timing on the target device prices it."""
-    precision = next((p for p in ("bf16", "fp8") if case.endswith(f"-{p}")), None)
-    if precision:
-        return (f"step case {case}: the {precision} teacher does the fp32 teacher's FLOPs at the device's {precision} "
+    """Why a FLOP count cannot price `case` against the others, or None when it can: a bf16 teacher does
+    the fp32 teacher's FLOPs at another speed (faster on a GPU with bf16 tensor cores, several times slower
+    on a CPU without bf16 units), so only a timing on the target device prices it. (An FP8 teacher's
+    scaled matmuls are counted at half their FLOPs by step_flops: priced.)"""
+    if case.endswith("-bf16"):
+        return (f"step case {case}: the bf16 teacher does the fp32 teacher's FLOPs at the device's bf16 "
                 "speed; a FLOP floor cannot price it (time it with --cost time on the target device)")
     return None
 
@@ -156,6 +156,8 @@ def main() -> None:
             continue
         cases[r["variant"]] = case
         rows.append(r)
+    if not rows:
+        ap.error(f"--study: every row of {args.study}/results.jsonl was left out, nothing to price: " + "; ".join(skipped))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = TrainConfig(out="", **spec._train_options({})).batch_size
     names = list(dict.fromkeys(["mse", *cases.values()]))  # each step case once, MSE first

@@ -65,13 +65,31 @@ def test_rounds_without_an_mse_time_are_a_clear_error(rounds):
         cost_over_rounds(rounds)
 
 
-def test_a_flop_count_prices_every_case_but_a_lower_precision_teacher():
+def test_a_flop_count_prices_every_case_but_a_bf16_teacher():
     from step_cases import OBJECTIVES
     blind = {case: flop_blind(case) for case in OBJECTIVES}
     assert "the bf16 teacher" in blind["4tap-bf16"] and "--cost time" in blind["4tap-bf16"]
-    assert sorted(c for c, why in blind.items() if why is not None) == ["4tap-bf16", "fastperc-bf16", "fastperc-fp8"]
+    assert sorted(c for c, why in blind.items() if why is not None) == ["4tap-bf16", "fastperc-bf16"]
 
 
 def test_a_row_of_one_training_seed_names_its_seed_instead_of_a_zero_spread():
     assert fd_cell({"fd": (2.0961, 0.0), "training_seeds": [1]}) == "2.096 (training seed 1 only)"
     assert fd_cell({"fd": (2.0391, 0.0562), "training_seeds": [1, 2, 3]}) == "2.039 ± 0.056"
+
+
+def test_a_study_whose_every_row_is_left_out_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import json
+
+    import quality_per_compute
+
+    spec = tmp_path / "spec.toml"
+    spec.write_text('[study]\nteacher = "unused"\n[study.base]\nobjective = "self_perceptual"\n'
+                    'layers = ["mid_block"]\n[[variant]]\nname = "midblock only"\n')
+    row = {"variant": "midblock only", "training_seed": 1, "sampling_seed": 0, "fd": 2.5, "precision": 0.6,
+           "recall": 0.6, "n": 10}
+    (tmp_path / "results.jsonl").write_text(json.dumps(row) + "\n")
+    monkeypatch.setattr(sys, "argv", ["quality_per_compute.py", str(spec), "--study", str(tmp_path), "--cost", "flops"])
+    with pytest.raises(SystemExit):
+        quality_per_compute.main()
+    err = capsys.readouterr().err
+    assert "--study: every row of" in err and "no step case for layers ['mid_block']" in err
