@@ -14,11 +14,11 @@ the range over rounds beside it. Run it on a quiet machine. `--cost flops` count
 instead (step_cases.flop_floor: matmuls, convolutions and attention on the meta device; no timing, the
 same on every machine), for a front that does not move with a noisy machine; a FLOP count does not see a
 bf16 teacher's speed, so its row is then listed with its FD and left out of the front. A variant no
-case times is listed and left out (all of them: an error). Guided rows (guidance_scale) cost their twin's training step, and twice the model
-evaluations at sampling: they are marked, and the front is drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean
-± standard deviation over training seeds, precision, the study's verdict, and whether the variant is on
-the front: no other is both cheaper and lower in FD) and OUT/fd_vs_step_cost.png; OUT defaults to the
-study folder.
+case times is listed and left out (all of them: an error). Guided rows (guidance_scale) cost their
+twin's training step, and twice the model evaluations at sampling: they are marked, and the front is
+drawn among the unguided rows. Writes OUT/front.md (variant, cost, FD mean ± standard deviation over
+training seeds, precision, the study's verdict, and whether the variant is on the front: no other is
+both cheaper and lower in FD) and OUT/fd_vs_step_cost.png; OUT defaults to the study folder.
 """
 from __future__ import annotations
 
@@ -147,17 +147,18 @@ def main() -> None:
             case = case_of(r["variant"], r["effective"])
         except ValueError as e:
             skipped.append(str(e))
-            print(f"left out: {e}")
             continue
         blind = flop_blind(case) if args.cost == "flops" else None
         if blind:
             skipped.append(f"variant {r['variant']!r} (FD-MNIST {fd_cell(r)}): {blind}")
-            print(f"left out: {skipped[-1]}")
             continue
         cases[r["variant"]] = case
         rows.append(r)
+    for reason in skipped:
+        print(f"left out: {reason}")
     if not rows:
-        ap.error(f"--study: every row of {args.study}/results.jsonl was left out, nothing to price: " + "; ".join(skipped))
+        ap.error(f"--study: every row of {args.study}/results.jsonl was left out, nothing to price: "
+                 + "; ".join(skipped))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch = TrainConfig(out="", **spec._train_options({})).batch_size
     names = list(dict.fromkeys(["mse", *cases.values()]))  # each step case once, MSE first
